@@ -1,0 +1,76 @@
+"""The validated, fully expanded configuration the rest of trio-swap runs on.
+
+Everything here is final: macros are expanded, `${PORT}` is assigned, defaults
+and inherited values (``globalTTL``, ``unloadTimeout``, ``concurrencyLimit``)
+are resolved. Runtime code never looks at raw YAML.
+"""
+
+from __future__ import annotations
+
+from typing import Final, final
+
+import msgspec
+
+DEFAULT_CONCURRENCY_LIMIT: Final = 10
+DEFAULT_HEALTH_CHECK_TIMEOUT: Final = 120.0
+DEFAULT_UNLOAD_TIMEOUT: Final = 10.0
+DEFAULT_START_PORT: Final = 5800
+
+#: The literal placeholder kept in ``cmd_stop`` argv items, replaced by the PID at stop time.
+PID_PLACEHOLDER: Final = "${PID}"
+
+
+@final
+class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """One model: how to start its server, reach it, and when to stop it."""
+
+    id: str
+    #: argv of the server command (POSIX-split, no shell). Never empty after loading.
+    cmd: tuple[str, ...]
+    #: argv of the stop command; items may contain ``${PID}``. Empty: SIGTERM the process group.
+    cmd_stop: tuple[str, ...] = ()
+    #: Base URL requests are forwarded to, without a trailing slash.
+    proxy: str
+    #: Readiness path appended to ``proxy``; ``None`` when the config says ``none``.
+    check_endpoint: str | None = "/health"
+    aliases: tuple[str, ...] = ()
+    #: Extra environment for the process, in config order (a later entry wins).
+    env: tuple[tuple[str, str], ...] = ()
+    #: Idle seconds before unloading, counted from the end of the last request. 0 = never.
+    ttl: float = 0.0
+    #: Grace period between the graceful stop and SIGKILL, in seconds.
+    unload_timeout: float = DEFAULT_UNLOAD_TIMEOUT
+    #: Replaces the ``model`` field sent upstream when non-empty.
+    use_model_name: str = ""
+    name: str = ""
+    description: str = ""
+    unlisted: bool = False
+    metadata: dict[str, object] = msgspec.field(default_factory=dict)
+    #: Most requests admitted at once for this model (queued + loading + in flight).
+    concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT
+
+
+@final
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    """A whole configuration, ready to run."""
+
+    #: Where it came from (a file path, or ``<demo>`` for the built-in demo).
+    source: str
+    #: Models in the order the file lists them.
+    models: dict[str, ModelConfig]
+    health_check_timeout: float = DEFAULT_HEALTH_CHECK_TIMEOUT
+    start_port: int = DEFAULT_START_PORT
+    log_level: str = "info"
+    #: ``proxy`` | ``upstream`` | ``both`` | ``none``: what is echoed to stdout.
+    log_to_stdout: str = "proxy"
+    #: Human-readable notes about keys trio-swap read but does not support yet.
+    warnings: tuple[str, ...] = ()
+
+    def resolve(self, name: str) -> str | None:
+        """Map a requested model name (an id or an alias) to a model id, or None."""
+        if name in self.models:
+            return name
+        for model in self.models.values():
+            if name in model.aliases:
+                return model.id
+        return None
