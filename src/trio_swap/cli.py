@@ -1,0 +1,174 @@
+"""The ``trio-swap`` command: serve, check, responder."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from functools import partial
+from typing import Final
+
+import trio
+
+from trio_swap import __version__
+
+__all__ = ["main", "parse_listen"]
+
+DEFAULT_LISTEN: Final = "127.0.0.1:8080"
+
+_DESCRIPTION = """\
+trio-swap runs local inference servers (llama-server, vLLM, whisper.cpp, ...)
+on demand behind one OpenAI-compatible endpoint, swapping them as requests ask
+for different models.
+
+  trio-swap serve                          serve the built-in demo models
+  trio-swap serve --config config.yaml     serve your models (llama-swap's config format)
+  trio-swap check --config config.yaml     validate a config file (exit 2 if invalid)
+"""
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT`` (all interfaces, as in llama-swap) or ``[IPv6]:PORT``."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range in {text!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trio-swap",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"trio-swap {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the proxy (the built-in demo when no --config is given)",
+        description="Serve the configured models behind one OpenAI-compatible endpoint.",
+    )
+    serve.add_argument(
+        "--config", "-config", metavar="FILE", help="config file (llama-swap format)"
+    )
+    serve.add_argument(
+        "--listen",
+        "-listen",
+        metavar="HOST:PORT",
+        type=parse_listen,
+        default=parse_listen(DEFAULT_LISTEN),
+        help=f"address to listen on (default {DEFAULT_LISTEN}; ':8080' means all interfaces)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long in-flight requests may finish before being cut (default 10)",
+    )
+
+    check = commands.add_parser(
+        "check",
+        help="validate a config file",
+        description="Load and validate a config; exit 0 if valid, 2 if not (error on stderr).",
+    )
+    check.add_argument("--config", "-config", metavar="FILE", required=True)
+
+    commands.add_parser(
+        "responder",
+        help="run the built-in OpenAI-compatible test upstream (see `trio-swap responder -h`)",
+        add_help=False,
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["responder"]:
+        from trio_swap.responder import main as responder_main
+
+        return responder_main(args_list[1:])
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "check":
+        return _check(args.config)
+    parser.print_help()
+    return 2
+
+
+def _check(path: str) -> int:
+    from trio_swap.config import ConfigError, load_config
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{path}: ok ({len(config.models)} models)")
+    return 0
+
+
+def _setup_logging(level: str, log_to_stdout: str) -> None:
+    levels = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING}
+    levels["error"] = logging.ERROR
+    stream = sys.stdout if log_to_stdout in ("proxy", "both") else sys.stderr
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(levels.get(level, logging.INFO) if log_to_stdout != "none" else logging.WARNING)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from trio_swap.config import ConfigError, load_config, load_demo_config
+    from trio_swap.server import RunningServer, serve
+
+    try:
+        config = load_config(args.config) if args.config else load_demo_config()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    _setup_logging(config.log_level, config.log_to_stdout)
+    host, port = args.listen
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            server: RunningServer = await nursery.start(
+                partial(serve, config, host=host, port=port, shutdown_timeout=args.shutdown_timeout)
+            )
+            _print_banner(server, config.source, list(config.models))
+
+    try:
+        trio.run(run)
+    except OSError as exc:
+        print(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_banner(server: object, source: str, models: list[str]) -> None:
+    from trio_swap.server import RunningServer
+
+    assert isinstance(server, RunningServer)
+    url = server.url
+    first = models[0] if models else "MODEL"
+    print(
+        f"trio-swap {__version__} serving {len(models)} models from {source} on {url}\n"
+        f"  models: {', '.join(models)}\n"
+        f"  try:    curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+        f"""-d '{{"model":"{first}","messages":[{{"role":"user","content":"hello"}}]}}'\n"""
+        f"  stop:   Ctrl-C",
+        flush=True,
+    )

@@ -1,0 +1,139 @@
+"""Every error trio-swap reports to a client, and the HTTP status and body it becomes.
+
+    SwapError                      base: knows its status, OpenAI ``type`` and ``code``
+    ├── BadRequest                 400  malformed JSON, no ``model`` field
+    ├── ModelNotFound              404  the name is neither a model id nor an alias
+    ├── BodyTooLarge               413  request body over the configured limit
+    ├── RateLimited                429  over the model's ``concurrencyLimit`` (Retry-After)
+    ├── UpstreamFailed             502  the model's server broke the request (connect/read)
+    ├── ModelStartFailed           503  the model's server did not become ready (quotes its log)
+    ├── ModelUnloaded              503  an unload stopped the model this request waited for
+    └── ShuttingDown               503  trio-swap is stopping
+
+Raise the most specific class; the HTTP layer turns it into
+``{"error": {"message", "type", "code"}}`` with :attr:`SwapError.status`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+__all__ = [
+    "BadRequest",
+    "BodyTooLarge",
+    "ModelNotFound",
+    "ModelStartFailed",
+    "ModelUnloaded",
+    "RateLimited",
+    "ShuttingDown",
+    "SwapError",
+    "UpstreamFailed",
+]
+
+
+class SwapError(Exception):
+    """A failure a client must hear about, with the HTTP status that describes it."""
+
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers (``Retry-After`` for the retryable ones)."""
+        return {}
+
+    def body(self) -> dict[str, object]:
+        """The OpenAI-style error object clients know how to read."""
+        return {"error": {"message": self.message, "type": self.error_type, "code": self.code}}
+
+
+class BadRequest(SwapError):
+    status = 400
+    error_type = "invalid_request_error"
+    code = "bad_request"
+
+
+class ModelNotFound(SwapError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"model {model!r} is not configured (see GET /v1/models)")
+        self.model = model
+
+
+class BodyTooLarge(SwapError):
+    status = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(SwapError):
+    status = 429
+    error_type = "rate_limit_error"
+    code = "concurrency_limit"
+
+    def __init__(self, model: str, limit: int) -> None:
+        super().__init__(
+            f"too many requests for model {model!r}: its concurrencyLimit of {limit} is reached"
+        )
+        self.model = model
+        self.limit = limit
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class UpstreamFailed(SwapError):
+    status = 502
+    error_type = "server_error"
+    code = "bad_gateway"
+
+    def __init__(self, model: str, detail: str) -> None:
+        super().__init__(f"upstream for model {model!r} failed: {detail}")
+        self.model = model
+
+
+class ModelStartFailed(SwapError):
+    """The model's server exited, timed out its health check, or could not be spawned."""
+
+    status = 503
+    error_type = "server_error"
+    code = "model_start_failed"
+
+    def __init__(self, model: str, reason: str, log_tail: Sequence[str] = ()) -> None:
+        message = f"model {model!r} failed to start: {reason}"
+        if log_tail:
+            message += "\nlast output lines:\n" + "\n".join(log_tail)
+        super().__init__(message)
+        self.model = model
+        self.reason = reason
+        self.log_tail = tuple(log_tail)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
+
+
+class ModelUnloaded(SwapError):
+    status = 503
+    error_type = "server_error"
+    code = "model_unloaded"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"model {model!r} was unloaded while this request waited for it")
+        self.model = model
+
+
+class ShuttingDown(SwapError):
+    status = 503
+    error_type = "server_error"
+    code = "shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("trio-swap is shutting down")

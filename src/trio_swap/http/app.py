@@ -1,0 +1,248 @@
+"""The quart-trio application: inference routes, model listing, and the admin API."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Final, final
+
+import httpx
+import msgspec
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.datastructures import Headers
+from werkzeug.exceptions import HTTPException
+
+from trio_swap import __version__
+from trio_swap.config.model import Config
+from trio_swap.errors import BadRequest, BodyTooLarge, ModelNotFound, SwapError
+from trio_swap.http.cleanup import CleanupMiddleware, on_request_end
+from trio_swap.http.errors import error_response, json_response, plain_error
+from trio_swap.http.relay import RelayBody, forward_headers, open_upstream, response_headers
+from trio_swap.router import Router
+from trio_swap.upstream.process import ModelProcess
+
+__all__ = ["AppState", "build_app"]
+
+log = logging.getLogger("trio_swap.http")
+
+DEFAULT_MAX_BODY_BYTES: Final = 64 * 1024 * 1024
+
+#: Routes whose JSON body names the model.
+JSON_MODEL_ROUTES: Final = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+
+class _Envelope(msgspec.Struct):
+    """The only part of a request body trio-swap reads; msgspec skips the rest."""
+
+    model: str | None = None
+
+
+_decode_envelope = msgspec.json.Decoder(_Envelope).decode
+
+
+@final
+class AppState:
+    """What the handlers need, built once by :func:`trio_swap.server.serve`."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        router: Router,
+        processes: dict[str, ModelProcess],
+        client: httpx.AsyncClient,
+    ) -> None:
+        self.config = config
+        self.router = router
+        self.processes = processes
+        self.client = client
+        self.started_at = int(time.time())
+
+
+def build_app(state: AppState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> QuartTrio:
+    app = QuartTrio("trio_swap")
+    # Quart's defaults cut streams after 60 s without a word and reject bodies over 16 MiB.
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["BODY_TIMEOUT"] = 600
+    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
+    app.asgi_app = CleanupMiddleware(app.asgi_app)  # type: ignore[method-assign]
+
+    @app.errorhandler(SwapError)
+    async def _swap_error(error: SwapError) -> Response:
+        if error.status >= 500:
+            log.warning(
+                "%s %s -> %d: %s", request.method, request.path, error.status, error.message
+            )
+        return error_response(error)
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        if status == 413:
+            return error_response(
+                BodyTooLarge(f"request body larger than the {max_body_bytes} byte limit")
+            )
+        if status == 404:
+            return plain_error(
+                404, f"no route {request.path}", "invalid_request_error", "not_found"
+            )
+        if status == 405:
+            return plain_error(
+                405,
+                f"{request.method} is not allowed on {request.path}",
+                "invalid_request_error",
+                "method_not_allowed",
+            )
+        return plain_error(
+            status, error.description or str(error), "invalid_request_error", "bad_request"
+        )
+
+    async def forward_json() -> Response:
+        body = await request.get_data(cache=False)
+        assert isinstance(body, bytes)
+        try:
+            envelope = _decode_envelope(body)
+        except msgspec.ValidationError as exc:
+            raise BadRequest(f"invalid request body: {exc}") from exc
+        except msgspec.DecodeError as exc:
+            raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+        if not envelope.model:
+            raise BadRequest("the request body has no 'model' field")
+        model_id = state.config.resolve(envelope.model)
+        if model_id is None:
+            raise ModelNotFound(envelope.model)
+        model = state.config.models[model_id]
+        if model.use_model_name:
+            payload = msgspec.json.decode(body)
+            payload["model"] = model.use_model_name
+            body = msgspec.json.encode(payload)
+        return await _forward(model_id, body)
+
+    async def _forward(model_id: str, body: bytes) -> Response:
+        lease = await state.router.acquire(model_id)
+        on_request_end(request, lambda: state.router.release(lease))
+        model = state.config.models[model_id]
+        raw_path = request.scope.get("raw_path") or request.path.encode()
+        url = model.proxy + raw_path.decode("latin-1")
+        if request.query_string:
+            url += "?" + request.query_string.decode("latin-1")
+        upstream = await open_upstream(
+            state.client,
+            model=model_id,
+            method=request.method,
+            url=url,
+            headers=forward_headers(request.headers.items()),
+            body=body,
+        )
+        on_request_end(request, upstream.aclose)
+        response = Response(
+            RelayBody(upstream, model=model_id),
+            status=upstream.status_code,
+            headers=Headers(response_headers(upstream)),
+        )
+        response.timeout = None  # never cut a long generation
+        return response
+
+    for path in JSON_MODEL_ROUTES:
+        app.add_url_rule(path, f"forward:{path}", forward_json, methods=["POST"])
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response("OK", content_type="text/plain")
+
+    @app.get("/v1/models")
+    @app.get("/models")
+    async def list_models() -> Response:
+        data = []
+        for model in sorted(state.config.models.values(), key=lambda m: m.id):
+            if model.unlisted:
+                continue
+            entry: dict[str, object] = {
+                "id": model.id,
+                "object": "model",
+                "created": state.started_at,
+                "owned_by": "trio-swap",
+            }
+            if model.name.strip():
+                entry["name"] = model.name.strip()
+            if model.description.strip():
+                entry["description"] = model.description.strip()
+            # llama-swap publishes metadata under meta.llamaswap; keep the same place.
+            entry["meta"] = {"llamaswap": {**model.metadata, "aliases": list(model.aliases)}}
+            process = state.processes[model.id]
+            loaded = process.state.value != "stopped"
+            entry["status"] = {"value": "loaded" if loaded else "unloaded"}
+            data.append(entry)
+        return json_response({"object": "list", "data": data})
+
+    @app.get("/running")
+    async def running() -> Response:
+        rows = []
+        for model_id in sorted(state.processes):
+            process = state.processes[model_id]
+            if process.state.value == "stopped":
+                continue
+            model = process.model
+            rows.append(
+                {
+                    "model": model_id,
+                    "state": process.state.value,
+                    "cmd": " ".join(model.cmd),
+                    "proxy": model.proxy,
+                    "ttl": model.ttl,
+                    "name": model.name,
+                    "description": model.description,
+                    "pid": process.pid,
+                }
+            )
+        return json_response({"running": rows})
+
+    @app.get("/api/models")
+    async def api_models() -> Response:
+        scheduler = state.router.scheduler
+        rows = []
+        for model_id, process in state.processes.items():
+            model = process.model
+            rows.append(
+                {
+                    "id": model_id,
+                    "name": model.name,
+                    "description": model.description,
+                    "aliases": list(model.aliases),
+                    "unlisted": model.unlisted,
+                    "state": process.state.value,
+                    "pid": process.pid,
+                    "proxy": model.proxy,
+                    "port": httpx.URL(model.proxy).port,
+                    "start_count": process.start_count,
+                    "last_ready_seconds": process.last_ready_seconds,
+                    "in_flight": scheduler.in_flight(model_id),
+                    "queued": scheduler.queued(model_id),
+                    "ttl": model.ttl,
+                }
+            )
+        return json_response(
+            {"models": rows, "swaps": state.router.swap_count, "version": __version__}
+        )
+
+    @app.post("/api/models/unload")
+    async def unload_all() -> Response:
+        await state.router.unload()
+        return json_response({"msg": "ok"})
+
+    @app.get("/unload")
+    async def unload_all_get() -> Response:
+        await state.router.unload()
+        return Response("OK", content_type="text/plain")
+
+    @app.post("/api/models/unload/<path:name>")
+    async def unload_one(name: str) -> Response:
+        model_id = state.config.resolve(name)
+        if model_id is None:
+            raise ModelNotFound(name)
+        await state.router.unload([model_id])
+        return json_response({"msg": "ok", "model": model_id})
+
+    return app

@@ -1,0 +1,16 @@
+"""llama-swap's default policy: one model at a time (every model in one exclusive group)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import final
+
+__all__ = ["OneAtATime"]
+
+
+@final
+class OneAtATime:
+    """Every running model other than the target is evicted."""
+
+    def evictions(self, target: str, running: Sequence[str]) -> tuple[str, ...]:
+        return tuple(model for model in running if model != target)

@@ -1,0 +1,294 @@
+"""The one task that owns routing state (DESIGN invariant 1).
+
+HTTP handlers, process supervisors and timers never touch routing state: they
+put an event on the router's memory channel and, when they need an answer,
+wait on a :class:`~trio_swap._sync.Reply`. :meth:`Router.run` takes events one
+at a time, asks the pure :class:`~trio_swap.scheduling.FifoScheduler` what to
+do, and carries the decisions out. Slow work (stopping victims, waiting for a
+model to load) runs in swap tasks in the router's nursery, which report back
+with another event. No locks anywhere on this path.
+
+Every request that gets a lease must release it exactly once
+(:meth:`Router.release`, non-blocking, safe in ``finally`` under
+cancellation); a handler cancelled while waiting releases its place the same
+way, so nothing leaks whatever the client does (invariant 4).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import assert_never, final
+
+import msgspec
+import trio
+
+from trio_swap._sync import Reply
+from trio_swap.errors import ModelStartFailed, ModelUnloaded, SwapError
+from trio_swap.policy.base import SwapPolicy
+from trio_swap.scheduling import (
+    Decision,
+    FifoScheduler,
+    Grant,
+    ModelLimits,
+    Reject,
+    StartSwap,
+    StopModels,
+)
+from trio_swap.upstream.process import ModelProcess
+
+__all__ = ["Lease", "Router"]
+
+log = logging.getLogger("trio_swap.router")
+
+
+@final
+class Lease(msgspec.Struct, frozen=True):
+    """Permission to forward one request to ``model``; release it when done."""
+
+    request_id: int
+    model: str
+
+
+# -- events (facts, past tense) ------------------------------------------------
+
+
+class _RequestArrived(msgspec.Struct, frozen=True):
+    request_id: int
+    model: str
+    reply: Reply[None]
+
+
+class _RequestFinished(msgspec.Struct, frozen=True):
+    request_id: int
+
+
+class _SwapDone(msgspec.Struct, frozen=True):
+    swap_id: int
+    error: SwapError | None
+
+
+class _StopsDone(msgspec.Struct, frozen=True):
+    stop_id: int
+
+
+class _ModelExited(msgspec.Struct, frozen=True):
+    model: str
+
+
+class _UnloadRequested(msgspec.Struct, frozen=True):
+    models: tuple[str, ...]
+    reply: Reply[None]
+
+
+class _ShutdownRequested(msgspec.Struct, frozen=True):
+    reply: Reply[None]
+
+
+_Event = (
+    _RequestArrived
+    | _RequestFinished
+    | _SwapDone
+    | _StopsDone
+    | _ModelExited
+    | _UnloadRequested
+    | _ShutdownRequested
+)
+
+
+@final
+class Router:
+    """Routes requests to model processes, swapping them as the policy requires."""
+
+    def __init__(
+        self,
+        processes: Mapping[str, ModelProcess],
+        policy: SwapPolicy,
+    ) -> None:
+        self._processes = dict(processes)
+        self.scheduler = FifoScheduler(
+            {
+                name: ModelLimits(
+                    concurrency_limit=proc.model.concurrency_limit, ttl=proc.model.ttl
+                )
+                for name, proc in processes.items()
+            },
+            policy,
+        )
+        self._send, self._receive = trio.open_memory_channel[_Event](math.inf)
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, Reply[None]] = {}
+        self._unload_replies: dict[int, Reply[None]] = {}
+        self._swap_scopes: dict[int, tuple[str, trio.CancelScope]] = {}
+        self._nursery: trio.Nursery | None = None
+        #: Total successful swaps, for /api/models and benchmarks.
+        self.swap_count = 0
+
+    # -- API for other tasks (never blocks the router) ---------------------------
+
+    async def acquire(self, model: str) -> Lease:
+        """Wait until ``model`` is ready and this request may be forwarded to it.
+
+        Raises:
+            SwapError: rate limited, the model failed to start, was unloaded, or shutdown.
+        """
+        request_id = next(self._ids)
+        reply: Reply[None] = Reply()
+        self._send.send_nowait(_RequestArrived(request_id, model, reply))
+        try:
+            await reply.wait()
+        except SwapError:
+            raise  # rejected: the scheduler already released the slot
+        except BaseException:
+            self._send.send_nowait(_RequestFinished(request_id))
+            raise
+        return Lease(request_id, model)
+
+    def release(self, lease: Lease) -> None:
+        """The request is over (served, failed or disconnected). Safe to call under cancellation."""
+        self._send.send_nowait(_RequestFinished(lease.request_id))
+
+    def model_exited(self, model: str) -> None:
+        """Called by a process supervisor when a ready model's process exited on its own."""
+        self._send.send_nowait(_ModelExited(model))
+
+    async def unload(self, models: Sequence[str] | None = None) -> None:
+        """Stop these models (all when None) and wait until their processes are gone."""
+        reply: Reply[None] = Reply()
+        chosen = tuple(self._processes) if models is None else tuple(models)
+        self._send.send_nowait(_UnloadRequested(chosen, reply))
+        await reply.wait()
+
+    async def shutdown(self) -> None:
+        """Reject everything waiting and stop every model (their in-flight requests break)."""
+        reply: Reply[None] = Reply()
+        self._send.send_nowait(_ShutdownRequested(reply))
+        await reply.wait()
+
+    # -- the router task -------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                event: _Event | None = None
+                with trio.move_on_at(self.scheduler.next_deadline()):
+                    event = await self._receive.receive()
+                now = trio.current_time()
+                if event is None:
+                    self._apply(self.scheduler.on_tick(now))
+                else:
+                    self._apply(self._dispatch(event, now))
+
+    def _dispatch(self, event: _Event, now: float) -> list[Decision]:
+        scheduler = self.scheduler
+        match event:
+            case _RequestArrived(request_id=rid, model=model, reply=reply):
+                self._waiting[rid] = reply
+                return scheduler.on_request(rid, model, now)
+            case _RequestFinished(request_id=rid):
+                self._waiting.pop(rid, None)
+                return scheduler.on_finished(rid, now)
+            case _SwapDone(swap_id=swap_id, error=error):
+                self._swap_scopes.pop(swap_id, None)
+                if error is None:
+                    self.swap_count += 1
+                return scheduler.on_swap_done(swap_id, error, now)
+            case _StopsDone(stop_id=stop_id):
+                unload_reply = self._unload_replies.pop(stop_id, None)
+                if unload_reply is not None:
+                    unload_reply.set(None)
+                return scheduler.on_stops_done(stop_id, now)
+            case _ModelExited(model=model):
+                return scheduler.on_model_exited(model, now)
+            case _UnloadRequested(models=models, reply=reply):
+                decisions = scheduler.on_unload(models, now)
+                for decision in decisions:
+                    if isinstance(decision, StopModels):
+                        self._unload_replies[decision.stop_id] = reply
+                for target, scope in list(self._swap_scopes.values()):
+                    if target in models:  # do not let a swap load what was just unloaded
+                        scope.cancel(reason=f"{target} unloaded")
+                return decisions
+            case _ShutdownRequested(reply=reply):
+                decisions = scheduler.on_shutdown()
+                for _, scope in self._swap_scopes.values():
+                    scope.cancel(reason="shutting down")
+                assert self._nursery is not None
+                self._nursery.start_soon(self._stop_all, reply)
+                return decisions
+            case _:
+                assert_never(event)
+
+    def _apply(self, decisions: list[Decision]) -> None:
+        assert self._nursery is not None
+        for decision in decisions:
+            match decision:
+                case Grant(request_id=rid):
+                    reply = self._waiting.pop(rid, None)
+                    if reply is not None:
+                        reply.set(None)
+                case Reject(request_id=rid, error=error):
+                    reply = self._waiting.pop(rid, None)
+                    if reply is not None:
+                        reply.fail(error)
+                case StartSwap(swap_id=swap_id, target=target, victims=victims):
+                    if victims:
+                        log.info(
+                            "swap %d: loading %s, evicting %s", swap_id, target, ", ".join(victims)
+                        )
+                    else:
+                        log.info("swap %d: loading %s", swap_id, target)
+                    scope = trio.CancelScope()
+                    self._swap_scopes[swap_id] = (target, scope)
+                    self._nursery.start_soon(self._run_swap, decision, scope)
+                case StopModels(stop_id=stop_id, models=models, reason=reason):
+                    if models:
+                        log.info("stopping %s (%s)", ", ".join(models), reason)
+                    self._nursery.start_soon(self._run_stops, stop_id, models, reason)
+                case _:
+                    assert_never(decision)
+
+    async def _run_swap(self, swap: StartSwap, scope: trio.CancelScope) -> None:
+        started = trio.current_time()
+        error: SwapError | None = None
+        with scope:
+            try:
+                async with trio.open_nursery() as nursery:
+                    for victim in swap.victims:
+                        nursery.start_soon(
+                            self._stop_one, victim, f"evicted by swap to {swap.target}"
+                        )
+                await self._processes[swap.target].ensure_ready()
+            except ModelStartFailed as exc:
+                error = exc
+        if scope.cancelled_caught:
+            error = ModelUnloaded(swap.target)
+        if error is None:
+            log.info(
+                "swap %d: %s ready after %.3fs",
+                swap.swap_id,
+                swap.target,
+                trio.current_time() - started,
+            )
+        else:
+            log.warning("swap %d: %s failed: %s", swap.swap_id, swap.target, error.message)
+        self._send.send_nowait(_SwapDone(swap.swap_id, error))
+
+    async def _stop_one(self, model: str, reason: str) -> None:
+        await self._processes[model].stop(reason=reason)
+
+    async def _run_stops(self, stop_id: int, models: tuple[str, ...], reason: str) -> None:
+        async with trio.open_nursery() as nursery:
+            for model in models:
+                nursery.start_soon(self._stop_one, model, reason)
+        self._send.send_nowait(_StopsDone(stop_id))
+
+    async def _stop_all(self, reply: Reply[None]) -> None:
+        async with trio.open_nursery() as nursery:
+            for model in self._processes:
+                nursery.start_soon(self._stop_one, model, "trio-swap is shutting down")
+        reply.set(None)

@@ -1,0 +1,42 @@
+"""What the scheduler tells the router to do. Frozen, named as imperatives."""
+
+from __future__ import annotations
+
+import msgspec
+
+from trio_swap.errors import SwapError
+
+__all__ = ["Decision", "Grant", "Reject", "StartSwap", "StopModels"]
+
+
+class Grant(msgspec.Struct, frozen=True, kw_only=True):
+    """Let request ``request_id`` go to ``model``'s server now; it is counted in flight."""
+
+    request_id: int
+    model: str
+
+
+class Reject(msgspec.Struct, frozen=True, kw_only=True):
+    """Answer request ``request_id`` with ``error``; its slot is already released."""
+
+    request_id: int
+    error: SwapError
+
+
+class StartSwap(msgspec.Struct, frozen=True, kw_only=True):
+    """Stop ``victims`` (in parallel), then make ``target`` ready; report ``SwapDone``."""
+
+    swap_id: int
+    target: str
+    victims: tuple[str, ...]
+
+
+class StopModels(msgspec.Struct, frozen=True, kw_only=True):
+    """Stop ``models`` (TTL expiry or an unload); report ``StopsDone(stop_id)``."""
+
+    stop_id: int
+    models: tuple[str, ...]
+    reason: str
+
+
+Decision = Grant | Reject | StartSwap | StopModels

@@ -1,0 +1,344 @@
+"""When each request runs: a pure state machine over requests, swaps and stops.
+
+The router feeds it one event at a time (``on_*`` methods, plain ``def``, so a
+decision can never be interrupted half-way) and carries out the decisions it
+returns. No I/O, no clock of its own: ``now`` is passed in, so tests drive it
+with numbers.
+
+Each request ends in exactly one of: :class:`Grant` (then it is in flight
+until :meth:`FifoScheduler.on_finished`), or :class:`Reject`. Placing a
+request (``_place``) follows llama-swap's decision tree:
+
+1. join: a swap for the model is under way: wait for it (one load serves all);
+2. compute the evictions the policy asks for;
+3. fast path: the model is ready, nothing to evict, no swap is evicting it: grant;
+4. collision with a swap under way (it evicts this model, or this swap would
+   evict its target or one of its victims): queue;
+5. busy victim: a model to evict still has requests in flight: queue
+   (a swap never cuts a request off, DESIGN invariant 3);
+6. otherwise start a swap.
+
+Queued requests are placed again, in order, whenever something changes
+(swap done, a model's last request done, a stop done, a crash).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterable, Mapping
+from typing import final
+
+from trio_swap.errors import ModelUnloaded, RateLimited, ShuttingDown, SwapError
+from trio_swap.policy.base import SwapPolicy
+from trio_swap.scheduling.decisions import Decision, Grant, Reject, StartSwap, StopModels
+
+__all__ = ["FifoScheduler", "ModelLimits", "Phase"]
+
+
+class Phase(enum.Enum):
+    """The router's view of a model, changed only by its own decisions and reports."""
+
+    COLD = "cold"  # no process (or it crashed)
+    LOADING = "loading"  # target of a swap under way
+    READY = "ready"  # the last swap to it succeeded; requests are granted
+    STOPPING = "stopping"  # a swap, TTL or unload is stopping it
+
+
+_RUNNING = (Phase.LOADING, Phase.READY, Phase.STOPPING)
+
+
+class _Stage(enum.Enum):
+    QUEUED = "queued"
+    JOINED = "joined"  # waiting on a swap whose target is its model
+    GRANTED = "granted"  # in flight
+
+
+@final
+class ModelLimits:
+    """The per-model settings the scheduler needs."""
+
+    __slots__ = ("concurrency_limit", "ttl")
+
+    def __init__(self, *, concurrency_limit: int, ttl: float) -> None:
+        self.concurrency_limit = concurrency_limit
+        self.ttl = ttl
+
+
+@final
+class _Model:
+    __slots__ = ("idle_since", "in_flight", "limits", "phase", "reserved")
+
+    def __init__(self, limits: ModelLimits) -> None:
+        self.limits = limits
+        self.phase = Phase.COLD
+        # Invariant: in_flight == number of GRANTED requests for this model.
+        self.in_flight = 0
+        # Invariant: reserved == number of requests for this model in any stage.
+        self.reserved = 0
+        self.idle_since = 0.0
+
+
+@final
+class _Request:
+    __slots__ = ("arrived", "model", "stage", "swap_id")
+
+    def __init__(self, model: str, arrived: float) -> None:
+        self.model = model
+        self.arrived = arrived
+        self.stage = _Stage.QUEUED
+        self.swap_id = 0
+
+
+@final
+class _Swap:
+    __slots__ = ("target", "victims", "waiters")
+
+    def __init__(self, target: str, victims: tuple[str, ...]) -> None:
+        self.target = target
+        self.victims = victims
+        self.waiters: list[int] = []
+
+
+@final
+class FifoScheduler:
+    """First come, first served, with collation onto loads already under way."""
+
+    def __init__(self, models: Mapping[str, ModelLimits], policy: SwapPolicy) -> None:
+        self._models = {name: _Model(limits) for name, limits in models.items()}
+        self._policy = policy
+        self._requests: dict[int, _Request] = {}
+        self._queue: list[int] = []
+        self._swaps: dict[int, _Swap] = {}
+        self._stops: dict[int, tuple[str, ...]] = {}
+        self._next_swap = 1
+        self._next_stop = 1
+        self._shutting_down = False
+
+    # -- read-only views (for /api/models and tests) --------------------------
+
+    def phase(self, model: str) -> Phase:
+        return self._models[model].phase
+
+    def in_flight(self, model: str) -> int:
+        return self._models[model].in_flight
+
+    def queued(self, model: str) -> int:
+        return sum(1 for rid in self._queue if self._requests[rid].model == model)
+
+    def running(self) -> list[str]:
+        return [name for name, m in self._models.items() if m.phase in _RUNNING]
+
+    def pending_requests(self) -> int:
+        return len(self._requests)
+
+    # -- events ---------------------------------------------------------------
+
+    def on_request(self, request_id: int, model: str, now: float) -> list[Decision]:
+        """A request for ``model`` (already resolved to an id) arrived."""
+        if self._shutting_down:
+            return [Reject(request_id=request_id, error=ShuttingDown())]
+        slot = self._models[model]
+        if slot.reserved >= slot.limits.concurrency_limit:
+            return [
+                Reject(
+                    request_id=request_id,
+                    error=RateLimited(model, slot.limits.concurrency_limit),
+                )
+            ]
+        slot.reserved += 1
+        self._requests[request_id] = _Request(model, now)
+        decisions = self._place(request_id, now)
+        if decisions is None:
+            self._queue.append(request_id)
+            return []
+        return decisions
+
+    def on_finished(self, request_id: int, now: float) -> list[Decision]:
+        """The request's handler is done: served, failed, or its client went away."""
+        request = self._requests.pop(request_id, None)
+        if request is None:  # already rejected
+            return []
+        slot = self._models[request.model]
+        slot.reserved -= 1
+        if request.stage is _Stage.GRANTED:
+            slot.in_flight -= 1
+            if slot.in_flight == 0:
+                slot.idle_since = now
+                return self._drain(now)
+        elif request.stage is _Stage.QUEUED:
+            self._queue.remove(request_id)
+        else:
+            self._swaps[request.swap_id].waiters.remove(request_id)
+        return []
+
+    def on_swap_done(self, swap_id: int, error: SwapError | None, now: float) -> list[Decision]:
+        """The swap task finished: victims are stopped; the target is ready, or ``error``."""
+        swap = self._swaps.pop(swap_id)
+        for victim in swap.victims:
+            if self._models[victim].phase is Phase.STOPPING:
+                self._models[victim].phase = Phase.COLD
+        target = self._models[swap.target]
+        decisions: list[Decision] = []
+        if error is None:
+            target.phase = Phase.READY
+            target.idle_since = now
+            for rid in swap.waiters:
+                decisions.append(self._grant(rid))
+        else:
+            target.phase = Phase.COLD
+            for rid in swap.waiters:
+                decisions.append(self._reject(rid, error))
+        decisions.extend(self._drain(now))
+        return decisions
+
+    def on_model_exited(self, model: str, now: float) -> list[Decision]:
+        """A ready model's process exited on its own (a crash); the next request restarts it."""
+        slot = self._models[model]
+        if slot.phase is Phase.READY:
+            slot.phase = Phase.COLD
+            return self._drain(now)
+        return []
+
+    def on_unload(self, models: Iterable[str], now: float) -> list[Decision]:
+        """Stop these models now; requests waiting for them get :class:`ModelUnloaded`.
+
+        Requests already in flight on them are cut off: an unload is explicit.
+        """
+        decisions: list[Decision] = []
+        to_stop: list[str] = []
+        for model in models:
+            slot = self._models[model]
+            for rid in list(self._queue):
+                if self._requests[rid].model == model:
+                    self._queue.remove(rid)
+                    decisions.append(self._reject(rid, ModelUnloaded(model)))
+            if slot.phase is not Phase.COLD:
+                to_stop.append(model)
+            if slot.phase is Phase.READY:
+                slot.phase = Phase.STOPPING
+            # LOADING: stopping its process aborts the start; the swap then reports an error.
+        stop = self._stop(tuple(to_stop), "unload")
+        decisions.append(stop)
+        return decisions
+
+    def on_stops_done(self, stop_id: int, now: float) -> list[Decision]:
+        for model in self._stops.pop(stop_id):
+            slot = self._models[model]
+            if slot.phase is Phase.STOPPING and not self._is_swap_victim(model):
+                slot.phase = Phase.COLD
+        return self._drain(now)
+
+    def on_tick(self, now: float) -> list[Decision]:
+        """Time passed: unload models idle for longer than their TTL."""
+        expired = tuple(
+            name for name, slot in self._models.items() if self._ttl_deadline(name, slot) <= now
+        )
+        if not expired:
+            return []
+        for name in expired:
+            self._models[name].phase = Phase.STOPPING
+        return [self._stop(expired, "ttl")]
+
+    def next_deadline(self) -> float:
+        """When :meth:`on_tick` has work next (``math.inf``: never)."""
+        return min(
+            (self._ttl_deadline(name, slot) for name, slot in self._models.items()),
+            default=math.inf,
+        )
+
+    def on_shutdown(self) -> list[Decision]:
+        """Reject everything still waiting; later requests are rejected on arrival."""
+        self._shutting_down = True
+        decisions: list[Decision] = []
+        for rid, request in list(self._requests.items()):
+            if request.stage is not _Stage.GRANTED:
+                decisions.append(self._reject(rid, ShuttingDown()))
+        self._queue.clear()
+        for swap in self._swaps.values():
+            swap.waiters.clear()
+        return decisions
+
+    # -- internals --------------------------------------------------------------
+
+    def _ttl_deadline(self, name: str, slot: _Model) -> float:
+        if (
+            slot.limits.ttl <= 0
+            or slot.phase is not Phase.READY
+            or slot.in_flight
+            or slot.reserved
+            or self._is_swap_victim(name)
+        ):
+            return math.inf
+        return slot.idle_since + slot.limits.ttl
+
+    def _is_swap_victim(self, model: str) -> bool:
+        return any(model in swap.victims for swap in self._swaps.values())
+
+    def _stop(self, models: tuple[str, ...], reason: str) -> StopModels:
+        stop_id = self._next_stop
+        self._next_stop += 1
+        self._stops[stop_id] = models
+        return StopModels(stop_id=stop_id, models=models, reason=reason)
+
+    def _grant(self, request_id: int) -> Grant:
+        request = self._requests[request_id]
+        request.stage = _Stage.GRANTED
+        self._models[request.model].in_flight += 1
+        return Grant(request_id=request_id, model=request.model)
+
+    def _reject(self, request_id: int, error: SwapError) -> Reject:
+        request = self._requests.pop(request_id)
+        self._models[request.model].reserved -= 1
+        return Reject(request_id=request_id, error=error)
+
+    def _place(self, request_id: int, now: float) -> list[Decision] | None:
+        """Try to move a request on (branches numbered as in the module docstring)."""
+        request = self._requests[request_id]
+        target = request.model
+        # (1) join a swap already loading this model
+        for swap_id, swap in self._swaps.items():
+            if swap.target == target:
+                request.stage = _Stage.JOINED
+                request.swap_id = swap_id
+                swap.waiters.append(request_id)
+                return []
+        # (2) what the policy wants stopped
+        running = [name for name in self.running() if name != target]
+        evict = self._policy.evictions(target, running)
+        slot = self._models[target]
+        # (3) fast path
+        if slot.phase is Phase.READY and not evict and not self._is_swap_victim(target):
+            return [self._grant(request_id)]
+        # (4) collision with a swap under way
+        for swap in self._swaps.values():
+            if (
+                target in swap.victims
+                or swap.target in evict
+                or not set(evict).isdisjoint(swap.victims)
+            ):
+                return None
+        # (5) a victim still serves requests: wait for them to finish
+        if any(self._models[victim].in_flight for victim in evict):
+            return None
+        # (6) start a swap
+        swap_id = self._next_swap
+        self._next_swap += 1
+        swap = _Swap(target, evict)
+        self._swaps[swap_id] = swap
+        for victim in evict:
+            self._models[victim].phase = Phase.STOPPING
+        slot.phase = Phase.LOADING
+        request.stage = _Stage.JOINED
+        request.swap_id = swap_id
+        swap.waiters.append(request_id)
+        return [StartSwap(swap_id=swap_id, target=target, victims=evict)]
+
+    def _drain(self, now: float) -> list[Decision]:
+        decisions: list[Decision] = []
+        for rid in list(self._queue):
+            placed = self._place(rid, now)
+            if placed is not None:
+                self._queue.remove(rid)
+                decisions.extend(placed)
+        return decisions

@@ -1,0 +1,170 @@
+"""``serve()``: the runtime tree of one trio-swap instance.
+
+::
+
+    serve
+    ├─ OrphanGuard process            kills upstream groups if trio-swap dies (SIGKILL included)
+    └─ supervisors nursery            outermost: outlives the HTTP drain
+       ├─ ModelProcess.run() (one per model)      one owner per model's process
+       ├─ Router.run()                the one owner of routing state
+       └─ web nursery
+          ├─ hypercorn serve(app)     handlers talk to the router through its channel
+          └─ signal watcher           SIGTERM/SIGINT: graceful stop; SIGHUP: logged
+
+Shutdown: stop accepting and drain HTTP (up to ``shutdown_timeout``), then the
+router rejects what still waits and stops every model in parallel, then the
+supervisors are cancelled (any process still alive is killed on the way out).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from functools import partial
+from typing import Final, final
+
+import httpx
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from trio_swap.config.model import Config
+from trio_swap.http.app import AppState, build_app
+from trio_swap.policy.exclusive import OneAtATime
+from trio_swap.router import Router
+from trio_swap.upstream.launcher import OrphanGuard
+from trio_swap.upstream.logs import LogRing
+from trio_swap.upstream.process import ModelProcess
+
+__all__ = ["RunningServer", "serve"]
+
+log = logging.getLogger("trio_swap")
+
+DEFAULT_SHUTDOWN_TIMEOUT: Final = 10.0
+
+
+@final
+class RunningServer:
+    """Handed to the caller of ``nursery.start(serve, ...)`` once trio-swap is listening."""
+
+    def __init__(
+        self,
+        binds: list[str],
+        router: Router,
+        processes: dict[str, ModelProcess],
+        shutdown: trio.Event,
+    ) -> None:
+        self.binds = binds
+        self.router = router
+        self.processes = processes
+        self._shutdown = shutdown
+
+    @property
+    def url(self) -> str:
+        return self.binds[0]
+
+    @property
+    def stopping(self) -> bool:
+        return self._shutdown.is_set()
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (what SIGTERM does)."""
+        self._shutdown.set()
+
+    async def wait_for_stop(self) -> None:
+        await self._shutdown.wait()
+
+
+def _http_client() -> httpx.AsyncClient:
+    # No read/write/pool timeouts: generations can take minutes and must never be cut.
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(connect=30.0, read=None, write=None, pool=None),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
+        trust_env=False,
+        follow_redirects=False,
+    )
+
+
+async def serve(
+    config: Config,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    handle_signals: bool = True,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+    task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run trio-swap until SIGTERM/SIGINT (or :meth:`RunningServer.stop`)."""
+    guard = OrphanGuard.start()
+    try:
+        async with _http_client() as client, trio.open_nursery() as supervisors:
+            echo_upstream = config.log_to_stdout in ("upstream", "both")
+            router_box: list[Router] = []
+
+            def on_crash(model: str) -> None:
+                router_box[0].model_exited(model)
+
+            processes: dict[str, ModelProcess] = {}
+            for model in config.models.values():
+                process = ModelProcess(
+                    model,
+                    health_check_timeout=config.health_check_timeout,
+                    http=client,
+                    log_ring=LogRing(model.id, echo=echo_upstream),
+                    guard=guard,
+                    on_crash=on_crash,
+                )
+                await supervisors.start(process.run)
+                processes[model.id] = process
+            router = Router(processes, OneAtATime())
+            router_box.append(router)
+            await supervisors.start(router.run)
+
+            app = build_app(
+                AppState(config=config, router=router, processes=processes, client=client)
+            )
+            hyper = HypercornConfig()
+            hyper.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+            hyper.accesslog = None
+            hyper.errorlog = logging.getLogger("hypercorn.error")
+            hyper.graceful_timeout = shutdown_timeout
+            hyper.keep_alive_timeout = 75  # clients (and benchmarks) reuse connections
+
+            shutdown = trio.Event()
+            async with trio.open_nursery() as web:
+                binds = await web.start(
+                    partial(hypercorn_serve, app, hyper, shutdown_trigger=shutdown.wait)
+                )
+                server = RunningServer(binds, router, processes, shutdown)
+                if handle_signals:
+                    supervisors.start_soon(_watch_signals, server, supervisors.cancel_scope)
+                task_status.started(server)
+                await shutdown.wait()
+                log.info(
+                    "shutting down: stopped accepting; draining HTTP (up to %gs)", shutdown_timeout
+                )
+            # hypercorn returned: every connection is closed or was cut at the deadline.
+            log.info("stopping all models")
+            longest_grace = max((m.unload_timeout for m in config.models.values()), default=0.0)
+            with trio.move_on_after(longest_grace + 5):
+                await router.shutdown()
+            supervisors.cancel_scope.cancel(reason="trio-swap shutdown")
+    finally:
+        with trio.CancelScope(shield=True):
+            await guard.aclose()
+    log.info("stopped")
+
+
+async def _watch_signals(server: RunningServer, everything: trio.CancelScope) -> None:
+    """First SIGTERM/SIGINT: graceful stop. A second one: stop now (upstreams still killed)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                log.warning("SIGHUP received: config reload is not supported yet; ignoring")
+            elif not server.stopping:
+                log.info("%s received: shutting down", name)
+                server.stop()
+            else:
+                log.warning("%s received again: stopping now", name)
+                everything.cancel(reason=f"second {name}")
