@@ -29,7 +29,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from trio_swap.config.model import Config
-from trio_swap.http.app import AppState, build_app
+from trio_swap.http.app import DEFAULT_MAX_BODY_BYTES, AppState, build_app
 from trio_swap.policy.exclusive import OneAtATime
 from trio_swap.router import Router
 from trio_swap.upstream.launcher import OrphanGuard
@@ -92,6 +92,7 @@ async def serve(
     port: int = 8080,
     handle_signals: bool = True,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run trio-swap until SIGTERM/SIGINT (or :meth:`RunningServer.stop`)."""
@@ -120,9 +121,8 @@ async def serve(
             router_box.append(router)
             await supervisors.start(router.run)
 
-            app = build_app(
-                AppState(config=config, router=router, processes=processes, client=client)
-            )
+            state = AppState(config=config, router=router, processes=processes, client=client)
+            app = build_app(state, max_body_bytes=max_body_bytes)
             hyper = HypercornConfig()
             hyper.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
             hyper.accesslog = None

@@ -10,6 +10,7 @@ and the upstream sees the request cancelled.
 from __future__ import annotations
 
 import logging
+from contextlib import aclosing
 from collections.abc import AsyncIterator, Iterable
 from typing import Final, final
 
@@ -103,8 +104,9 @@ class RelayBody:
 
     async def _iterate(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self._response.aiter_raw():
-                yield chunk
+            async with aclosing(self._response.aiter_raw()) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         except httpx.HTTPError as exc:
             detail = _describe(exc)
             log.warning("model %s: upstream broke the response: %s", self._model, detail)

@@ -47,6 +47,10 @@ log = logging.getLogger("trio_swap.upstream")
 #: Time between readiness probes. Small, so readiness is noticed within ~10 ms
 #: of the server answering (llama-swap waits 250 ms, then polls every second).
 PROBE_INTERVAL: Final = 0.01
+#: After this many seconds of loading, probe less often: a model that takes
+#: minutes to load should not fill its log with thousands of health requests.
+FAST_PROBE_PERIOD: Final = 5.0
+SLOW_PROBE_INTERVAL: Final = 0.025
 #: Longest a single readiness probe may hang before it counts as "not ready".
 PROBE_TIMEOUT: Final = 5.0
 #: Grace period when a start is abandoned because the health check gave up.
@@ -272,12 +276,13 @@ class ModelProcess:
                 )
             return
         if outcome == "timeout":  # STARTING -> STOPPED
+            tail = self.log.tail(ERROR_TAIL_LINES)
+            await self._terminate(child, ABANDON_GRACE, "health check timed out")
             self._fail_ready_waiters(
                 f"not ready after {self.health_check_timeout:g}s "
                 f"(healthCheckTimeout; GET {self._health_url()} never returned 200)",
-                self.log.tail(ERROR_TAIL_LINES),
+                tail,
             )
-            await self._terminate(child, ABANDON_GRACE, "health check timed out")
             return
         await self._terminate(child, self._stop_grace, self._stop_reason)
 
@@ -303,6 +308,7 @@ class ModelProcess:
 
     async def _probe_until_healthy(self) -> None:
         url = self._health_url()
+        fast_until = trio.current_time() + FAST_PROBE_PERIOD
         while True:
             try:
                 response = await self._http.get(url, timeout=PROBE_TIMEOUT)
@@ -310,7 +316,8 @@ class ModelProcess:
                     return
             except httpx.HTTPError:
                 pass
-            await trio.sleep(PROBE_INTERVAL)
+            fast = trio.current_time() < fast_until
+            await trio.sleep(PROBE_INTERVAL if fast else SLOW_PROBE_INTERVAL)
 
     async def _pump(self, child: Child, done: trio.Event) -> None:
         stream = child.output_stream()

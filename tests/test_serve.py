@@ -1,0 +1,218 @@
+"""trio-swap end to end: real responder processes, real HTTP, what a client sees."""
+
+from __future__ import annotations
+
+import json
+from contextlib import aclosing
+
+import trio
+
+from tests.conftest import alive, chat, make_config, responder_model, running, sse_data
+
+
+async def test_cold_start_then_swaps_keep_exactly_one_upstream_alive() -> None:
+    config = make_config(responder_model("A"), responder_model("B"))
+    with trio.fail_after(30):
+        async with running(config) as h:
+            for model in ["A", "B", "A"]:
+                response = await h.client.post("/v1/chat/completions", json=chat(model))
+                assert response.status_code == 200, response.text
+                assert response.json()["model"] == model
+                other = "B" if model == "A" else "A"
+                assert alive(h.pid(model))
+                assert h.pid(other) is None
+                running_rows = (await h.client.get("/running")).json()["running"]
+                assert [row["model"] for row in running_rows] == [model]
+            models = await h.models()
+            assert models["A"]["start_count"] == 2
+            assert models["B"]["start_count"] == 1
+
+
+async def test_two_requests_for_one_cold_model_share_one_load() -> None:
+    config = make_config(responder_model("A", "--load-delay", "0.5"))
+    with trio.fail_after(30):
+        async with running(config) as h:
+            statuses: list[int] = []
+
+            async def ask() -> None:
+                response = await h.client.post("/v1/chat/completions", json=chat("A"))
+                statuses.append(response.status_code)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+                    nursery.start_soon(ask)
+            assert statuses == [200] * 5
+            assert (await h.models())["A"]["start_count"] == 1
+
+
+async def test_streaming_relays_every_event_then_done() -> None:
+    config = make_config(responder_model("A", "--tokens", "20"))
+    with trio.fail_after(30):
+        async with running(config) as h:
+            async with h.client.stream(
+                "POST", "/v1/chat/completions", json=chat("A", stream=True)
+            ) as response:
+                assert response.status_code == 200
+                assert response.headers["content-type"].startswith("text/event-stream")
+                lines = [line async for line in response.aiter_lines()]
+            events = sse_data(lines)
+            assert events[-1] == "[DONE]"
+            content = "".join(
+                json.loads(e)["choices"][0]["delta"].get("content") or ""
+                for e in events[:-1]
+                if json.loads(e)["choices"]
+            )
+            assert len(content.split()) == 20
+
+
+async def test_swap_waits_for_streams_in_flight_on_its_victim() -> None:
+    """Invariant 3: a swap never cuts a running stream; it waits for it."""
+    config = make_config(
+        responder_model("A", "--token-delay", "0.05", "--tokens", "20"), responder_model("B")
+    )
+    with trio.fail_after(30):
+        async with running(config) as h:
+            finished: list[str] = []
+            streams: dict[int, list[str]] = {}
+            a_streaming = trio.Event()
+
+            async def stream_a(index: int) -> None:
+                async with h.client.stream(
+                    "POST", "/v1/chat/completions", json=chat("A", stream=True)
+                ) as response:
+                    assert response.status_code == 200
+                    lines = []
+                    async for line in response.aiter_lines():
+                        lines.append(line)
+                        a_streaming.set()
+                    streams[index] = sse_data(lines)
+                finished.append(f"A{index}")
+
+            async def ask_b() -> None:
+                response = await h.client.post("/v1/chat/completions", json=chat("B"))
+                assert response.status_code == 200
+                finished.append("B")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream_a, 1)
+                await a_streaming.wait()
+                nursery.start_soon(stream_a, 2)  # same model, mid-stream: joins at once
+                await trio.sleep(0.1)
+                nursery.start_soon(ask_b)  # needs A evicted: must wait for both streams
+            assert finished[-1] == "B"
+            for events in streams.values():
+                assert events[-1] == "[DONE]"
+                tokens = [e for e in events[:-1] if '"content"' in e]
+                assert len(tokens) == 20
+            assert (await h.models())["A"]["start_count"] == 1
+
+
+async def test_client_disconnect_mid_stream_cancels_the_upstream_request() -> None:
+    config = make_config(responder_model("A", "--token-delay", "0.05", "--tokens", "200"))
+    with trio.fail_after(30):
+        async with running(config) as h:
+            async with h.client.stream(
+                "POST", "/v1/chat/completions", json=chat("A", stream=True)
+            ) as response:
+                async with aclosing(response.aiter_lines()) as lines:
+                    async for line in lines:
+                        if '"content"' in line:
+                            break  # leave after the first token
+            port = (await h.models())["A"]["port"]
+            with trio.fail_after(1):  # the acceptance bound for this behaviour
+                while True:
+                    records = (
+                        await h.client.get(f"http://127.0.0.1:{port}/debug/requests")
+                    ).json()
+                    chats = [r for r in records if r["path"] == "/v1/chat/completions"]
+                    if chats and chats[-1]["status"] == "cancelled":
+                        break
+                    await trio.sleep(0.02)
+            # the slot was released: the model is idle and serves again
+            assert (await h.models())["A"]["in_flight"] == 0
+            response = await h.client.post("/v1/chat/completions", json=chat("A", max_tokens=2))
+            assert response.status_code == 200
+
+
+async def test_upstream_that_fails_to_start_gives_503_quoting_its_output() -> None:
+    config = make_config(responder_model("bad", "--fail-start"), responder_model("good"))
+    with trio.fail_after(30):
+        async with running(config) as h:
+            response = await h.client.post("/v1/chat/completions", json=chat("bad"))
+            assert response.status_code == 503
+            error = response.json()["error"]
+            assert error["code"] == "model_start_failed"
+            assert "exit status 1" in error["message"]
+            assert "simulated failure" in error["message"]  # the process's own stderr line
+            assert h.pid("bad") is None
+            response = await h.client.post("/v1/chat/completions", json=chat("good"))
+            assert response.status_code == 200
+
+
+async def test_upstream_that_never_becomes_healthy_times_out_and_is_killed() -> None:
+    config = make_config(responder_model("stuck", "--never-healthy"), health_check_timeout=1.0)
+    with trio.fail_after(30):
+        async with running(config) as h:
+            response = await h.client.post("/v1/chat/completions", json=chat("stuck"))
+            assert response.status_code == 503
+            assert "not ready after 1s" in response.json()["error"]["message"]
+            assert h.pid("stuck") is None
+            assert (await h.models())["stuck"]["state"] == "stopped"
+
+
+async def test_crash_mid_stream_reports_an_error_event_and_next_request_restarts() -> None:
+    config = make_config(responder_model("A", "--crash-after-tokens", "3", "--tokens", "10"))
+    with trio.fail_after(30):
+        async with running(config) as h:
+            async with h.client.stream(
+                "POST", "/v1/chat/completions", json=chat("A", stream=True)
+            ) as response:
+                assert response.status_code == 200
+                events = sse_data([line async for line in response.aiter_lines()])
+            assert "[DONE]" not in events
+            assert json.loads(events[-1])["error"]["code"] == "bad_gateway"
+            with trio.fail_after(5):
+                while (await h.models())["A"]["state"] != "stopped":
+                    await trio.sleep(0.02)
+            response = await h.client.post("/v1/chat/completions", json=chat("A", max_tokens=2))
+            assert response.status_code == 200
+            assert (await h.models())["A"]["start_count"] == 2
+
+
+async def test_upstream_ignoring_sigterm_is_killed_after_the_grace_period() -> None:
+    config = make_config(responder_model("A", "--ignore-sigterm", unload_timeout=0.5))
+    with trio.fail_after(30):
+        async with running(config) as h:
+            assert (await h.client.post("/v1/chat/completions", json=chat("A"))).status_code == 200
+            pid = h.pid("A")
+            started = trio.current_time()
+            response = await h.client.post("/api/models/unload/A")
+            assert response.status_code == 200
+            assert trio.current_time() - started >= 0.5  # it really waited out the grace
+            assert not alive(pid)
+            tail = h.server.processes["A"].log.lines()
+            assert any("ignoring SIGTERM" in line for line in tail)
+            assert any("SIGKILL" in line for line in tail)
+
+
+async def test_ttl_unloads_an_idle_model() -> None:
+    config = make_config(responder_model("A", ttl=0.5))
+    with trio.fail_after(30):
+        async with running(config) as h:
+            assert (await h.client.post("/v1/chat/completions", json=chat("A"))).status_code == 200
+            assert h.pid("A") is not None
+            with trio.fail_after(5):
+                while h.pid("A") is not None:
+                    await trio.sleep(0.05)
+
+
+async def test_unload_all_stops_every_model() -> None:
+    config = make_config(responder_model("A"))
+    with trio.fail_after(30):
+        async with running(config) as h:
+            await h.client.post("/v1/chat/completions", json=chat("A"))
+            pid = h.pid("A")
+            response = await h.client.post("/api/models/unload")
+            assert response.json() == {"msg": "ok"}
+            assert not alive(pid)
+            assert (await h.client.get("/running")).json() == {"running": []}
