@@ -127,6 +127,8 @@ def _setup_logging(level: str, log_to_stdout: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(levels.get(level, logging.INFO) if log_to_stdout != "none" else logging.WARNING)
+    for noisy in ("httpx", "httpcore", "hpack"):  # one line per proxied request is too much
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _serve(args: argparse.Namespace) -> int:
