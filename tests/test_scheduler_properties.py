@@ -1,0 +1,137 @@
+"""Random event sequences against the scheduler: the bookkeeping never drifts.
+
+Checked after every event: each request ends exactly once (one grant then one
+finish, or one reject), a swap never evicts a model with requests in flight,
+at most one model is loading or ready (the one-at-a-time policy), and when
+everything is finished no slot or in-flight count is left over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trio_swap.errors import ModelStartFailed
+from trio_swap.policy import OneAtATime
+from trio_swap.scheduling import (
+    Decision,
+    FifoScheduler,
+    Grant,
+    ModelLimits,
+    Phase,
+    Reject,
+    StartSwap,
+    StopModels,
+)
+
+MODELS = ("A", "B", "C")
+
+operation = st.one_of(
+    st.tuples(st.just("request"), st.sampled_from(MODELS)),
+    st.tuples(st.just("finish"), st.integers(0, 50)),
+    st.tuples(st.just("swap_ok"), st.integers(0, 10)),
+    st.tuples(st.just("swap_fail"), st.integers(0, 10)),
+    st.tuples(st.just("stops_done"), st.integers(0, 10)),
+    st.tuples(st.just("crash"), st.sampled_from(MODELS)),
+    st.tuples(st.just("unload"), st.sampled_from(MODELS)),
+    st.tuples(st.just("tick"), st.integers(0, 5)),
+)
+
+
+@dataclass
+class Ledger:
+    scheduler: FifoScheduler
+    granted: set[int] = field(default_factory=set)
+    ended: set[int] = field(default_factory=set)
+    waiting: set[int] = field(default_factory=set)
+    swaps: list[int] = field(default_factory=list)
+    stops: list[int] = field(default_factory=list)
+
+    def apply(self, decisions: list[Decision]) -> None:
+        s = self.scheduler
+        for d in decisions:
+            match d:
+                case Grant(request_id=rid):
+                    assert rid in self.waiting, f"grant for {rid} which is not waiting"
+                    self.waiting.remove(rid)
+                    self.granted.add(rid)
+                case Reject(request_id=rid):
+                    assert rid in self.waiting, f"reject for {rid} which is not waiting"
+                    self.waiting.remove(rid)
+                    self.ended.add(rid)
+                case StartSwap(swap_id=sid, victims=victims):
+                    for victim in victims:
+                        assert s.in_flight(victim) == 0, "a swap would cut a request off"
+                    self.swaps.append(sid)
+                case StopModels(stop_id=stop_id):
+                    self.stops.append(stop_id)
+
+    def check(self) -> None:
+        s = self.scheduler
+        live = [m for m in MODELS if s.phase(m) in (Phase.LOADING, Phase.READY)]
+        assert len(live) <= 1, f"one-at-a-time broken: {live}"
+        assert sum(s.in_flight(m) for m in MODELS) == len(self.granted)
+        assert s.pending_requests() == len(self.granted) + len(self.waiting)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(operation, max_size=60), st.integers(1, 4))
+def test_fifo_random_sequences_keep_every_request_accounted_for(
+    operations: list[tuple[str, object]], limit: int
+) -> None:
+    ledger = Ledger(
+        FifoScheduler(
+            {m: ModelLimits(concurrency_limit=limit, ttl=1.0) for m in MODELS}, OneAtATime()
+        )
+    )
+    s = ledger.scheduler
+    now = 0.0
+    next_id = 1
+    for kind, arg in operations:
+        now += 0.25
+        if kind == "request":
+            rid, next_id = next_id, next_id + 1
+            ledger.waiting.add(rid)
+            ledger.apply(s.on_request(rid, str(arg), now))
+        elif kind == "finish":
+            pool = sorted(ledger.granted | ledger.waiting)
+            if pool:
+                rid = pool[int(arg) % len(pool)]
+                ledger.granted.discard(rid)
+                ledger.waiting.discard(rid)
+                ledger.ended.add(rid)
+                ledger.apply(s.on_finished(rid, now))
+        elif kind in ("swap_ok", "swap_fail") and ledger.swaps:
+            sid = ledger.swaps.pop(int(arg) % len(ledger.swaps))
+            error = None
+            if kind == "swap_fail":
+                error = ModelStartFailed("?", "random failure")
+            ledger.apply(s.on_swap_done(sid, error, now))
+        elif kind == "stops_done" and ledger.stops:
+            ledger.apply(s.on_stops_done(ledger.stops.pop(int(arg) % len(ledger.stops)), now))
+        elif kind == "crash":
+            ledger.apply(s.on_model_exited(str(arg), now))
+        elif kind == "unload":
+            ledger.apply(s.on_unload([str(arg)], now))
+        elif kind == "tick":
+            now += float(str(arg))
+            ledger.apply(s.on_tick(now))
+        ledger.check()
+
+    # wind down: finish every swap and stop, then every request
+    while ledger.swaps or ledger.stops or ledger.granted or ledger.waiting:
+        if ledger.swaps:
+            ledger.apply(s.on_swap_done(ledger.swaps.pop(0), None, now))
+        elif ledger.stops:
+            ledger.apply(s.on_stops_done(ledger.stops.pop(0), now))
+        else:
+            rid = min(ledger.granted | ledger.waiting)
+            ledger.granted.discard(rid)
+            ledger.waiting.discard(rid)
+            ledger.apply(s.on_finished(rid, now))
+        ledger.check()
+    assert s.pending_requests() == 0
+    assert all(s.in_flight(m) == 0 for m in MODELS)
+    assert all(s.queued(m) == 0 for m in MODELS)
