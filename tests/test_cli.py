@@ -20,13 +20,14 @@ from tests.conftest import alive, chat, free_port, group_alive
 def write_config(tmp_path: Path, *extra_args: str) -> Path:
     start = free_port()
     python = sys.executable
+    flags = " ".join(extra_args)
     text = f"""\
 healthCheckTimeout: 30
 startPort: {start}
 logLevel: debug
 models:
   alpha:
-    cmd: {python} -m trio_swap responder --port ${{PORT}} --model ${{MODEL_ID}} {" ".join(extra_args)}
+    cmd: {python} -m trio_swap responder --port ${{PORT}} --model ${{MODEL_ID}} {flags}
   beta:
     cmd: |
       {python} -m trio_swap responder

@@ -111,19 +111,19 @@ async def test_client_disconnect_mid_stream_cancels_the_upstream_request() -> No
     config = make_config(responder_model("A", "--token-delay", "0.05", "--tokens", "200"))
     with trio.fail_after(30):
         async with running(config) as h:
-            async with h.client.stream(
-                "POST", "/v1/chat/completions", json=chat("A", stream=True)
-            ) as response:
-                async with aclosing(response.aiter_lines()) as lines:
-                    async for line in lines:
-                        if '"content"' in line:
-                            break  # leave after the first token
+            async with (
+                h.client.stream(
+                    "POST", "/v1/chat/completions", json=chat("A", stream=True)
+                ) as response,
+                aclosing(response.aiter_lines()) as lines,
+            ):
+                async for line in lines:
+                    if '"content"' in line:
+                        break  # leave after the first token
             port = (await h.models())["A"]["port"]
             with trio.fail_after(1):  # the acceptance bound for this behaviour
                 while True:
-                    records = (
-                        await h.client.get(f"http://127.0.0.1:{port}/debug/requests")
-                    ).json()
+                    records = (await h.client.get(f"http://127.0.0.1:{port}/debug/requests")).json()
                     chats = [r for r in records if r["path"] == "/v1/chat/completions"]
                     if chats and chats[-1]["status"] == "cancelled":
                         break

@@ -10,8 +10,8 @@ and the upstream sees the request cancelled.
 from __future__ import annotations
 
 import logging
-from contextlib import aclosing
 from collections.abc import AsyncIterator, Iterable
+from contextlib import aclosing
 from typing import Final, final
 
 import httpx
