@@ -1,0 +1,198 @@
+"""Load a llama-swap style ``config.yaml`` into a validated :class:`Config`.
+
+The pipeline, each stage in its own module:
+
+1. ``${env.NAME}`` substitution on the raw text (:mod:`.macros`);
+2. YAML parsing that remembers the line of every key (:mod:`.yamlsource`);
+3. sorting keys into supported, llama-swap-only (warned: not supported yet)
+   and unknown (warned: probably a typo, or a ``defs:`` block of anchors);
+4. macro expansion and ``${PORT}`` assignment (:mod:`.macros`);
+5. strict type conversion into the raw Structs (:mod:`.schema`);
+6. validation and defaults (:mod:`.validate`).
+
+Every failure is a :class:`ConfigError` naming file, key path and line. A
+config that loads may still carry :attr:`Config.warnings`; callers should
+print them, since they describe keys that change nothing yet.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
+from pathlib import Path
+from typing import final
+
+from trio_swap.config.errors import ConfigError
+from trio_swap.config.macros import (
+    assign_ports,
+    check_model_leftovers,
+    expand_globals,
+    expand_model,
+    read_macros,
+    substitute_env,
+)
+from trio_swap.config.model import Config, ModelConfig
+from trio_swap.config.schema import (
+    LLAMA_SWAP_ONLY_MODEL_KEYS,
+    LLAMA_SWAP_ONLY_TOP_KEYS,
+    MODEL_KEYS,
+    TOP_KEYS,
+    RawConfig,
+    RawModel,
+)
+from trio_swap.config.validate import check_aliases, check_model, check_settings, convert
+from trio_swap.config.yamlsource import Document, KeyPath, format_path, parse_document, type_name
+
+#: YAML 1.1 booleans that llama-swap's Go YAML library still accepts for bool fields.
+_YAML11_BOOLS = {"yes": True, "on": True, "y": True, "no": False, "off": False, "n": False}
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and load a config file; errors name the path as given.
+
+    Raises:
+        ConfigError: unreadable file (``line`` is None), or anything
+            :func:`load_config_text` rejects.
+    """
+    source = os.fspath(path)
+    try:
+        data = Path(source).read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"cannot read the config file: {reason}", source=source) from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError("is not valid UTF-8", source=source, line=line) from exc
+    return load_config_text(text, source)
+
+
+def load_config_text(text: str, source: str, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Load a config from text; ``source`` is only used in messages.
+
+    Args:
+        text: The YAML document.
+        source: What to call it in errors and warnings (usually its path).
+        environ: Variables for ``${env.NAME}``; ``os.environ`` when None.
+
+    Raises:
+        ConfigError: the first problem found, located by key path and line.
+    """
+    text = substitute_env(text.removeprefix("\ufeff"), source, environ)
+    return _Loader(parse_document(text, source)).load()
+
+
+@final
+class _Loader:
+    """One load: the parsed document plus the warnings collected on the way."""
+
+    def __init__(self, doc: Document) -> None:
+        self.doc = doc
+        #: (line, message): sorted by line when the load succeeds.
+        self.warnings: list[tuple[int, str]] = []
+
+    def load(self) -> Config:
+        doc = self.doc
+        top = {} if doc.value is None else doc.value
+        if not isinstance(top, dict):
+            raise doc.error((), f"the top level must be a mapping of keys (got {type_name(top)})")
+        top = self._supported(top, (), TOP_KEYS, LLAMA_SWAP_ONLY_TOP_KEYS)
+        models_value = top.pop("models", None)
+        global_macros = read_macros(top.pop("macros", None), ("macros",), doc)
+        raw_settings = convert(expand_globals(top, global_macros, doc), RawConfig, (), doc)
+        settings = check_settings(raw_settings, doc)
+
+        expanded: dict[str, dict[str, object]] = {}
+        for model_id, value in self._models(models_value).items():
+            path: KeyPath = ("models", model_id)
+            model = self._supported(value, path, MODEL_KEYS, LLAMA_SWAP_ONLY_MODEL_KEYS)
+            if "cmd" not in model:
+                raise doc.error((*path, "cmd"), "required key is missing")
+            expanded[model_id] = expand_model(model_id, model, global_macros, doc)
+        assign_ports(expanded, settings.start_port, doc)
+
+        models: dict[str, ModelConfig] = {}
+        for model_id, model in expanded.items():
+            check_model_leftovers(model_id, model, doc)
+            raw = convert(_yaml11_bools(model), RawModel, ("models", model_id), doc)
+            models[model_id] = check_model(model_id, raw, settings, doc)
+        check_aliases(models, doc)
+        return Config(
+            source=doc.source,
+            models=models,
+            health_check_timeout=settings.health_check_timeout,
+            start_port=settings.start_port,
+            log_level=settings.log_level,
+            log_to_stdout=settings.log_to_stdout,
+            warnings=tuple(text for _, text in sorted(self.warnings, key=lambda w: w[0])),
+        )
+
+    def _models(self, value: object) -> dict[str, dict[str, object]]:
+        """The ``models:`` mapping, checking its shape and its IDs."""
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.doc.error(
+                ("models",), f"must be a mapping of model IDs (got {type_name(value)})"
+            )
+        models: dict[str, dict[str, object]] = {}
+        for model_id, model in value.items():
+            path: KeyPath = ("models", model_id)
+            if not model_id.strip():
+                raise self.doc.error(path, "a model ID must not be empty")
+            if not isinstance(model, dict):
+                raise self.doc.error(path, f"must be a mapping of keys (got {type_name(model)})")
+            models[model_id] = model
+        return models
+
+    def _supported(
+        self,
+        mapping: dict[str, object],
+        path: KeyPath,
+        supported: frozenset[str],
+        llama_swap_only: Mapping[str, str],
+    ) -> dict[str, object]:
+        """The supported keys of ``mapping`` (null values dropped); warn about the rest.
+
+        A null value (``ttl:`` with nothing after it) means "use the default",
+        as it does for llama-swap.
+        """
+        kept: dict[str, object] = {}
+        for key, value in mapping.items():
+            if key in supported:
+                if value is not None:
+                    kept[key] = value
+                continue
+            where = (*path, key)
+            line = self.doc.line(where) or 0
+            prefix = f"{self.doc.source}:{line}: {format_path(where)}"
+            if key in llama_swap_only:
+                hint = llama_swap_only[key]
+                suffix = f" ({hint})" if hint else ""
+                message = f"{prefix}: not supported yet by trio-swap; ignored{suffix}"
+            else:
+                close = _close_match(key, supported | set(llama_swap_only))
+                suggestion = f" (did you mean '{close}'?)" if close else ""
+                message = f"{prefix}: unknown key{suggestion}; ignored"
+            self.warnings.append((line, message))
+        return kept
+
+
+def _close_match(key: str, known: AbstractSet[str]) -> str | None:
+    """The known key a typo most likely meant (``cmdstop`` → ``cmdStop``)."""
+    for candidate in sorted(known):
+        if candidate.lower() == key.lower():
+            return candidate
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.65)
+    return close[0] if close else None
+
+
+def _yaml11_bools(model: dict[str, object]) -> dict[str, object]:
+    """Accept ``unlisted: yes`` like llama-swap does; YAML 1.2 reads it as a string."""
+    unlisted = model.get("unlisted")
+    if isinstance(unlisted, str) and unlisted.lower() in _YAML11_BOOLS:
+        return model | {"unlisted": _YAML11_BOOLS[unlisted.lower()]}
+    return model

@@ -1,0 +1,121 @@
+"""The raw YAML shape, key for key as llama-swap spells it.
+
+These Structs describe what a user writes, after macro expansion and before
+normalisation (``ttl: -1`` still means "inherit", ``concurrencyLimit: 0``
+still means "default"). ``load.py`` turns them into the final
+:class:`~trio_swap.config.model.Config`. They are also the single source of
+the keys trio-swap supports: anything else is reported as a warning, never
+silently dropped (see :data:`LLAMA_SWAP_ONLY_TOP_KEYS`).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+from trio_swap.config.model import (
+    DEFAULT_HEALTH_CHECK_TIMEOUT,
+    DEFAULT_START_PORT,
+    DEFAULT_UNLOAD_TIMEOUT,
+)
+
+#: A macro value: only scalars may be declared (lists and maps are errors).
+MacroValue = str | int | float | bool
+
+#: Used when a model sets no ``proxy``; it is why ``cmd`` then needs ``${PORT}``.
+DEFAULT_PROXY: Final = "http://localhost:${PORT}"
+DEFAULT_CHECK_ENDPOINT: Final = "/health"
+#: ``ttl: -1`` (the default) means "use globalTTL".
+INHERIT_TTL: Final = -1.0
+
+
+class RawModel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One entry under ``models:``, as written."""
+
+    cmd: str
+    cmd_stop: str = msgspec.field(default="", name="cmdStop")
+    proxy: str = DEFAULT_PROXY
+    check_endpoint: str = msgspec.field(default=DEFAULT_CHECK_ENDPOINT, name="checkEndpoint")
+    aliases: list[str] = msgspec.field(default_factory=list)
+    env: list[str] = msgspec.field(default_factory=list)
+    ttl: float = INHERIT_TTL
+    unload_timeout: float = msgspec.field(default=0.0, name="unloadTimeout")
+    use_model_name: str = msgspec.field(default="", name="useModelName")
+    name: str = ""
+    description: str = ""
+    unlisted: bool = False
+    metadata: dict[str, object] = msgspec.field(default_factory=dict)
+    concurrency_limit: int = msgspec.field(default=0, name="concurrencyLimit")
+    macros: dict[str, MacroValue] = msgspec.field(default_factory=dict)
+
+
+class RawConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The top level of a config file, as written."""
+
+    models: dict[str, RawModel] = msgspec.field(default_factory=dict)
+    health_check_timeout: float = msgspec.field(
+        default=DEFAULT_HEALTH_CHECK_TIMEOUT, name="healthCheckTimeout"
+    )
+    start_port: int = msgspec.field(default=DEFAULT_START_PORT, name="startPort")
+    macros: dict[str, MacroValue] = msgspec.field(default_factory=dict)
+    global_ttl: float = msgspec.field(default=0.0, name="globalTTL")
+    unload_timeout: float = msgspec.field(default=DEFAULT_UNLOAD_TIMEOUT, name="unloadTimeout")
+    log_level: str = msgspec.field(default="info", name="logLevel")
+    log_to_stdout: str = msgspec.field(default="proxy", name="logToStdout")
+
+
+def _keys(struct: type[msgspec.Struct]) -> frozenset[str]:
+    return frozenset(field.encode_name for field in msgspec.structs.fields(struct))
+
+
+#: Top-level keys trio-swap reads.
+TOP_KEYS: Final = _keys(RawConfig)
+#: Per-model keys trio-swap reads.
+MODEL_KEYS: Final = _keys(RawModel)
+
+#: llama-swap top-level keys trio-swap does not implement yet, with a hint for
+#: the warning. Remove a key from here when support lands in RawConfig.
+LLAMA_SWAP_ONLY_TOP_KEYS: Final[dict[str, str]] = {
+    "apiKeys": "",
+    "captureBuffer": "",
+    "groups": "",
+    "hooks": "",
+    "includeAliasesInList": "",
+    "logRequests": "",
+    "logTimeFormat": "",
+    "matrix": "",
+    "metricsMaxInMemory": "",
+    "peers": "",
+    "performance": "",
+    "profiles": "",
+    "routing": "",
+    "selectors": "",
+    "sendLoadingState": "",
+    "store": "",
+    "ui": "",
+    "upstream": "",
+}
+
+#: llama-swap per-model keys trio-swap does not implement yet.
+LLAMA_SWAP_ONLY_MODEL_KEYS: Final[dict[str, str]] = {
+    "capabilities": "",
+    "compat": "",
+    "filters": "",
+    # llama-swap overwrites it with the global value, so it never did anything.
+    "healthCheckTimeout": "set healthCheckTimeout at the top level",
+    "sendLoadingState": "",
+    "timeouts": "",
+}
+
+
+def _schema_hook(kind: type) -> dict[str, object]:
+    if kind is object:
+        return {"description": "any YAML value"}
+    raise NotImplementedError
+
+
+def json_schema() -> dict[str, object]:
+    """A JSON Schema for the config file (editors use it to complete and lint YAML)."""
+    schema: dict[str, object] = msgspec.json.schema(RawConfig, schema_hook=_schema_hook)
+    return schema

@@ -1,0 +1,246 @@
+"""Types, ranges and defaults: expanded raw values to the final model classes.
+
+Runs after macro expansion, so every value here is what the process
+supervisor and router will use. Each check raises a located
+:class:`~trio_swap.config.errors.ConfigError`; defaults that mean "inherit"
+(``ttl: -1``, ``unloadTimeout: 0``, ``concurrencyLimit: 0``) are resolved so
+runtime code never has to know about them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Final, TypeVar, final
+from urllib.parse import urlsplit
+
+import msgspec
+
+from trio_swap.config.command import split_command
+from trio_swap.config.model import (
+    DEFAULT_CONCURRENCY_LIMIT,
+    DEFAULT_UNLOAD_TIMEOUT,
+    ModelConfig,
+)
+from trio_swap.config.schema import INHERIT_TTL, RawConfig, RawModel
+from trio_swap.config.yamlsource import Document, KeyPath, type_name
+
+LOG_LEVELS: Final = ("debug", "info", "warn", "error")
+LOG_TO_STDOUT: Final = ("proxy", "upstream", "both", "none")
+_HIGHEST_PORT: Final = 65535
+_ENV_ENTRY = re.compile(r"([^=\s]+)=(.*)", re.DOTALL)
+_MSGSPEC_ERROR = re.compile(r"(?P<message>.*?)(?: - at `\$(?P<at>.*)`)?", re.DOTALL)
+_MSGSPEC_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]|\[\.\.\.\]")
+_MSGSPEC_TYPES: Final = {"str": "string", "array": "list", "object": "mapping"}
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+@final
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """The validated top-level settings that models inherit from."""
+
+    health_check_timeout: float
+    start_port: int
+    #: Seconds; 0 = never unload.
+    global_ttl: float
+    unload_timeout: float
+    log_level: str
+    log_to_stdout: str
+
+
+def convert(value: object, kind: type[T], path: KeyPath, doc: Document) -> T:
+    """``msgspec.convert`` in strict mode, with errors located by key path and line.
+
+    Strict: ``"5"`` is not an int and ``true`` is not a number; YAML already
+    types unquoted scalars, and a typed macro keeps its type.
+    """
+    try:
+        return msgspec.convert(value, kind, strict=True)
+    except msgspec.ValidationError as exc:
+        where, message = _translate(str(exc), value)
+        raise doc.error((*path, *where), message) from exc
+
+
+def _translate(text: str, value: object) -> tuple[KeyPath, str]:
+    """Turn ``Expected `int`, got `str` - at `$.env[1]``` into a path and a message."""
+    match = _MSGSPEC_ERROR.fullmatch(text)
+    message = match.group("message") if match else text
+    at = (match.group("at") if match else None) or ""
+    where: list[str | int] = []
+    for part in _MSGSPEC_PART.finditer(at):
+        if part.group(1) is not None:
+            where.append(part.group(1))
+        elif part.group(2) is not None:
+            where.append(int(part.group(2)))
+        else:
+            break  # a mapping key msgspec does not name: stop at its parent
+    missing = re.fullmatch(r"Object missing required field `(.+)`", message)
+    if missing:
+        return (*where, missing.group(1)), "required key is missing"
+    expected = re.fullmatch(r"Expected `(.+)`, got `(.+)`", message)
+    if expected:
+        want = " | ".join(_MSGSPEC_TYPES.get(t, t) for t in expected.group(1).split(" | "))
+        got = _lookup(value, where)
+        shown = f" {got!r}" if isinstance(got, str | int | float) else ""
+        return tuple(where), f"expected {want}, got {type_name(got)}{shown}"
+    return tuple(where), message[:1].lower() + message[1:]
+
+
+def _lookup(value: object, path: list[str | int]) -> object:
+    for part in path:
+        if isinstance(part, int) and isinstance(value, list) and part < len(value):
+            value = value[part]
+        elif isinstance(part, str) and isinstance(value, dict):
+            value = value.get(part)
+        else:
+            return None
+    return value
+
+
+def check_settings(raw: RawConfig, doc: Document) -> Settings:
+    """Validate the top level and resolve its defaults.
+
+    Unlike llama-swap, a ``healthCheckTimeout`` below 15 is kept as written
+    (llama-swap silently raises it to 15); only a value <= 0 is rejected.
+    """
+    timeout = _finite(raw.health_check_timeout, ("healthCheckTimeout",), doc)
+    if timeout <= 0:
+        raise doc.error(("healthCheckTimeout",), f"must be > 0 seconds (got {_show(timeout)})")
+    if not 1 <= raw.start_port <= _HIGHEST_PORT:
+        raise doc.error(
+            ("startPort",), f"must be between 1 and {_HIGHEST_PORT} (got {raw.start_port})"
+        )
+    global_ttl = _finite(raw.global_ttl, ("globalTTL",), doc)
+    if global_ttl < 0:
+        raise doc.error(("globalTTL",), f"must be >= 0 (got {_show(global_ttl)})")
+    unload = _finite(raw.unload_timeout, ("unloadTimeout",), doc)
+    if unload < 0:
+        raise doc.error(("unloadTimeout",), f"must be >= 0 (got {_show(unload)})")
+    _one_of(raw.log_level, LOG_LEVELS, ("logLevel",), doc)
+    _one_of(raw.log_to_stdout, LOG_TO_STDOUT, ("logToStdout",), doc)
+    return Settings(
+        health_check_timeout=timeout,
+        start_port=raw.start_port,
+        global_ttl=global_ttl,
+        unload_timeout=unload or DEFAULT_UNLOAD_TIMEOUT,
+        log_level=raw.log_level,
+        log_to_stdout=raw.log_to_stdout,
+    )
+
+
+def check_model(model_id: str, raw: RawModel, settings: Settings, doc: Document) -> ModelConfig:
+    """Validate one expanded model and resolve what it inherits from ``settings``."""
+    path: KeyPath = ("models", model_id)
+    cmd = _command(raw.cmd, (*path, "cmd"), doc)
+    if not cmd:
+        raise doc.error((*path, "cmd"), "is empty (after removing comment lines)")
+    ttl = _finite(raw.ttl, (*path, "ttl"), doc)
+    if ttl < INHERIT_TTL:
+        raise doc.error((*path, "ttl"), f"must be >= -1 (got {_show(ttl)})")
+    if INHERIT_TTL < ttl < 0:
+        raise doc.error(
+            (*path, "ttl"), f"must be -1 (inherit globalTTL), 0 (never) or > 0 (got {_show(ttl)})"
+        )
+    unload = _finite(raw.unload_timeout, (*path, "unloadTimeout"), doc)
+    if unload < 0:
+        raise doc.error((*path, "unloadTimeout"), f"must be >= 0 (got {_show(unload)})")
+    if raw.concurrency_limit < 0:
+        raise doc.error((*path, "concurrencyLimit"), f"must be >= 0 (got {raw.concurrency_limit})")
+    return ModelConfig(
+        id=model_id,
+        cmd=cmd,
+        cmd_stop=_command(raw.cmd_stop, (*path, "cmdStop"), doc),
+        proxy=_proxy(raw.proxy, (*path, "proxy"), doc),
+        check_endpoint=_check_endpoint(raw.check_endpoint, (*path, "checkEndpoint"), doc),
+        aliases=_aliases(raw.aliases, (*path, "aliases"), doc),
+        env=tuple(_env(entry, (*path, "env", i), doc) for i, entry in enumerate(raw.env)),
+        ttl=settings.global_ttl if ttl == INHERIT_TTL else ttl,
+        unload_timeout=unload or settings.unload_timeout,
+        use_model_name=raw.use_model_name,
+        name=raw.name.strip(),
+        description=raw.description.strip(),
+        unlisted=raw.unlisted,
+        metadata=raw.metadata,
+        concurrency_limit=raw.concurrency_limit or DEFAULT_CONCURRENCY_LIMIT,
+    )
+
+
+def check_aliases(models: dict[str, ModelConfig], doc: Document) -> None:
+    """Every alias names exactly one model and never shadows a model ID."""
+    owners: dict[str, str] = {}
+    for model in models.values():
+        for index, alias in enumerate(model.aliases):
+            where: KeyPath = ("models", model.id, "aliases", index)
+            if alias in models and alias != model.id:
+                raise doc.error(where, f"alias '{alias}' is already a model ID")
+            owner = owners.setdefault(alias, model.id)
+            if owner != model.id:
+                raise doc.error(where, f"alias '{alias}' is already used by model '{owner}'")
+
+
+def _command(text: str, path: KeyPath, doc: Document) -> tuple[str, ...]:
+    try:
+        return split_command(text)
+    except ValueError as exc:
+        raise doc.error(path, f"cannot split into arguments: {exc}") from exc
+
+
+def _proxy(url: str, path: KeyPath, doc: Document) -> str:
+    if url != url.strip() or not url:
+        raise doc.error(path, f"must be an http(s) URL without surrounding blanks (got {url!r})")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise doc.error(path, f"must be an http:// or https:// URL with a host (got {url!r})")
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError as exc:
+        raise doc.error(path, f"has an invalid port (got {url!r})") from exc
+    if parts.query or parts.fragment:
+        raise doc.error(path, f"must not have a query or fragment (got {url!r})")
+    return url.rstrip("/")
+
+
+def _check_endpoint(text: str, path: KeyPath, doc: Document) -> str | None:
+    endpoint = text.strip()
+    if endpoint == "none":
+        return None
+    if not endpoint.startswith("/"):
+        raise doc.error(path, f"must be a path starting with '/' or 'none' (got {text!r})")
+    return endpoint
+
+
+def _aliases(aliases: list[str], path: KeyPath, doc: Document) -> tuple[str, ...]:
+    seen: set[str] = set()
+    for index, alias in enumerate(aliases):
+        if not alias.strip():
+            raise doc.error((*path, index), "alias must not be empty")
+        if alias in seen:
+            raise doc.error((*path, index), f"alias '{alias}' is listed twice")
+        seen.add(alias)
+    return tuple(aliases)
+
+
+def _env(entry: str, path: KeyPath, doc: Document) -> tuple[str, str]:
+    match = _ENV_ENTRY.fullmatch(entry)
+    if match is None:
+        raise doc.error(path, f"must be NAME=value (got {entry!r})")
+    if "\0" in entry:
+        raise doc.error(path, "must not contain a NUL character")
+    return match.group(1), match.group(2)
+
+
+def _one_of(value: str, allowed: tuple[str, ...], path: KeyPath, doc: Document) -> None:
+    if value not in allowed:
+        raise doc.error(path, f"must be one of {', '.join(allowed)} (got {value!r})")
+
+
+def _finite(value: float, path: KeyPath, doc: Document) -> float:
+    if not math.isfinite(value):
+        raise doc.error(path, f"must be a finite number (got {value})")
+    return value
+
+
+def _show(number: float) -> str:
+    """``-5`` rather than ``-5.0`` when echoing a whole number back to the user."""
+    return str(int(number)) if float(number).is_integer() else str(number)
