@@ -152,12 +152,27 @@ def _serve(args: argparse.Namespace) -> int:
             )
             _print_banner(server, config.source, list(config.models))
 
+    failures: list[OSError] = []
     try:
         trio.run(run)
-    except OSError as exc:
-        print(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+    except* OSError as group:  # binding failed (address in use, permission denied, ...)
+        failures.extend(_leaves(group, OSError))
+    if failures:
+        reason = failures[0].strerror or str(failures[0])
+        print(f"error: cannot listen on {host}:{port}: {reason}", file=sys.stderr)
         return 1
     return 0
+
+
+def _leaves(group: BaseExceptionGroup[OSError], kind: type[OSError]) -> list[OSError]:
+    """The exceptions at the bottom of nested nursery groups."""
+    found: list[OSError] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found.extend(_leaves(exc, kind))
+        elif isinstance(exc, kind):
+            found.append(exc)
+    return found
 
 
 def _print_banner(server: object, source: str, models: list[str]) -> None:

@@ -10,9 +10,9 @@ and the upstream sees the request cancelled.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from contextlib import aclosing
-from typing import Final, final
+from typing import Final, cast, final
 
 import httpx
 import msgspec
@@ -104,7 +104,8 @@ class RelayBody:
 
     async def _iterate(self) -> AsyncIterator[bytes]:
         try:
-            async with aclosing(self._response.aiter_raw()) as chunks:
+            raw = cast(AsyncGenerator[bytes, None], self._response.aiter_raw())  # it is a generator
+            async with aclosing(raw) as chunks:
                 async for chunk in chunks:
                     yield chunk
         except httpx.HTTPError as exc:

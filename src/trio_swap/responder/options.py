@@ -1,0 +1,119 @@
+"""The responder's command line: one flag per upstream behaviour a test needs to stage."""
+
+from __future__ import annotations
+
+import argparse
+
+import msgspec
+
+__all__ = ["ResponderOptions", "build_parser", "parse_options"]
+
+
+class ResponderOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """Parsed command line; the app and the server read only this."""
+
+    host: str = "127.0.0.1"
+    port: int
+    model: str = "responder"
+    startup_delay: float = 0.0
+    load_delay: float = 0.0
+    never_healthy: bool = False
+    fail_start: bool = False
+    token_delay: float = 0.0
+    tokens: int = 16
+    crash_after_tokens: int | None = None
+    ignore_sigterm: bool = False
+    exit_after: float | None = None
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `trio-swap responder` argument parser (also `python -m trio_swap.responder`)."""
+    parser = argparse.ArgumentParser(
+        prog="trio-swap responder",
+        description=(
+            "A fast, fake OpenAI-compatible inference server for trio-swap's demo, tests "
+            "and benchmarks. Flags stage upstream behaviours: slow starts, loading, "
+            "crashes, ignored signals."
+        ),
+    )
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    add("--port", type=_port, required=True, help="port to listen on; 0 picks a free one")
+    add("--model", default="responder", help="model name in /v1/models (default: %(default)s)")
+    add(
+        "--startup-delay",
+        type=_seconds,
+        default=0.0,
+        metavar="S",
+        help="sleep S seconds before binding the socket (a slow process start)",
+    )
+    add(
+        "--load-delay",
+        type=_seconds,
+        default=0.0,
+        metavar="S",
+        help="bind at once, but answer 503 'loading' for S seconds (like llama-server)",
+    )
+    add("--never-healthy", action="store_true", help="/health always answers 503")
+    add(
+        "--fail-start",
+        action="store_true",
+        help="print a model-load error to stderr and exit 1 instead of listening",
+    )
+    add(
+        "--token-delay",
+        type=_seconds,
+        default=0.0,
+        metavar="S",
+        help="pause S seconds before each token (default: %(default)s, bulk speed)",
+    )
+    add(
+        "--tokens",
+        type=_count,
+        default=16,
+        metavar="N",
+        help="tokens per completion unless the request sets max_tokens (default: %(default)s)",
+    )
+    add(
+        "--crash-after-tokens",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="after streaming N tokens, print 'fatal: simulated crash' and exit 3",
+    )
+    add("--ignore-sigterm", action="store_true", help="survive SIGTERM (SIGINT still exits)")
+    add(
+        "--exit-after",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="exit with status 0 S seconds after the process starts (a crash while idle)",
+    )
+    return parser
+
+
+def parse_options(argv: list[str] | None = None) -> ResponderOptions:
+    """Parse `argv` (default `sys.argv[1:]`); argparse exits 2 on bad input."""
+    namespace = build_parser().parse_args(argv)
+    return msgspec.convert(vars(namespace), ResponderOptions)
