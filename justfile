@@ -16,7 +16,7 @@ serve *args: setup
 test *args: setup
     {{python}} -m pytest {{args}}
 
-# real llama-server lane: builds llama-server once (~6 min on 2 cores), then runs against it
+# real llama-server lane: builds llama-server once (about 8 min on 2 cores, cached after), then runs against it
 test-real *args:
     python3 -m venv {{venv}}
     {{venv}}/bin/pip install -e '.[real]'
