@@ -3,6 +3,7 @@
     SwapError                      base: knows its status, OpenAI ``type`` and ``code``
     ├── BadRequest                 400  malformed JSON, no ``model`` field
     ├── ModelNotFound              404  the name is neither a model id nor an alias
+    ├── MethodNotAllowed           405  e.g. GET on a POST-only inference route
     ├── BodyTooLarge               413  request body over the configured limit
     ├── RateLimited                429  over the model's ``concurrencyLimit`` (Retry-After)
     ├── UpstreamFailed             502  the model's server broke the request (connect/read)
@@ -22,6 +23,7 @@ from typing import ClassVar
 __all__ = [
     "BadRequest",
     "BodyTooLarge",
+    "MethodNotAllowed",
     "ModelNotFound",
     "ModelStartFailed",
     "ModelUnloaded",
@@ -66,6 +68,19 @@ class ModelNotFound(SwapError):
     def __init__(self, model: str) -> None:
         super().__init__(f"model {model!r} is not configured (see GET /v1/models)")
         self.model = model
+
+
+class MethodNotAllowed(SwapError):
+    status = 405
+    error_type = "invalid_request_error"
+    code = "method_not_allowed"
+
+    def __init__(self, method: str, path: str, allowed: str = "POST") -> None:
+        super().__init__(f"{method} is not allowed on {path} (use {allowed})")
+        self.allowed = allowed
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allowed}
 
 
 class BodyTooLarge(SwapError):

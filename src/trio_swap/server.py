@@ -30,6 +30,8 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from trio_swap.config.model import Config
 from trio_swap.http.app import DEFAULT_MAX_BODY_BYTES, AppState, build_app
+from trio_swap.http.inference import InferenceRoutes
+from trio_swap.http.upstream_client import UpstreamClient
 from trio_swap.policy.exclusive import OneAtATime
 from trio_swap.router import Router
 from trio_swap.upstream.launcher import OrphanGuard
@@ -121,14 +123,27 @@ async def serve(
             router_box.append(router)
             await supervisors.start(router.run)
 
-            state = AppState(config=config, router=router, processes=processes, client=client)
-            app = build_app(state, max_body_bytes=max_body_bytes)
+            upstream_client = UpstreamClient()
+            state = AppState(
+                config=config,
+                router=router,
+                processes=processes,
+                upstream_client=upstream_client,
+            )
+            app = InferenceRoutes(
+                build_app(state, max_body_bytes=max_body_bytes),
+                config=config,
+                router=router,
+                client=upstream_client,
+                max_body_bytes=max_body_bytes,
+            )
             hyper = HypercornConfig()
             hyper.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
             hyper.accesslog = None
             hyper.errorlog = logging.getLogger("hypercorn.error")
             hyper.graceful_timeout = shutdown_timeout
             hyper.keep_alive_timeout = 75  # clients (and benchmarks) reuse connections
+            hyper.keep_alive_max_requests = 1_000_000  # hypercorn closes after 1000 by default
 
             shutdown = trio.Event()
             async with trio.open_nursery() as web:
@@ -148,6 +163,7 @@ async def serve(
             longest_grace = max((m.unload_timeout for m in config.models.values()), default=0.0)
             with trio.move_on_after(longest_grace + 5):
                 await router.shutdown()
+            await upstream_client.aclose()
             supervisors.cancel_scope.cancel(reason="trio-swap shutdown")
     finally:
         with trio.CancelScope(shield=True):

@@ -1,4 +1,8 @@
-"""The quart-trio application: inference routes, model listing, and the admin API."""
+"""The quart-trio application: model listing, health, and the admin API.
+
+The model-routed POST endpoints are served in front of it by
+:mod:`trio_swap.http.inference` (see there for why).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,15 @@ import time
 from typing import Final, final
 
 import httpx
-import msgspec
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from trio_swap import __version__
 from trio_swap.config.model import Config
-from trio_swap.errors import BadRequest, BodyTooLarge, ModelNotFound, SwapError
-from trio_swap.http.cleanup import CleanupMiddleware, on_request_end
+from trio_swap.errors import BodyTooLarge, ModelNotFound, SwapError
 from trio_swap.http.errors import error_response, json_response, plain_error
-from trio_swap.http.relay import RelayBody, forward_headers, open_upstream, response_headers
+from trio_swap.http.upstream_client import UpstreamClient
 from trio_swap.router import Router
 from trio_swap.upstream.process import ModelProcess
 
@@ -27,18 +28,6 @@ __all__ = ["AppState", "build_app"]
 log = logging.getLogger("trio_swap.http")
 
 DEFAULT_MAX_BODY_BYTES: Final = 64 * 1024 * 1024
-
-#: Routes whose JSON body names the model.
-JSON_MODEL_ROUTES: Final = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-
-
-class _Envelope(msgspec.Struct):
-    """The only part of a request body trio-swap reads; msgspec skips the rest."""
-
-    model: str | None = None
-
-
-_decode_envelope = msgspec.json.Decoder(_Envelope).decode
 
 
 @final
@@ -51,12 +40,12 @@ class AppState:
         config: Config,
         router: Router,
         processes: dict[str, ModelProcess],
-        client: httpx.AsyncClient,
+        upstream_client: UpstreamClient,
     ) -> None:
         self.config = config
         self.router = router
         self.processes = processes
-        self.client = client
+        self.upstream_client = upstream_client
         self.started_at = int(time.time())
 
 
@@ -67,7 +56,6 @@ def build_app(state: AppState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) 
     app.config["BODY_TIMEOUT"] = 600
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
-    app.asgi_app = CleanupMiddleware(app.asgi_app)  # type: ignore[method-assign]
 
     @app.errorhandler(SwapError)
     async def _swap_error(error: SwapError) -> Response:
@@ -98,55 +86,6 @@ def build_app(state: AppState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) 
         return plain_error(
             status, error.description or str(error), "invalid_request_error", "bad_request"
         )
-
-    async def forward_json() -> Response:
-        body = await request.get_data(cache=False)
-        assert isinstance(body, bytes)
-        try:
-            envelope = _decode_envelope(body)
-        except msgspec.ValidationError as exc:
-            raise BadRequest(f"invalid request body: {exc}") from exc
-        except msgspec.DecodeError as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}") from exc
-        if not envelope.model:
-            raise BadRequest("the request body has no 'model' field")
-        model_id = state.config.resolve(envelope.model)
-        if model_id is None:
-            raise ModelNotFound(envelope.model)
-        model = state.config.models[model_id]
-        if model.use_model_name:
-            payload = msgspec.json.decode(body)
-            payload["model"] = model.use_model_name
-            body = msgspec.json.encode(payload)
-        return await _forward(model_id, body)
-
-    async def _forward(model_id: str, body: bytes) -> Response:
-        lease = await state.router.acquire(model_id)
-        on_request_end(request, lambda: state.router.release(lease))
-        model = state.config.models[model_id]
-        raw_path = request.scope.get("raw_path") or request.path.encode()
-        url = model.proxy + raw_path.decode("latin-1")
-        if request.query_string:
-            url += "?" + request.query_string.decode("latin-1")
-        upstream = await open_upstream(
-            state.client,
-            model=model_id,
-            method=request.method,
-            url=url,
-            headers=forward_headers(request.headers.items()),
-            body=body,
-        )
-        on_request_end(request, upstream.aclose)
-        response = Response(
-            RelayBody(upstream, model=model_id),
-            status=upstream.status_code,
-            headers=Headers(response_headers(upstream)),
-        )
-        response.timeout = None  # never cut a long generation
-        return response
-
-    for path in JSON_MODEL_ROUTES:
-        app.add_url_rule(path, f"forward:{path}", forward_json, methods=["POST"])
 
     @app.get("/health")
     async def health() -> Response:

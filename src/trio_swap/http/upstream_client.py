@@ -1,0 +1,278 @@
+"""The hot-path HTTP/1.1 client from trio-swap to its model servers, on h11 + trio sockets.
+
+Why not httpx here: profiling put a third of trio-swap's per-request CPU in
+httpx (URL and header models, a connection pool that polls every idle
+connection on each request, a cookie jar that would carry one client's
+upstream cookies into another client's requests). Model servers are a handful
+of known ``host:port`` pairs on loopback speaking HTTP/1.1, so a keep-alive
+stack per upstream, the h11 protocol engine, and one ``send_all`` per request
+(head and body together) is all this path needs. httpx stays in use for the
+readiness probes, where convenience beats microseconds.
+
+Errors: anything that breaks before the response head arrives is raised as
+:class:`UpstreamFailed`. A request that fails on a *reused* connection before
+any response byte arrived is retried once on a fresh connection, because the
+server most likely closed that idle connection just before we wrote to it.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
+from typing import Final, final
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+from trio_swap.errors import UpstreamFailed
+
+__all__ = ["Upstream", "UpstreamClient", "UpstreamResponse"]
+
+_READ_SIZE: Final = 256 * 1024
+#: Idle keep-alive connections kept per upstream; more are closed after use.
+_MAX_IDLE_PER_UPSTREAM: Final = 128
+#: An idle connection older than this is closed instead of reused.
+_IDLE_EXPIRY: Final = 30.0
+
+
+@final
+class Upstream:
+    """Where one model's server listens, parsed once from its ``proxy`` URL."""
+
+    __slots__ = ("authority", "base_path", "host", "port", "tls")
+
+    def __init__(self, proxy: str) -> None:
+        parts = urlsplit(proxy)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {proxy!r}")
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname
+        self.port = parts.port or (443 if self.tls else 80)
+        self.authority = parts.netloc.rsplit("@", 1)[-1].encode()
+        self.base_path = parts.path.rstrip("/").encode()
+
+    def target(self, raw_path: bytes, query: bytes) -> bytes:
+        target = self.base_path + raw_path
+        return target + b"?" + query if query else target
+
+
+@final
+class _Connection:
+    __slots__ = ("h11", "idle_since", "reused", "stream")
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.idle_since = 0.0
+        self.reused = False
+
+
+@final
+class UpstreamResponse:
+    """Status and headers of an upstream answer; the body is read with :meth:`iter_raw`.
+
+    Always :meth:`aclose` it: a fully read body returns the connection to the pool.
+    """
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        upstream: Upstream,
+        connection: _Connection,
+        head: h11.Response,
+        model: str,
+    ) -> None:
+        self._client = client
+        self._model = model
+        self._upstream = upstream
+        self._connection: _Connection | None = connection
+        self.status = head.status_code
+        self.headers: list[tuple[bytes, bytes]] = list(head.headers)
+        self._complete = False
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    async def iter_raw(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive: everything one socket read produced goes out as one piece.
+
+        Raises:
+            UpstreamFailed: the connection broke before the body was complete.
+        """
+        connection = self._connection
+        assert connection is not None, "response already closed"
+        conn = connection.h11
+        while True:
+            pieces: list[bytes] = []
+            while True:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    raise UpstreamFailed(self._model, f"protocol error: {exc}") from exc
+                if isinstance(event, h11.Data):
+                    pieces.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    self._complete = True
+                    if pieces:
+                        yield b"".join(pieces)
+                    return
+                elif event is h11.NEED_DATA:
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise UpstreamFailed(self._model, "connection closed mid-body")
+            if pieces:
+                yield b"".join(pieces)
+            try:
+                data = await connection.stream.receive_some(_READ_SIZE)
+            except (trio.BrokenResourceError, OSError) as exc:
+                raise UpstreamFailed(self._model, f"connection broke: {exc}") from exc
+            conn.receive_data(bytes(data))
+
+    async def aclose(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        if (
+            self._complete
+            and connection.h11.our_state is h11.DONE
+            and connection.h11.their_state is h11.DONE
+        ):
+            connection.h11.start_next_cycle()
+            await self._client._release(self._upstream, connection)
+        else:
+            await self._client._discard(connection)
+
+
+@final
+class UpstreamClient:
+    """Keep-alive HTTP/1.1 connections to model servers, one idle stack per upstream."""
+
+    def __init__(self, *, connect_timeout: float = 30.0) -> None:
+        self._connect_timeout = connect_timeout
+        self._idle: defaultdict[tuple[str, int], list[_Connection]] = defaultdict(list)
+        self._ssl: ssl.SSLContext | None = None
+        self._closed = False
+
+    async def send(
+        self,
+        upstream: Upstream,
+        *,
+        method: bytes,
+        target: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+        model: str,
+    ) -> UpstreamResponse:
+        """Send one request and return once the response head is in.
+
+        Raises:
+            UpstreamFailed: could not connect, or no response head arrived.
+        """
+        request = h11.Request(
+            method=method,
+            target=target,
+            headers=[
+                (b"host", upstream.authority),
+                *headers,
+                (b"content-length", b"%d" % len(body)),
+            ],
+        )
+        for attempt in (1, 2):
+            connection = await self._checkout(upstream, model)
+            try:
+                head = await self._exchange(connection, request, body)
+            except (trio.BrokenResourceError, OSError, h11.ProtocolError, _EarlyClose) as exc:
+                await self._discard(connection)
+                if connection.reused and attempt == 1:
+                    continue  # the server closed an idle connection: retry on a fresh one
+                raise UpstreamFailed(model, _describe(exc)) from exc
+            except BaseException:
+                await self._discard(connection)
+                raise
+            return UpstreamResponse(self, upstream, connection, head, model)
+        raise AssertionError("unreachable")
+
+    async def _exchange(
+        self, connection: _Connection, request: h11.Request, body: bytes
+    ) -> h11.Response:
+        conn = connection.h11
+        data = conn.send(request) or b""
+        if body:
+            data += conn.send(h11.Data(data=body)) or b""
+        data += conn.send(h11.EndOfMessage()) or b""
+        await connection.stream.send_all(data)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                chunk = await connection.stream.receive_some(_READ_SIZE)
+                if not chunk:
+                    raise _EarlyClose("the upstream closed the connection without answering")
+                conn.receive_data(bytes(chunk))
+                continue
+            if isinstance(event, h11.InformationalResponse):
+                continue
+            if isinstance(event, h11.Response):
+                return event
+            raise _EarlyClose(f"unexpected {type(event).__name__} before the response")
+
+    async def _checkout(self, upstream: Upstream, model: str) -> _Connection:
+        idle = self._idle[(upstream.host, upstream.port)]
+        now = trio.current_time()
+        while idle:
+            connection = idle.pop()
+            if now - connection.idle_since < _IDLE_EXPIRY:
+                connection.reused = True
+                return connection
+            await self._discard(connection)
+        try:
+            with trio.fail_after(self._connect_timeout):
+                stream: trio.abc.Stream = await trio.open_tcp_stream(upstream.host, upstream.port)
+                if upstream.tls:
+                    if self._ssl is None:
+                        self._ssl = ssl.create_default_context()
+                    tls = trio.SSLStream(stream, self._ssl, server_hostname=upstream.host)
+                    await tls.do_handshake()
+                    stream = tls
+        except trio.TooSlowError as exc:
+            raise UpstreamFailed(
+                model, f"connect timed out after {self._connect_timeout:g}s"
+            ) from exc
+        except OSError as exc:
+            raise UpstreamFailed(
+                model, f"cannot connect to {upstream.host}:{upstream.port}: {exc}"
+            ) from exc
+        return _Connection(stream)
+
+    async def _release(self, upstream: Upstream, connection: _Connection) -> None:
+        idle = self._idle[(upstream.host, upstream.port)]
+        if self._closed or len(idle) >= _MAX_IDLE_PER_UPSTREAM:
+            await self._discard(connection)
+            return
+        connection.idle_since = trio.current_time()
+        connection.reused = False
+        idle.append(connection)
+
+    async def _discard(self, connection: _Connection) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await connection.stream.aclose()
+
+    async def aclose(self) -> None:
+        """Close every idle connection; connections in use close when their response does."""
+        self._closed = True
+        for idle in self._idle.values():
+            while idle:
+                await self._discard(idle.pop())
+
+
+class _EarlyClose(Exception):
+    """The connection ended, or misbehaved, before a response head arrived."""
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
