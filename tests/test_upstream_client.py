@@ -76,7 +76,11 @@ async def test_connections_are_reused_and_a_stale_one_is_retried_once() -> None:
             assert b"tok0" in await ask(client, upstream)
             (second,) = client._idle[("127.0.0.1", port)]
             assert second is first  # keep-alive: one connection for both
-        # the server went away and came back: the pooled connection is dead
+            async with trio.open_nursery() as nursery:  # several at once: several connections
+                for _ in range(4):
+                    nursery.start_soon(ask, client, upstream)
+            assert len(client._idle[("127.0.0.1", port)]) >= 2
+        # the server went away and came back: every pooled connection is dead
         async with responder(port):
             assert b"tok0" in await ask(client, upstream)
             (third,) = client._idle[("127.0.0.1", port)]

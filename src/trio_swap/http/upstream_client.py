@@ -183,13 +183,16 @@ class UpstreamClient:
             ],
         )
         for attempt in (1, 2):
-            connection = await self._checkout(upstream, model)
+            # A retry always dials: the idle connections were opened to the same
+            # server as the one that just failed, and are most likely dead too.
+            connection = await self._checkout(upstream, model, reuse=attempt == 1)
             try:
                 head = await self._exchange(connection, request, body)
             except (trio.BrokenResourceError, OSError, h11.ProtocolError, _EarlyClose) as exc:
                 await self._discard(connection)
                 if connection.reused and attempt == 1:
-                    continue  # the server closed an idle connection: retry on a fresh one
+                    await self._flush(upstream)  # the server restarted, or closed idle ones
+                    continue
                 raise UpstreamFailed(model, _describe(exc)) from exc
             except BaseException:
                 await self._discard(connection)
@@ -220,10 +223,15 @@ class UpstreamClient:
                 return event
             raise _EarlyClose(f"unexpected {type(event).__name__} before the response")
 
-    async def _checkout(self, upstream: Upstream, model: str) -> _Connection:
+    async def _flush(self, upstream: Upstream) -> None:
+        idle = self._idle[(upstream.host, upstream.port)]
+        while idle:
+            await self._discard(idle.pop())
+
+    async def _checkout(self, upstream: Upstream, model: str, *, reuse: bool) -> _Connection:
         idle = self._idle[(upstream.host, upstream.port)]
         now = trio.current_time()
-        while idle:
+        while reuse and idle:
             connection = idle.pop()
             if now - connection.idle_since < _IDLE_EXPIRY:
                 connection.reused = True
