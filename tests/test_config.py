@@ -540,8 +540,8 @@ def test_warnings_for_unsupported_and_unknown_keys(tmp_path: Path) -> None:
         tmp_path,
         """\
         healthCheckTimeout: 30
-        groups:
-          g: {members: [qwen]}
+        hooks:
+          on_startup: {preload: [qwen]}
         apiKeys: [sk-1]
         sendLoadingState: true
         models:
@@ -557,7 +557,7 @@ def test_warnings_for_unsupported_and_unknown_keys(tmp_path: Path) -> None:
     )
     source = str(tmp_path / "config.yaml")
     assert config.warnings == (
-        f"{source}:2: groups: not supported yet by trio-swap; ignored",
+        f"{source}:2: hooks: not supported yet by trio-swap; ignored",
         f"{source}:4: apiKeys: not supported yet by trio-swap; ignored",
         f"{source}:5: sendLoadingState: not supported yet by trio-swap; ignored",
         f"{source}:9: models.qwen.filters: not supported yet by trio-swap; ignored",

@@ -32,7 +32,7 @@ from trio_swap.config.model import Config
 from trio_swap.http.app import DEFAULT_MAX_BODY_BYTES, AppState, build_app
 from trio_swap.http.inference import InferenceRoutes
 from trio_swap.http.upstream_client import UpstreamClient
-from trio_swap.policy.exclusive import OneAtATime
+from trio_swap.policy import build_policy
 from trio_swap.router import Router
 from trio_swap.upstream.launcher import OrphanGuard
 from trio_swap.upstream.logs import LogRing
@@ -119,7 +119,7 @@ async def serve(
                 )
                 await supervisors.start(process.run)
                 processes[model.id] = process
-            router = Router(processes, OneAtATime())
+            router = Router(processes, build_policy(config))
             router_box.append(router)
             await supervisors.start(router.run)
 

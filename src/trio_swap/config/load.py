@@ -34,6 +34,7 @@ from trio_swap.config.macros import (
     substitute_env,
 )
 from trio_swap.config.model import Config, ModelConfig
+from trio_swap.config.routing import ROUTING_TOP_KEYS, load_routing
 from trio_swap.config.schema import (
     LLAMA_SWAP_ONLY_MODEL_KEYS,
     LLAMA_SWAP_ONLY_TOP_KEYS,
@@ -99,6 +100,7 @@ class _Loader:
         top = {} if doc.value is None else doc.value
         if not isinstance(top, dict):
             raise doc.error((), f"the top level must be a mapping of keys (got {type_name(top)})")
+        routing_values = {key: top.pop(key) for key in ROUTING_TOP_KEYS if key in top}
         top = self._supported(top, (), TOP_KEYS, LLAMA_SWAP_ONLY_TOP_KEYS)
         models_value = top.pop("models", None)
         global_macros = read_macros(top.pop("macros", None), ("macros",), doc)
@@ -120,6 +122,10 @@ class _Loader:
             raw = convert(_yaml11_bools(model), RawModel, ("models", model_id), doc)
             models[model_id] = check_model(model_id, raw, settings, doc)
         check_aliases(models, doc)
+        routing, routing_warnings = load_routing(
+            expand_globals(routing_values, global_macros, doc), models, doc
+        )
+        self.warnings.extend(routing_warnings)
         return Config(
             source=doc.source,
             models=models,
@@ -127,6 +133,7 @@ class _Loader:
             start_port=settings.start_port,
             log_level=settings.log_level,
             log_to_stdout=settings.log_to_stdout,
+            routing=routing,
             warnings=tuple(text for _, text in sorted(self.warnings, key=lambda w: w[0])),
         )
 

@@ -51,6 +51,46 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 @final
+class GroupConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """One swap group (llama-swap's ``groups``): how its members treat other models."""
+
+    name: str
+    #: Members evict each other (only one of them runs at a time).
+    swap: bool = True
+    #: Loading a member evicts models of other groups (unless those are persistent).
+    exclusive: bool = True
+    #: Members are never evicted by other groups' models.
+    persistent: bool = False
+    members: tuple[str, ...] = ()
+
+
+#: The implicit group of every model not listed in a group (swap, exclusive).
+DEFAULT_GROUP: Final = "(default)"
+
+
+@final
+class MatrixConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """llama-swap's ``matrix``: which models may run together, and what evicting costs."""
+
+    #: Short name -> model id.
+    vars: dict[str, str] = msgspec.field(default_factory=dict)
+    #: Var or model id -> positive cost (default 1).
+    evict_costs: dict[str, int] = msgspec.field(default_factory=dict)
+    #: Set name -> DSL text, in definition order.
+    sets: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+@final
+class RoutingConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Which swap policy runs: ``group`` (the default, also for no groups) or ``matrix``."""
+
+    router: str = "group"
+    #: User groups in definition order; the implicit ``(default)`` group is not listed.
+    groups: tuple[GroupConfig, ...] = ()
+    matrix: MatrixConfig | None = None
+
+
+@final
 class Config(msgspec.Struct, frozen=True, kw_only=True):
     """A whole configuration, ready to run."""
 
@@ -63,6 +103,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "info"
     #: ``proxy`` | ``upstream`` | ``both`` | ``none``: what is echoed to stdout.
     log_to_stdout: str = "proxy"
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     #: Human-readable notes about keys trio-swap read but does not support yet.
     warnings: tuple[str, ...] = ()
 

@@ -1,0 +1,180 @@
+"""Groups: the eviction rule, config validation, and a real swap sequence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.conftest import chat, make_config, responder_model, running
+from trio_swap.config import ConfigError, load_config_text
+from trio_swap.config.model import GroupConfig, RoutingConfig
+from trio_swap.policy import GroupsPolicy
+
+# llama-swap's groups design (issue #107), m1..m11
+DESIGN = [
+    GroupConfig(name="G1", members=("m1", "m2")),
+    GroupConfig(name="G2", swap=False, members=("m3", "m4")),
+    GroupConfig(name="G3", exclusive=False, members=("m5", "m6", "m7")),
+    GroupConfig(name="G4", swap=False, exclusive=False, members=("m8", "m9")),
+    GroupConfig(name="G5", swap=False, exclusive=False, persistent=True, members=("m10", "m11")),
+]
+MODELS = [f"m{i}" for i in range(1, 13)]  # m12 is in no group
+
+
+def policy() -> GroupsPolicy:
+    return GroupsPolicy(DESIGN, MODELS)
+
+
+@pytest.mark.parametrize(
+    ("target", "running", "evicted"),
+    [
+        ("m1", ["m2"], ["m2"]),  # same group, swaps
+        ("m3", ["m4"], []),  # same group, swap: false
+        ("m1", ["m3", "m5", "m8"], ["m3", "m5", "m8"]),  # exclusive evicts other groups
+        ("m1", ["m10", "m11"], []),  # ... except persistent ones
+        ("m5", ["m1", "m3"], []),  # non-exclusive: other groups stay
+        ("m5", ["m6", "m1"], ["m6"]),  # ... but its own group swaps
+        ("m8", ["m9", "m1", "m10"], []),  # swap false + non-exclusive: runs beside anything
+        ("m12", ["m1", "m10"], ["m1"]),  # the implicit (default) group is exclusive
+        ("m1", ["m12"], ["m12"]),
+        ("m1", ["m1", "m2"], ["m2"]),  # the target itself is never evicted
+    ],
+)
+def test_groups_evictions_follow_the_target_groups_flags(
+    target: str, running: list[str], evicted: list[str]
+) -> None:
+    assert list(policy().evictions(target, running)) == evicted
+
+
+def test_groups_exclusivity_is_one_way_as_in_llama_swap() -> None:
+    """A non-exclusive model loads beside an exclusive one; the next exclusive request evicts it."""
+    p = policy()
+    assert p.evictions("m5", ["m1"]) == ()
+    assert p.evictions("m1", ["m1", "m5"]) == ("m5",)
+
+
+def test_no_groups_means_one_model_at_a_time() -> None:
+    p = GroupsPolicy([], ["a", "b", "c"])
+    assert p.evictions("a", ["b", "c"]) == ("b", "c")
+    assert p.group_of("a").name == "(default)"
+
+
+def test_explain_names_the_group_and_the_reason() -> None:
+    text = policy().explain("m1", ["m2", "m10", "m5"])
+    assert "group 'G1'" in text and "m2 (same group" in text and "m5 (group 'G3'" in text
+
+
+MODELS_YAML = """\
+models:
+  a: {cmd: "s ${PORT}"}
+  b: {cmd: "s ${PORT}"}
+  c: {cmd: "s ${PORT}"}
+"""
+
+
+def load(text: str) -> RoutingConfig:
+    return load_config_text(MODELS_YAML + text, "config.yaml").routing
+
+
+def test_legacy_and_routing_spellings_load_the_same_groups() -> None:
+    legacy = load("groups:\n  g: {swap: false, members: [a, b]}\n")
+    canonical = load(
+        "routing:\n  router:\n    use: group\n    settings:\n"
+        "      groups:\n        g: {swap: false, members: [a, b]}\n"
+    )
+    assert legacy == canonical
+    assert legacy.groups == (GroupConfig(name="g", swap=False, members=("a", "b")),)
+
+
+@pytest.mark.parametrize(
+    ("text", "key_path", "line", "words"),
+    [
+        ("groups:\n  g: {members: [a, a]}\n", "groups.g.members[1]", 6, "listed twice"),
+        (
+            "groups:\n  g: {members: [a]}\n  h: {members: [b, a]}\n",
+            "groups.h.members[1]",
+            7,
+            "already in group 'g'",
+        ),
+        ("groups:\n  g: {members: [ghost]}\n", "groups.g.members[0]", 6, "unknown model 'ghost'"),
+        ("groups:\n  (default): {members: [a]}\n", "groups.(default)", 6, "reserved"),
+        ("groups:\n  g: {swap: maybe}\n", "groups.g.swap", 6, ""),
+        ("groups:\n  g: {members: [a], colour: red}\n", "groups.g", 6, "colour"),
+        (
+            "groups:\n  g: {members: [a]}\nrouting:\n  router: {use: group}\n",
+            "groups",
+            5,
+            "routing.router.settings.groups",
+        ),
+        (
+            "groups:\n  g: {members: [a]}\nmatrix:\n  sets: {s: a}\n",
+            "matrix",
+            7,
+            "either 'groups' or 'matrix'",
+        ),
+        ("routing:\n  router: {use: lottery}\n", "routing.router.use", 6, "'group' or 'matrix'"),
+        (
+            "routing:\n  router: {use: matrix}\n",
+            "routing.router.use",
+            6,
+            "settings.matrix is missing",
+        ),
+        ("routing:\n  planner: {}\n", "routing.planner", 6, "unknown key"),
+    ],
+)
+def test_routing_config_errors_name_file_key_and_line(
+    text: str, key_path: str, line: int, words: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(text)
+    error = caught.value
+    assert (error.source, error.key_path, error.line) == ("config.yaml", key_path, line)
+    assert words in str(error)
+
+
+def test_scheduler_settings_are_reported_not_silently_ignored() -> None:
+    config = load_config_text(MODELS_YAML + "routing:\n  scheduler: {use: fifo}\n", "config.yaml")
+    assert any("routing.scheduler: not supported yet" in w for w in config.warnings)
+
+
+async def test_groups_sequence_with_real_processes(tmp_path: Path) -> None:
+    """An always-on embedding model beside a swapping pair of LLMs."""
+    config = make_config(
+        responder_model("llm-a"), responder_model("llm-b"), responder_model("embed")
+    )
+    config = type(config)(
+        source=config.source,
+        models=config.models,
+        log_to_stdout="none",
+        routing=RoutingConfig(
+            groups=(
+                GroupConfig(name="llms", members=("llm-a", "llm-b")),
+                GroupConfig(
+                    name="always",
+                    swap=False,
+                    exclusive=False,
+                    persistent=True,
+                    members=("embed",),
+                ),
+            )
+        ),
+    )
+    steps = [
+        ("embed", {"embed"}),
+        ("llm-a", {"embed", "llm-a"}),
+        ("llm-b", {"embed", "llm-b"}),
+        ("embed", {"embed", "llm-b"}),
+        ("llm-a", {"embed", "llm-a"}),
+    ]
+    with trio.fail_after(60):
+        async with running(config) as h:
+            for model, expected in steps:
+                response = await h.client.post("/v1/chat/completions", json=chat(model))
+                assert response.status_code == 200
+                rows = (await h.client.get("/running")).json()["running"]
+                assert {row["model"] for row in rows} == expected, model
+            models = await h.models()
+            assert models["embed"]["start_count"] == 1
+            assert models["llm-a"]["start_count"] == 2
