@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,57 @@ async def test_groups_sequence_with_real_processes(tmp_path: Path) -> None:
             models = await h.models()
             assert models["embed"]["start_count"] == 1
             assert models["llm-a"]["start_count"] == 2
+
+
+GROUPS_CONFIG = """\
+models:
+  llm-a: {cmd: "s ${PORT}"}
+  llm-b: {cmd: "s ${PORT}", aliases: [b]}
+  embed: {cmd: "s ${PORT}"}
+  other: {cmd: "s ${PORT}"}
+groups:
+  llms: {members: [llm-a, llm-b]}
+  always: {swap: false, exclusive: false, persistent: true, members: [embed]}
+"""
+
+
+def test_check_json_lists_groups_in_definition_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trio_swap.cli import main
+
+    path = tmp_path / "config.yaml"
+    path.write_text(GROUPS_CONFIG)
+    assert main(["check", "--config", str(path), "--format", "json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["router"] == "group"
+    assert document["models"] == ["llm-a", "llm-b", "embed", "other"]
+    assert list(document["groups"]) == ["llms", "always", "(default)"]
+    assert document["groups"]["always"] == {
+        "swap": False,
+        "exclusive": False,
+        "persistent": True,
+        "members": ["embed"],
+    }
+    assert document["groups"]["(default)"]["members"] == ["other"]
+
+
+def test_plan_answers_in_json_and_in_words(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trio_swap.cli import main
+
+    path = tmp_path / "config.yaml"
+    path.write_text(GROUPS_CONFIG)
+    args = ["plan", "--config", str(path), "--running", "llm-a,embed,other", "--request", "b"]
+    assert main([*args, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "evict": ["llm-a", "other"],
+        "set": None,
+        "cost": None,
+    }
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "llm-b is in group 'llms'" in text and "llm-a (same group" in text
+    assert main(["plan", "--config", str(path), "--request", "ghost"]) == 2
+    assert "unknown model 'ghost'" in capsys.readouterr().err

@@ -25,6 +25,8 @@ for different models.
   trio-swap serve                          serve the built-in demo models
   trio-swap serve --config config.yaml     serve your models (llama-swap's config format)
   trio-swap check --config config.yaml     validate a config file (exit 2 if invalid)
+  trio-swap plan --config config.yaml --running a,b --request c
+                                           what a request for c would stop, and why
 """
 
 
@@ -79,6 +81,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load and validate a config; exit 0 if valid, 2 if not (error on stderr).",
     )
     check.add_argument("--config", "-config", metavar="FILE", required=True)
+    check.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="json: print the models and the swap policy (groups, or matrix sets expanded)",
+    )
+
+    plan = commands.add_parser(
+        "plan",
+        help="show what a request would stop, given the models running",
+        description=(
+            "Ask the config's swap policy what a request for --request would evict "
+            "while the --running models are loaded. Nothing is started."
+        ),
+    )
+    plan.add_argument("--config", "-config", metavar="FILE", required=True)
+    plan.add_argument(
+        "--running", default="", metavar="A,B", help="comma-separated models loaded now"
+    )
+    plan.add_argument("--request", required=True, metavar="MODEL", help="the requested model")
+    plan.add_argument("--format", choices=("text", "json"), default="text")
 
     commands.add_parser(
         "responder",
@@ -99,12 +122,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "check":
-        return _check(args.config)
+        return _check(args.config, args.format)
+    if args.command == "plan":
+        return _plan(args)
     parser.print_help()
     return 2
 
 
-def _check(path: str) -> int:
+def _check(path: str, output: str = "text") -> int:
     from trio_swap.config import ConfigError, load_config
 
     try:
@@ -114,7 +139,38 @@ def _check(path: str) -> int:
         return 2
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"{path}: ok ({len(config.models)} models)")
+    if output == "json":
+        import msgspec
+
+        from trio_swap.explain import describe
+
+        print(msgspec.json.encode(describe(config)).decode())
+    else:
+        print(f"{path}: ok ({len(config.models)} models, {config.routing.router} router)")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from trio_swap.config import ConfigError, load_config
+    from trio_swap.explain import plan
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    running = [name.strip() for name in args.running.split(",") if name.strip()]
+    try:
+        result, sentence = plan(config, running, args.request)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(msgspec.json.encode(result).decode())
+    else:
+        print(sentence)
     return 0
 
 
