@@ -233,3 +233,54 @@ def test_plan_answers_in_json_and_in_words(
     assert "llm-b is in group 'llms'" in text and "llm-a (same group" in text
     assert main(["plan", "--config", str(path), "--request", "ghost"]) == 2
     assert "unknown model 'ghost'" in capsys.readouterr().err
+
+
+def test_scheduler_loads_coexisting_models_in_parallel() -> None:
+    from trio_swap.scheduling import FifoScheduler, Grant, ModelLimits, StartSwap
+
+    pool = GroupConfig(name="pool", swap=False, members=("a", "b"))
+    scheduler = FifoScheduler(
+        {m: ModelLimits(concurrency_limit=10, ttl=0) for m in ("a", "b", "c")},
+        GroupsPolicy([pool], ["a", "b", "c"]),
+    )
+    (swap_a,) = scheduler.on_request(1, "a", 0)
+    (swap_b,) = scheduler.on_request(2, "b", 0)  # no eviction, no collision: loads now
+    assert swap_a == StartSwap(swap_id=1, target="a", victims=())
+    assert swap_b == StartSwap(swap_id=2, target="b", victims=())
+    assert scheduler.on_request(3, "c", 0) == []  # c evicts a and b, both loading: waits
+    assert scheduler.on_swap_done(2, None, 1) == [Grant(request_id=2, model="b")]
+    assert scheduler.on_swap_done(1, None, 1) == [Grant(request_id=1, model="a")]
+    assert scheduler.queued("c") == 1
+
+
+async def test_coexisting_models_load_at_the_same_time_and_serve_concurrently() -> None:
+    config = make_config(
+        responder_model("a", "--load-delay", "1"),
+        responder_model("b", "--load-delay", "1"),
+    )
+    config = type(config)(
+        source=config.source,
+        models=config.models,
+        log_to_stdout="none",
+        routing=RoutingConfig(groups=(GroupConfig(name="pool", swap=False, members=("a", "b")),)),
+    )
+    with trio.fail_after(60):
+        async with running(config) as h:
+            both_starting = False
+
+            async def ask(model: str) -> None:
+                response = await h.client.post("/v1/chat/completions", json=chat(model))
+                assert response.status_code == 200
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, "a")
+                nursery.start_soon(ask, "b")
+                while not both_starting:
+                    states = {m: row["state"] for m, row in (await h.models()).items()}
+                    both_starting = states == {"a": "starting", "b": "starting"}
+                    if states["a"] == "ready" or states["b"] == "ready":
+                        break
+                    await trio.sleep(0.02)
+            assert both_starting, "the two loads did not overlap"
+            rows = (await h.client.get("/running")).json()["running"]
+            assert {row["model"] for row in rows} == {"a", "b"}
