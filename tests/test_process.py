@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -137,3 +138,44 @@ async def test_missing_executable_fails_the_start_with_the_reason() -> None:
             else:
                 raise AssertionError("start must fail")
             assert process.state is ProcessState.STOPPED
+
+
+async def test_a_crashed_process_is_never_reported_ready_while_its_output_drains(
+    tmp_path: Path,
+) -> None:
+    """A helper that escaped the process group keeps the output pipe open after a crash.
+
+    While trio-swap drains that pipe, the model must already count as not ready,
+    so an ensure_ready waits for a fresh process instead of being told "ready".
+    """
+    port = free_port()
+    pidfile = tmp_path / "escaped.pid"
+    responder = f"{sys.executable} -m trio_swap responder --port {port} --exit-after 1"
+    model = ModelConfig(
+        id="crashy",
+        cmd=("sh", "-c", f"setsid sleep 5 & echo $! > {pidfile}; exec {responder}"),
+        proxy=f"http://127.0.0.1:{port}",
+    )
+    stopped: list[str] = []
+    try:
+        with trio.fail_after(20):
+            async with httpx.AsyncClient() as client, trio.open_nursery() as nursery:
+                process = ModelProcess(
+                    model, health_check_timeout=20, http=client, on_stopped=stopped.append
+                )
+                await nursery.start(process.run)
+                await process.ensure_ready()
+                first = process.pid
+                while alive(first):
+                    await trio.sleep(0.01)
+                await trio.sleep(0.05)  # the supervisor has seen the exit; the pipe is held
+                assert process.state is not ProcessState.READY
+                await process.ensure_ready()
+                assert process.start_count == 2
+                assert process.pid != first
+                assert stopped == ["crashy"]  # the crash was reported to the router
+                nursery.cancel_scope.cancel()
+    finally:
+        if pidfile.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pidfile.read_text()), 9)

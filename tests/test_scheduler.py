@@ -137,7 +137,7 @@ def test_fifo_crash_marks_model_cold_so_next_request_restarts_it() -> None:
     s = make()
     load(s, 1, "A")
     s.on_finished(1, 1)
-    assert s.on_model_exited("A", 2) == []
+    assert s.on_model_stopped("A", 2) == []
     assert s.phase("A") is Phase.COLD
     assert isinstance(only(s.on_request(2, "A", 3)), StartSwap)
 
@@ -186,3 +186,36 @@ def test_fifo_request_for_a_victim_during_its_eviction_waits_then_reloads_it() -
     assert s.queued("A") == 1  # B serves request 2: A may not evict it yet
     swap_a = only(s.on_finished(2, 3))
     assert swap_a == StartSwap(swap_id=3, target="A", victims=("B",))
+
+
+def test_fifo_starvation_bound_stops_the_fast_path_for_a_model_a_queued_request_needs() -> None:
+    """llama-swap #612: steady A traffic must not hold back a queued B forever."""
+    s = FifoScheduler(
+        {m: ModelLimits(concurrency_limit=100, ttl=0) for m in "AB"}, OneAtATime(), max_wait=30
+    )
+    load(s, 1, "A", now=0)
+    assert s.on_request(2, "B", 1) == []  # queued: A is busy
+    previous = 1
+    for now in range(2, 31):  # overlapping A requests: A is never idle
+        rid = now + 10
+        assert s.on_request(rid, "A", now) == [Grant(request_id=rid, model="A")]
+        assert s.on_finished(previous, now) == []
+        previous = rid
+    # B has waited 30 s: a new A request queues instead of keeping A busy
+    assert s.on_request(100, "A", 31) == []
+    assert s.on_finished(previous, 32) == [StartSwap(swap_id=2, target="B", victims=("A",))]
+
+
+def test_fifo_failed_load_stays_stopping_while_an_unload_is_still_stopping_it() -> None:
+    s = make()
+    swap = only(s.on_request(1, "A", 0))
+    assert isinstance(swap, StartSwap)
+    stop = next(d for d in s.on_unload(["A"], 1) if isinstance(d, StopModels))
+    s.on_swap_done(swap.swap_id, ModelUnloaded("A"), 2)
+    assert s.phase("A") is Phase.STOPPING  # the process may still be alive
+    swap_b = only(s.on_request(2, "B", 2))
+    assert isinstance(swap_b, StartSwap) and swap_b.victims == ("A",)  # B waits for A's stop
+    s.on_stops_done(stop.stop_id, 3)
+    s.on_swap_done(swap_b.swap_id, None, 4)
+    assert s.phase("A") is Phase.COLD
+    assert s.running() == ["B"]

@@ -112,7 +112,7 @@ def test_fifo_random_sequences_keep_every_request_accounted_for(
         elif kind == "stops_done" and ledger.stops:
             ledger.apply(s.on_stops_done(ledger.stops.pop(int(arg) % len(ledger.stops)), now))
         elif kind == "crash":
-            ledger.apply(s.on_model_exited(str(arg), now))
+            ledger.apply(s.on_model_stopped(str(arg), now))
         elif kind == "unload":
             ledger.apply(s.on_unload([str(arg)], now))
         elif kind == "tick":

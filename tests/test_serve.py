@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import json
+import sys
 from contextlib import aclosing
+from pathlib import Path
 
+import httpx
+import pytest
 import trio
 
-from tests.conftest import alive, chat, make_config, responder_model, running, sse_data
+from tests.conftest import (
+    alive,
+    chat,
+    free_port,
+    make_config,
+    responder_model,
+    running,
+    sse_data,
+)
+from trio_swap.config.model import ModelConfig
 
 
 async def test_cold_start_then_swaps_keep_exactly_one_upstream_alive() -> None:
@@ -216,3 +229,39 @@ async def test_unload_all_stops_every_model() -> None:
             assert response.json() == {"msg": "ok"}
             assert not alive(pid)
             assert (await h.client.get("/running")).json() == {"running": []}
+
+
+async def test_a_body_cut_off_upstream_is_not_passed_off_as_complete() -> None:
+    port = free_port()
+    script = Path(__file__).parent / "upstreams" / "cut_body.py"
+    model = ModelConfig(
+        id="cut",
+        cmd=(sys.executable, str(script), str(port)),
+        proxy=f"http://127.0.0.1:{port}",
+    )
+    with trio.fail_after(30):
+        async with running(make_config(model)) as h:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await h.client.post("/v1/chat/completions", json=chat("cut"))
+            # trio-swap itself is fine
+            assert (await h.client.get("/health")).status_code == 200
+
+
+async def test_shutdown_answers_requests_still_waiting_for_a_model_with_503() -> None:
+    """Invariant 4 at shutdown: a queued or loading request gets an answer, not a reset."""
+    config = make_config(responder_model("slow", "--load-delay", "5"))
+    with trio.fail_after(30):
+        async with running(config) as h:
+            answers: list[httpx.Response] = []
+
+            async def ask() -> None:
+                answers.append(await h.client.post("/v1/chat/completions", json=chat("slow")))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask)
+                while (await h.models())["slow"]["state"] != "starting":
+                    await trio.sleep(0.02)
+                h.server.stop()
+            (answer,) = answers
+            assert answer.status_code == 503
+            assert answer.json()["error"]["code"] == "shutting_down"

@@ -88,3 +88,45 @@ async def test_connections_are_reused_and_a_stale_one_is_retried_once() -> None:
         with pytest.raises(UpstreamFailed, match="cannot connect"):
             await ask(client, upstream)
     await client.aclose()
+
+
+async def test_a_request_the_server_received_is_never_sent_twice() -> None:
+    """The server reads the second request, then drops the connection: report, do not retry."""
+    received: list[bytes] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        buffer = b""
+        while data := await stream.receive_some(65536):
+            buffer += data
+            while b"\r\n\r\n" in buffer:
+                head, rest = buffer.split(b"\r\n\r\n", 1)
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                )
+                body, buffer = rest[:length], rest[length:]
+                received.append(body)
+                if len(received) == 2:
+                    await stream.aclose()  # a worker crash after reading the request
+                    return
+                await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+    client = UpstreamClient()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(trio.serve_tcp, handler, 0)
+            port = listeners[0].socket.getsockname()[1]
+            upstream = Upstream(f"http://127.0.0.1:{port}")
+            first = await client.send(
+                upstream, method=b"POST", target=b"/", headers=[], body=b"1", model="m"
+            )
+            assert b"".join([c async for c in first.iter_raw()]) == b"ok"
+            await first.aclose()
+            with pytest.raises(UpstreamFailed):
+                await client.send(
+                    upstream, method=b"POST", target=b"/", headers=[], body=b"2", model="m"
+                )
+            nursery.cancel_scope.cancel()
+    assert received == [b"1", b"2"]
+    await client.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Sequence
@@ -214,8 +215,12 @@ def _serve(args: argparse.Namespace) -> int:
     except* OSError as group:  # binding failed (address in use, permission denied, ...)
         failures.extend(_leaves(group, OSError))
     if failures:
-        reason = failures[0].strerror or str(failures[0])
-        print(f"error: cannot listen on {host}:{port}: {reason}", file=sys.stderr)
+        error = failures[0]
+        if error.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            reason = error.strerror or str(error)
+            print(f"error: cannot listen on {host}:{port}: {reason}", file=sys.stderr)
+        else:
+            print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
 

@@ -26,7 +26,7 @@ import msgspec
 import trio
 
 from trio_swap._sync import Reply
-from trio_swap.errors import ModelStartFailed, ModelUnloaded, SwapError
+from trio_swap.errors import ModelStartFailed, ModelUnloaded, ShuttingDown, SwapError
 from trio_swap.policy.base import SwapPolicy
 from trio_swap.scheduling import (
     Decision,
@@ -74,7 +74,7 @@ class _StopsDone(msgspec.Struct, frozen=True):
     stop_id: int
 
 
-class _ModelExited(msgspec.Struct, frozen=True):
+class _ModelStopped(msgspec.Struct, frozen=True):
     model: str
 
 
@@ -87,14 +87,19 @@ class _ShutdownRequested(msgspec.Struct, frozen=True):
     reply: Reply[None]
 
 
+class _StopAllRequested(msgspec.Struct, frozen=True):
+    reply: Reply[None]
+
+
 _Event = (
     _RequestArrived
     | _RequestFinished
     | _SwapDone
     | _StopsDone
-    | _ModelExited
+    | _ModelStopped
     | _UnloadRequested
     | _ShutdownRequested
+    | _StopAllRequested
 )
 
 
@@ -121,7 +126,9 @@ class Router:
         self._ids = itertools.count(1)
         self._waiting: dict[int, Reply[None]] = {}
         self._unload_replies: dict[int, Reply[None]] = {}
+        #: Swap id -> (target, the scope around its ensure_ready, the error if cancelled).
         self._swap_scopes: dict[int, tuple[str, trio.CancelScope]] = {}
+        self._swap_cancel_errors: dict[int, SwapError] = {}
         self._nursery: trio.Nursery | None = None
         #: Total successful swaps, for /api/models and benchmarks.
         self.swap_count = 0
@@ -150,9 +157,9 @@ class Router:
         """The request is over (served, failed or disconnected). Safe to call under cancellation."""
         self._send.send_nowait(_RequestFinished(lease.request_id))
 
-    def model_exited(self, model: str) -> None:
-        """Called by a process supervisor when a ready model's process exited on its own."""
-        self._send.send_nowait(_ModelExited(model))
+    def model_stopped(self, model: str) -> None:
+        """Called by a process supervisor whenever a model that was ready has stopped."""
+        self._send.send_nowait(_ModelStopped(model))
 
     async def unload(self, models: Sequence[str] | None = None) -> None:
         """Stop these models (all when None) and wait until their processes are gone."""
@@ -162,9 +169,19 @@ class Router:
         await reply.wait()
 
     async def shutdown(self) -> None:
-        """Reject everything waiting and stop every model (their in-flight requests break)."""
+        """Stop admitting: reject every waiting and new request, cancel loads under way.
+
+        Requests already granted keep going (the HTTP drain lets them finish);
+        then :meth:`stop_all` stops the models.
+        """
         reply: Reply[None] = Reply()
         self._send.send_nowait(_ShutdownRequested(reply))
+        await reply.wait()
+
+    async def stop_all(self) -> None:
+        """Stop every model (requests still in flight on them break) and wait."""
+        reply: Reply[None] = Reply()
+        self._send.send_nowait(_StopAllRequested(reply))
         await reply.wait()
 
     # -- the router task -------------------------------------------------------------
@@ -202,24 +219,29 @@ class Router:
                 if unload_reply is not None:
                     unload_reply.set(None)
                 return scheduler.on_stops_done(stop_id, now)
-            case _ModelExited(model=model):
-                return scheduler.on_model_exited(model, now)
+            case _ModelStopped(model=model):
+                return scheduler.on_model_stopped(model, now)
             case _UnloadRequested(models=models, reply=reply):
                 decisions = scheduler.on_unload(models, now)
                 for decision in decisions:
                     if isinstance(decision, StopModels):
                         self._unload_replies[decision.stop_id] = reply
-                for target, scope in list(self._swap_scopes.values()):
+                for swap_id, (target, scope) in list(self._swap_scopes.items()):
                     if target in models:  # do not let a swap load what was just unloaded
+                        self._swap_cancel_errors[swap_id] = ModelUnloaded(target)
                         scope.cancel(reason=f"{target} unloaded")
                 return decisions
             case _ShutdownRequested(reply=reply):
                 decisions = scheduler.on_shutdown()
-                for _, scope in self._swap_scopes.values():
+                for swap_id, (_, scope) in self._swap_scopes.items():
+                    self._swap_cancel_errors[swap_id] = ShuttingDown()
                     scope.cancel(reason="shutting down")
+                reply.set(None)
+                return decisions
+            case _StopAllRequested(reply=reply):
                 assert self._nursery is not None
                 self._nursery.start_soon(self._stop_all, reply)
-                return decisions
+                return []
             case _:
                 assert_never(event)
 
@@ -253,27 +275,29 @@ class Router:
                     assert_never(decision)
 
     async def _run_swap(self, swap: StartSwap, scope: trio.CancelScope) -> None:
+        """Stop the victims, then make the target ready; report ``SwapDone`` either way.
+
+        Only the target's load can be cancelled (by an unload of the target, or
+        shutdown): the victims' stops always run to the end, so the scheduler
+        never believes a model gone while its process still holds the GPU.
+        """
         started = trio.current_time()
         error: SwapError | None = None
+        async with trio.open_nursery() as nursery:
+            for victim in swap.victims:
+                reason = f"evicted by swap to {swap.target}"
+                nursery.start_soon(self._stop_one, victim, reason)
         with scope:
             try:
-                async with trio.open_nursery() as nursery:
-                    for victim in swap.victims:
-                        nursery.start_soon(
-                            self._stop_one, victim, f"evicted by swap to {swap.target}"
-                        )
                 await self._processes[swap.target].ensure_ready()
             except ModelStartFailed as exc:
                 error = exc
         if scope.cancelled_caught:
-            error = ModelUnloaded(swap.target)
+            error = self._swap_cancel_errors.pop(swap.swap_id, ModelUnloaded(swap.target))
+        self._swap_cancel_errors.pop(swap.swap_id, None)
+        elapsed = trio.current_time() - started
         if error is None:
-            log.info(
-                "swap %d: %s ready after %.3fs",
-                swap.swap_id,
-                swap.target,
-                trio.current_time() - started,
-            )
+            log.info("swap %d: %s ready after %.3fs", swap.swap_id, swap.target, elapsed)
         else:
             log.warning("swap %d: %s failed: %s", swap.swap_id, swap.target, error.message)
         self._send.send_nowait(_SwapDone(swap.swap_id, error))

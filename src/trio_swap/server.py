@@ -104,8 +104,8 @@ async def serve(
             echo_upstream = config.log_to_stdout in ("upstream", "both")
             router_box: list[Router] = []
 
-            def on_crash(model: str) -> None:
-                router_box[0].model_exited(model)
+            def on_stopped(model: str) -> None:
+                router_box[0].model_stopped(model)
 
             processes: dict[str, ModelProcess] = {}
             for model in config.models.values():
@@ -115,7 +115,7 @@ async def serve(
                     http=client,
                     log_ring=LogRing(model.id, echo=echo_upstream),
                     guard=guard,
-                    on_crash=on_crash,
+                    on_stopped=on_stopped,
                 )
                 await supervisors.start(process.run)
                 processes[model.id] = process
@@ -146,23 +146,29 @@ async def serve(
             hyper.keep_alive_max_requests = 1_000_000  # hypercorn closes after 1000 by default
 
             shutdown = trio.Event()
+
+            async def begin_shutdown() -> None:
+                """hypercorn's trigger: stop admitting first, then let it drain."""
+                await shutdown.wait()
+                log.info(
+                    "shutting down: requests still waiting get 503; draining HTTP (up to %gs)",
+                    shutdown_timeout,
+                )
+                await router.shutdown()
+
             async with trio.open_nursery() as web:
                 binds = await web.start(
-                    partial(hypercorn_serve, app, hyper, shutdown_trigger=shutdown.wait)
+                    partial(hypercorn_serve, app, hyper, shutdown_trigger=begin_shutdown)
                 )
                 server = RunningServer(binds, router, processes, shutdown)
                 if handle_signals:
                     supervisors.start_soon(_watch_signals, server, supervisors.cancel_scope)
                 task_status.started(server)
-                await shutdown.wait()
-                log.info(
-                    "shutting down: stopped accepting; draining HTTP (up to %gs)", shutdown_timeout
-                )
             # hypercorn returned: every connection is closed or was cut at the deadline.
             log.info("stopping all models")
             longest_grace = max((m.unload_timeout for m in config.models.values()), default=0.0)
             with trio.move_on_after(longest_grace + 5):
-                await router.shutdown()
+                await router.stop_all()
             await upstream_client.aclose()
             supervisors.cancel_scope.cancel(reason="trio-swap shutdown")
     finally:

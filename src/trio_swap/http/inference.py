@@ -202,10 +202,14 @@ class InferenceRoutes:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamFailed as exc:
             log.warning("model %s: upstream broke the response: %s", model_id, exc.message)
-            if is_sse:  # the OpenAI SDKs raise this event as an APIError
-                error = UpstreamFailed(model_id, f"response cut off: {exc.message}")
-                event = b"data: " + msgspec.json.encode(error.body()) + b"\n\n"
-                await send({"type": "http.response.body", "body": event, "more_body": True})
+            if not is_sse:
+                # Ending cleanly would hand the client a truncated body that looks
+                # complete; raising makes hypercorn abort the connection instead.
+                raise
+            # An SSE client learns it from a last event (the OpenAI SDKs raise it).
+            error = UpstreamFailed(model_id, f"response cut off: {exc.message}")
+            event = b"data: " + msgspec.json.encode(error.body()) + b"\n\n"
+            await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

@@ -17,6 +17,7 @@ server most likely closed that idle connection just before we wrote to it.
 
 from __future__ import annotations
 
+import select
 import ssl
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
@@ -187,12 +188,23 @@ class UpstreamClient:
             # server as the one that just failed, and are most likely dead too.
             connection = await self._checkout(upstream, model, reuse=attempt == 1)
             try:
-                head = await self._exchange(connection, request, body)
-            except (trio.BrokenResourceError, OSError, h11.ProtocolError, _EarlyClose) as exc:
+                await self._write(connection, request, body)
+            except (trio.BrokenResourceError, OSError, h11.ProtocolError) as exc:
                 await self._discard(connection)
                 if connection.reused and attempt == 1:
-                    await self._flush(upstream)  # the server restarted, or closed idle ones
+                    # The write itself failed: the server never got this request.
+                    await self._flush(upstream)
                     continue
+                raise UpstreamFailed(model, _describe(exc)) from exc
+            except BaseException:
+                await self._discard(connection)
+                raise
+            try:
+                head = await self._read_head(connection)
+            except (trio.BrokenResourceError, OSError, h11.ProtocolError, _EarlyClose) as exc:
+                # The request went out: the server may be working on it. Never send
+                # it twice (a generation is not idempotent); report the failure.
+                await self._discard(connection)
                 raise UpstreamFailed(model, _describe(exc)) from exc
             except BaseException:
                 await self._discard(connection)
@@ -200,15 +212,17 @@ class UpstreamClient:
             return UpstreamResponse(self, upstream, connection, head, model)
         raise AssertionError("unreachable")
 
-    async def _exchange(
-        self, connection: _Connection, request: h11.Request, body: bytes
-    ) -> h11.Response:
+    async def _write(self, connection: _Connection, request: h11.Request, body: bytes) -> None:
+        """Head and body in one ``send_all``."""
         conn = connection.h11
         data = conn.send(request) or b""
         if body:
             data += conn.send(h11.Data(data=body)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
         await connection.stream.send_all(data)
+
+    async def _read_head(self, connection: _Connection) -> h11.Response:
+        conn = connection.h11
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
@@ -233,7 +247,7 @@ class UpstreamClient:
         now = trio.current_time()
         while reuse and idle:
             connection = idle.pop()
-            if now - connection.idle_since < _IDLE_EXPIRY:
+            if now - connection.idle_since < _IDLE_EXPIRY and _still_open(connection.stream):
                 connection.reused = True
                 return connection
             await self._discard(connection)
@@ -275,6 +289,20 @@ class UpstreamClient:
         for idle in self._idle.values():
             while idle:
                 await self._discard(idle.pop())
+
+
+def _still_open(stream: trio.abc.Stream) -> bool:
+    """An idle keep-alive connection is reusable only if nothing is waiting to be read.
+
+    Readable while idle means the server closed it (EOF) or sent bytes nobody
+    asked for: either way a request written to it would be lost or misread.
+    """
+    inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if not isinstance(inner, trio.SocketStream):
+        return True
+    poller = select.poll()
+    poller.register(inner.socket.fileno(), select.POLLIN)
+    return not poller.poll(0)
 
 
 class _EarlyClose(Exception):

@@ -33,7 +33,7 @@ from trio_swap.errors import ModelUnloaded, RateLimited, ShuttingDown, SwapError
 from trio_swap.policy.base import SwapPolicy
 from trio_swap.scheduling.decisions import Decision, Grant, Reject, StartSwap, StopModels
 
-__all__ = ["FifoScheduler", "ModelLimits", "Phase"]
+__all__ = ["DEFAULT_MAX_WAIT", "FifoScheduler", "ModelLimits", "Phase"]
 
 
 class Phase(enum.Enum):
@@ -46,6 +46,10 @@ class Phase(enum.Enum):
 
 
 _RUNNING = (Phase.LOADING, Phase.READY, Phase.STOPPING)
+
+#: Once the oldest queued request has waited this long (seconds), new requests may
+#: no longer take the fast path onto a model it needs evicted (llama-swap #612).
+DEFAULT_MAX_WAIT = 30.0
 
 
 class _Stage(enum.Enum):
@@ -104,7 +108,14 @@ class _Swap:
 class FifoScheduler:
     """First come, first served, with collation onto loads already under way."""
 
-    def __init__(self, models: Mapping[str, ModelLimits], policy: SwapPolicy) -> None:
+    def __init__(
+        self,
+        models: Mapping[str, ModelLimits],
+        policy: SwapPolicy,
+        *,
+        max_wait: float = DEFAULT_MAX_WAIT,
+    ) -> None:
+        self._max_wait = max_wait
         self._models = {name: _Model(limits) for name, limits in models.items()}
         self._policy = policy
         self._requests: dict[int, _Request] = {}
@@ -186,14 +197,21 @@ class FifoScheduler:
             for rid in swap.waiters:
                 decisions.append(self._grant(rid))
         else:
-            target.phase = Phase.COLD
+            # An unload that aborted this load may still be stopping the process.
+            stopping = any(swap.target in models for models in self._stops.values())
+            target.phase = Phase.STOPPING if stopping else Phase.COLD
             for rid in swap.waiters:
                 decisions.append(self._reject(rid, error))
         decisions.extend(self._drain(now))
         return decisions
 
-    def on_model_exited(self, model: str, now: float) -> list[Decision]:
-        """A ready model's process exited on its own (a crash); the next request restarts it."""
+    def on_model_stopped(self, model: str, now: float) -> list[Decision]:
+        """A model's process that was ready has stopped.
+
+        Expected after a swap, TTL or unload (the phase already says STOPPING or
+        moved on). Otherwise it crashed, or a stop raced a swap: the model is
+        cold, and the next request starts it again.
+        """
         slot = self._models[model]
         if slot.phase is Phase.READY:
             slot.phase = Phase.COLD
@@ -307,8 +325,10 @@ class FifoScheduler:
         running = [name for name in self.running() if name != target]
         evict = self._policy.evictions(target, running)
         slot = self._models[target]
-        # (3) fast path
+        # (3) fast path, unless a request queued too long needs this model gone
         if slot.phase is Phase.READY and not evict and not self._is_swap_victim(target):
+            if self._starves(target, request, now):
+                return None  # queue behind it
             return [self._grant(request_id)]
         # (4) collision with a swap under way
         for swap in self._swaps.values():
@@ -333,6 +353,24 @@ class FifoScheduler:
         request.swap_id = swap_id
         swap.waiters.append(request_id)
         return [StartSwap(swap_id=swap_id, target=target, victims=evict)]
+
+    def _starves(self, target: str, request: _Request, now: float) -> bool:
+        """Would granting ``target`` now keep delaying a request queued over ``max_wait``?
+
+        Without this bound a steady stream of requests for a ready model holds
+        back, forever, a queued request that needs it evicted.
+        """
+        running = self.running()
+        for rid in self._queue:
+            waiting = self._requests[rid]
+            if now - waiting.arrived < self._max_wait:
+                break  # the queue is in arrival order: the rest waited less
+            if waiting is request or waiting.model == target:
+                continue
+            others = [name for name in running if name != waiting.model]
+            if target in self._policy.evictions(waiting.model, others):
+                return True
+        return False
 
     def _drain(self, now: float) -> list[Decision]:
         decisions: list[Decision] = []

@@ -12,7 +12,12 @@ State transitions (the ``_handle`` and ``_run_once`` code marks them)::
     STARTING --exit/timeout-->  STOPPED   (waiters get ModelStartFailed with the log tail)
     STARTING --stop-->          STOPPING  (waiters get ModelStartFailed "stopped while starting")
     READY    --stop-->          STOPPING  --exit-->  STOPPED
-    READY    --exit-->          STOPPED   (a crash: reported through ``on_crash``; no restart)
+    READY    --exit-->          STOPPING at once, then STOPPED (a crash; no restart)
+
+Every return to STOPPED from a process that was ready is reported through
+``on_stopped``, whatever caused it: the router uses it to correct its own view
+when a stop it did not order (a crash), or one that raced a swap, took the
+model down.
     STOPPING --ensure_ready-->  STOPPING, then STARTING once the old process is gone
 
 Stopping is ``cmdStop`` (if configured) or SIGTERM to the process group, then
@@ -57,6 +62,8 @@ PROBE_TIMEOUT: Final = 5.0
 ABANDON_GRACE: Final = 5.0
 #: Grace period when trio-swap itself is cancelled with the process still running.
 CANCEL_GRACE: Final = 2.0
+#: Longest wait for a SIGKILLed process to disappear (uninterruptible sleep can delay it).
+KILL_WAIT: Final = 10.0
 #: How many output lines an error message quotes.
 ERROR_TAIL_LINES: Final = 10
 
@@ -93,14 +100,14 @@ class ModelProcess:
         http: httpx.AsyncClient,
         log_ring: LogRing | None = None,
         guard: OrphanGuard | None = None,
-        on_crash: Callable[[str], None] | None = None,
+        on_stopped: Callable[[str], None] | None = None,
     ) -> None:
         self.model = model
         self.health_check_timeout = health_check_timeout
         self.log = log_ring if log_ring is not None else LogRing(model.id)
         self._http = http
         self._guard = guard
-        self._on_crash = on_crash
+        self._on_stopped = on_stopped
         self._send, self._inbox = trio.open_memory_channel[_Command](math.inf)
         self._nursery: trio.Nursery | None = None
 
@@ -118,6 +125,8 @@ class ModelProcess:
         self._stop_grace = model.unload_timeout
         self._stop_reason = ""
         self._life_running = False
+        #: Whether the current (or last) process reached READY.
+        self._was_ready = False
 
     def __repr__(self) -> str:
         pid = f" pid={self.child.pid}" if self.child else ""
@@ -192,6 +201,8 @@ class ModelProcess:
             while True:
                 await self._run_once()
                 self.state = ProcessState.STOPPED
+                if self._was_ready and self._on_stopped is not None:
+                    self._on_stopped(self.model.id)
                 for reply in self._stop_waiters:
                     reply.set(None)
                 self._stop_waiters.clear()
@@ -216,6 +227,9 @@ class ModelProcess:
 
     async def _run_once(self) -> None:
         """Spawn the server, supervise it until it is gone, and leave no process behind."""
+        self._was_ready = False
+        if self._stop_requested.is_set():  # stopped before it was even spawned
+            return
         self.start_count += 1
         started = trio.current_time()
         argv = self.model.cmd
@@ -254,6 +268,7 @@ class ModelProcess:
         outcome = await self._wait_ready(child, started)
         if outcome == "ready":  # STARTING -> READY
             self.state = ProcessState.READY
+            self._was_ready = True
             self.last_ready_seconds = trio.current_time() - started
             log.info("model %s: ready in %.3fs", self.model.id, self.last_ready_seconds)
             for reply in self._ready_waiters:
@@ -261,14 +276,17 @@ class ModelProcess:
             self._ready_waiters.clear()
             outcome = await race({"exited": child.exited.wait, "stop": self._stop_requested.wait})
         if outcome == "exited":
+            crashed = self.state is ProcessState.READY
+            starting = self.state is ProcessState.STARTING
+            # Not ready from this instant: an ensure_ready arriving while the pipe
+            # drains must wait and restart, never be told "ready".
+            self.state = ProcessState.STOPPING
             await child.wait()
             child.signal_group(signal.SIGKILL)  # helpers it left behind
-            if self.state is ProcessState.READY:  # READY -> STOPPED: a crash
+            if crashed:  # READY -> STOPPED: a crash
                 log.warning("model %s: process exited unexpectedly (%s)", self.model.id, child)
                 self.log.append(f"trio-swap: process exited unexpectedly ({_describe(child)})")
-                if self._on_crash is not None:
-                    self._on_crash(self.model.id)
-            elif self.state is ProcessState.STARTING:  # STARTING -> STOPPED
+            elif starting:  # STARTING -> STOPPED
                 self.log.flush()
                 self._fail_ready_waiters(
                     f"process exited before becoming ready ({_describe(child)})",
@@ -360,7 +378,10 @@ class ModelProcess:
             )
             self.log.append(f"trio-swap: no exit {grace:g}s after the stop; sent SIGKILL")
             child.signal_group(signal.SIGKILL)
-            await child.wait()
+            with trio.move_on_after(KILL_WAIT) as waited:
+                await child.wait()
+            if waited.cancelled_caught:  # stuck in the kernel (a GPU driver call?)
+                log.error("model %s: pid %d survived SIGKILL; giving up", self.model.id, child.pid)
         child.signal_group(signal.SIGKILL)  # anything else left in the group
         if stopper is not None:
             stopper.signal_group(signal.SIGKILL)

@@ -1,0 +1,1 @@
+"""Tiny misbehaving upstream servers, run as real processes by tests."""
