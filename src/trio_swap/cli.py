@@ -144,8 +144,14 @@ def _check(path: str, output: str = "text") -> int:
         import msgspec
 
         from trio_swap.explain import describe
+        from trio_swap.policy.matrix import MatrixError
 
-        print(msgspec.json.encode(describe(config)).decode())
+        try:
+            document = describe(config)
+        except MatrixError as exc:  # valid, but a set is too big to list
+            print(f"error: cannot list the matrix: {exc}", file=sys.stderr)
+            return 1
+        print(msgspec.json.encode(document).decode())
     else:
         print(f"{path}: ok ({len(config.models)} models, {config.routing.router} router)")
     return 0

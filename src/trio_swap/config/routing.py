@@ -166,5 +166,5 @@ def _matrix(raw: _RawMatrix, base: KeyPath, models: Collection[str], doc: Docume
     try:
         MatrixPolicy.from_config(matrix, models)
     except MatrixError as exc:
-        raise doc.error((*base, *exc.key_path), exc.message) from exc
+        raise doc.error((*base, *exc.key_path), exc.detail) from exc
     return matrix
