@@ -139,3 +139,18 @@ async def test_matrix_sequence_with_real_processes() -> None:
                 rows = (await h.client.get("/running")).json()["running"]
                 assert {row["model"] for row in rows} == expected, model
             assert (await h.models())["tts"]["start_count"] == 1
+
+
+def test_scheduler_with_the_matrix_loads_coexisting_models_in_parallel() -> None:
+    from trio_swap.policy.matrix import MatrixPolicy
+    from trio_swap.scheduling import FifoScheduler, ModelLimits, StartSwap
+
+    policy = MatrixPolicy.build({"pair": "a & b", "solo": "c"}, models=["a", "b", "c"])
+    scheduler = FifoScheduler({m: ModelLimits(concurrency_limit=10, ttl=0) for m in "abc"}, policy)
+    assert scheduler.on_request(1, "a", 0) == [StartSwap(swap_id=1, target="a", victims=())]
+    assert scheduler.on_request(2, "b", 0) == [StartSwap(swap_id=2, target="b", victims=())]
+    assert scheduler.on_request(3, "c", 0) == []  # c runs alone: waits for both loads
+    scheduler.on_swap_done(1, None, 1)
+    scheduler.on_swap_done(2, None, 1)
+    scheduler.on_finished(1, 2)
+    assert scheduler.on_finished(2, 2) == [StartSwap(swap_id=3, target="c", victims=("a", "b"))]
