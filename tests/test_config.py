@@ -540,10 +540,10 @@ def test_warnings_for_unsupported_and_unknown_keys(tmp_path: Path) -> None:
         tmp_path,
         """\
         healthCheckTimeout: 30
-        hooks:
-          on_startup: {preload: [qwen]}
+        profiles:
+          p: {pins: {a: qwen}}
         apiKeys: [sk-1]
-        sendLoadingState: true
+        includeAliasesInList: true
         models:
           qwen:
             cmd: s ${PORT}
@@ -557,9 +557,9 @@ def test_warnings_for_unsupported_and_unknown_keys(tmp_path: Path) -> None:
     )
     source = str(tmp_path / "config.yaml")
     assert config.warnings == (
-        f"{source}:2: hooks: not supported yet by trio-swap; ignored",
+        f"{source}:2: profiles: not supported yet by trio-swap; ignored",
         f"{source}:4: apiKeys: not supported yet by trio-swap; ignored",
-        f"{source}:5: sendLoadingState: not supported yet by trio-swap; ignored",
+        f"{source}:5: includeAliasesInList: not supported yet by trio-swap; ignored",
         f"{source}:9: models.qwen.filters: not supported yet by trio-swap; ignored",
         f"{source}:11: models.qwen.tll: unknown key (did you mean 'ttl'?); ignored",
         f"{source}:12: models.qwen.healthCheckTimeout: not supported yet by trio-swap; "

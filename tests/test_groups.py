@@ -135,9 +135,46 @@ def test_routing_config_errors_name_file_key_and_line(
     assert words in str(error)
 
 
-def test_scheduler_settings_are_reported_not_silently_ignored() -> None:
-    config = load_config_text(MODELS_YAML + "routing:\n  scheduler: {use: fifo}\n", "config.yaml")
-    assert any("routing.scheduler: not supported yet" in w for w in config.warnings)
+def test_scheduler_settings_and_preload_load_with_aliases_resolved() -> None:
+    text = MODELS_YAML.replace('c: {cmd: "s ${PORT}"}', 'c: {cmd: "s ${PORT}", aliases: [see]}')
+    config = load_config_text(
+        text
+        + "routing:\n  scheduler:\n    use: fifo\n    settings:\n"
+        + "      maxWait: 5\n      minResident: 2\n      maxQueue: 50\n"
+        + "      fifo: {priority: {see: 10, a: -1}}\n"
+        + "hooks:\n  on_startup:\n    preload: [see, a]\n",
+        "config.yaml",
+    )
+    scheduler = config.routing.scheduler
+    assert (scheduler.max_wait, scheduler.min_resident, scheduler.max_queue) == (5, 2, 50)
+    assert scheduler.priority == {"c": 10, "a": -1}  # the alias counts (llama-swap ignores it)
+    assert config.preload == ("c", "a")
+
+
+@pytest.mark.parametrize(
+    ("text", "key_path", "words"),
+    [
+        ("routing:\n  scheduler: {use: lifo}\n", "routing.scheduler.use", "'fifo'"),
+        (
+            "routing:\n  scheduler: {settings: {maxWait: -1}}\n",
+            "routing.scheduler.settings.maxWait",
+            ">= 0",
+        ),
+        (
+            "routing:\n  scheduler: {settings: {fifo: {priority: {ghost: 1}}}}\n",
+            "routing.scheduler.settings.fifo.priority.ghost",
+            "unknown model",
+        ),
+        ("hooks:\n  on_startup: {preload: [ghost]}\n", "hooks.on_startup.preload[0]", "ghost"),
+        ("hooks:\n  on_shutdown: {}\n", "hooks.on_shutdown", "unknown hook"),
+    ],
+)
+def test_scheduler_and_hook_errors_are_located(text: str, key_path: str, words: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(text) if "hooks" not in text else load_config_text(MODELS_YAML + text, "c.yaml")
+    assert caught.value.key_path == key_path
+    assert caught.value.line is not None
+    assert words in str(caught.value)
 
 
 async def test_groups_sequence_with_real_processes(tmp_path: Path) -> None:

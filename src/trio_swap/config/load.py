@@ -101,6 +101,7 @@ class _Loader:
         if not isinstance(top, dict):
             raise doc.error((), f"the top level must be a mapping of keys (got {type_name(top)})")
         routing_values = {key: top.pop(key) for key in ROUTING_TOP_KEYS if key in top}
+        hooks = top.pop("hooks", None)
         top = self._supported(top, (), TOP_KEYS, LLAMA_SWAP_ONLY_TOP_KEYS)
         models_value = top.pop("models", None)
         global_macros = read_macros(top.pop("macros", None), ("macros",), doc)
@@ -126,6 +127,9 @@ class _Loader:
             expand_globals(routing_values, global_macros, doc), models, doc
         )
         self.warnings.extend(routing_warnings)
+        preload = _preload(
+            expand_globals({"hooks": hooks}, global_macros, doc)["hooks"], models, doc
+        )
         return Config(
             source=doc.source,
             models=models,
@@ -134,6 +138,7 @@ class _Loader:
             log_level=settings.log_level,
             log_to_stdout=settings.log_to_stdout,
             routing=routing,
+            preload=preload,
             warnings=tuple(text for _, text in sorted(self.warnings, key=lambda w: w[0])),
         )
 
@@ -186,6 +191,43 @@ class _Loader:
                 message = f"{prefix}: unknown key{suggestion}; ignored"
             self.warnings.append((line, message))
         return kept
+
+
+def _preload(value: object, models: dict[str, ModelConfig], doc: Document) -> tuple[str, ...]:
+    """``hooks.on_startup.preload``: model ids or aliases, resolved to ids, in order.
+
+    llama-swap silently drops names it does not know; a typo there would mean a
+    model quietly not preloaded, so it is an error here.
+    """
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise doc.error(("hooks",), f"must be a mapping (got {type_name(value)})")
+    for key in value:
+        if key != "on_startup":
+            raise doc.error(("hooks", key), "unknown hook (the only one is 'on_startup')")
+    startup = value.get("on_startup") or {}
+    if not isinstance(startup, dict):
+        raise doc.error(("hooks", "on_startup"), f"must be a mapping (got {type_name(startup)})")
+    for key in startup:
+        if key != "preload":
+            raise doc.error(("hooks", "on_startup", key), "unknown key (expected 'preload')")
+    names = startup.get("preload") or []
+    if not isinstance(names, list):
+        raise doc.error(("hooks", "on_startup", "preload"), "must be a list of model ids")
+    resolved: list[str] = []
+    for index, name in enumerate(names):
+        where: KeyPath = ("hooks", "on_startup", "preload", index)
+        if not isinstance(name, str):
+            raise doc.error(where, f"must be a model id (got {type_name(name)})")
+        model = name if name in models else None
+        if model is None:
+            model = next((m.id for m in models.values() if name.strip() in m.aliases), None)
+        if model is None:
+            raise doc.error(where, f"unknown model {name!r} (not an id or alias)")
+        if model not in resolved:
+            resolved.append(model)
+    return tuple(resolved)
 
 
 def _close_match(key: str, known: AbstractSet[str]) -> str | None:

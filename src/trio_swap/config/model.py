@@ -48,6 +48,10 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     metadata: dict[str, object] = msgspec.field(default_factory=dict)
     #: Most requests admitted at once for this model (queued + loading + in flight).
     concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT
+    #: False pins the model once loaded: only an explicit unload stops it.
+    swappable: bool = True
+    #: Stream loading progress to streaming clients that wait for this model to load.
+    send_loading_state: bool = False
 
 
 @final
@@ -80,6 +84,24 @@ class MatrixConfig(msgspec.Struct, frozen=True, kw_only=True):
     sets: dict[str, str] = msgspec.field(default_factory=dict)
 
 
+DEFAULT_MAX_WAIT: Final = 30.0
+
+
+@final
+class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """``routing.scheduler.settings``: when waiting requests run."""
+
+    #: Seconds the oldest waiting request may wait before the fast path onto a
+    #: model it needs evicted closes (the starvation bound).
+    max_wait: float = DEFAULT_MAX_WAIT
+    #: Seconds a freshly loaded model is kept before another request may evict it.
+    min_resident: float = 0.0
+    #: Most requests waiting (queued or loading) at once, all models; 0 = no limit.
+    max_queue: int = 0
+    #: Model id -> priority; higher goes first, FIFO within a level (default 0).
+    priority: dict[str, int] = msgspec.field(default_factory=dict)
+
+
 @final
 class RoutingConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Which swap policy runs: ``group`` (the default, also for no groups) or ``matrix``."""
@@ -88,6 +110,7 @@ class RoutingConfig(msgspec.Struct, frozen=True, kw_only=True):
     #: User groups in definition order; the implicit ``(default)`` group is not listed.
     groups: tuple[GroupConfig, ...] = ()
     matrix: MatrixConfig | None = None
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
 
 
 @final
@@ -104,6 +127,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     #: ``proxy`` | ``upstream`` | ``both`` | ``none``: what is echoed to stdout.
     log_to_stdout: str = "proxy"
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+    #: Models loaded at startup, in order, through the normal scheduling path.
+    preload: tuple[str, ...] = ()
     #: Human-readable notes about keys trio-swap read but does not support yet.
     warnings: tuple[str, ...] = ()
 

@@ -11,14 +11,23 @@ errors are located here at the set's key and line.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import math
+from collections.abc import Collection, Mapping
 from typing import Final
 
 import msgspec
 
-from trio_swap.config.model import DEFAULT_GROUP, GroupConfig, MatrixConfig, RoutingConfig
+from trio_swap.config.model import (
+    DEFAULT_GROUP,
+    DEFAULT_MAX_WAIT,
+    GroupConfig,
+    MatrixConfig,
+    ModelConfig,
+    RoutingConfig,
+    SchedulerConfig,
+)
 from trio_swap.config.validate import convert
-from trio_swap.config.yamlsource import Document, KeyPath, format_path, type_name
+from trio_swap.config.yamlsource import Document, KeyPath, type_name
 
 __all__ = ["ROUTING_TOP_KEYS", "load_routing"]
 
@@ -46,40 +55,95 @@ class _RawSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     matrix: _RawMatrix | None = None
 
 
+class _RawFifo(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    priority: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class _RawSchedulerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    max_wait: float = msgspec.field(default=DEFAULT_MAX_WAIT, name="maxWait")
+    min_resident: float = msgspec.field(default=0.0, name="minResident")
+    max_queue: int = msgspec.field(default=0, name="maxQueue")
+    fifo: _RawFifo = msgspec.field(default_factory=_RawFifo)
+
+
+class _RawScheduler(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    use: str = "fifo"
+    settings: _RawSchedulerSettings = msgspec.field(default_factory=_RawSchedulerSettings)
+
+
 class _RawRouter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     use: str = "group"
     settings: _RawSettings = msgspec.field(default_factory=_RawSettings)
 
 
 def load_routing(
-    values: dict[str, object], models: Collection[str], doc: Document
+    values: dict[str, object], models: Mapping[str, ModelConfig], doc: Document
 ) -> tuple[RoutingConfig, list[tuple[int, str]]]:
     """Validate the routing keys of the top level; returns the config and (line, warning) pairs.
 
     Raises:
-        ConfigError: conflicting spellings, bad group membership, or a bad matrix.
+        ConfigError: conflicting spellings, bad group membership, a bad matrix,
+            or bad scheduler settings.
     """
     warnings: list[tuple[int, str]] = []
     routing = values.get("routing")
     router_value: object = None
+    scheduler = SchedulerConfig()
     if routing is not None:
         if not isinstance(routing, dict):
             raise doc.error(("routing",), "must be a mapping with 'router' and/or 'scheduler'")
         for key in routing:
-            if key == "scheduler":
-                where: KeyPath = ("routing", "scheduler")
-                line = doc.line(where) or 0
-                warnings.append(
-                    (
-                        line,
-                        f"{doc.source}:{line}: {format_path(where)}: not supported yet by "
-                        "trio-swap; ignored (requests are served first come, first served)",
-                    )
-                )
-            elif key != "router":
+            if key not in ("router", "scheduler"):
                 raise doc.error(("routing", key), "unknown key (expected 'router' or 'scheduler')")
         router_value = routing.get("router")
+        if routing.get("scheduler") is not None:
+            scheduler = _scheduler(routing["scheduler"], models, doc)
+    routing_config, more = _router(values, router_value, models, doc)
+    warnings.extend(more)
+    return msgspec.structs.replace(routing_config, scheduler=scheduler), warnings
 
+
+def _scheduler(value: object, models: Mapping[str, ModelConfig], doc: Document) -> SchedulerConfig:
+    base: KeyPath = ("routing", "scheduler")
+    raw = convert(value, _RawScheduler, base, doc)
+    if raw.use != "fifo":
+        raise doc.error((*base, "use"), f"must be 'fifo', the only scheduler (got {raw.use!r})")
+    settings = raw.settings
+    where: KeyPath = (*base, "settings")
+    for name, number in (("maxWait", settings.max_wait), ("minResident", settings.min_resident)):
+        if not math.isfinite(number) or number < 0:
+            raise doc.error((*where, name), f"must be a number of seconds >= 0 (got {number})")
+    if settings.max_queue < 0:
+        raise doc.error((*where, "maxQueue"), f"must be >= 0 (got {settings.max_queue})")
+    priority: dict[str, int] = {}
+    for name, level in settings.fifo.priority.items():
+        model = _resolve(name, models)
+        if model is None:
+            raise doc.error(
+                (*where, "fifo", "priority", name), f"unknown model {name!r} (not an id or alias)"
+            )
+        priority[model] = level  # an alias counts too (llama-swap silently ignores it)
+    return SchedulerConfig(
+        max_wait=settings.max_wait,
+        min_resident=settings.min_resident,
+        max_queue=settings.max_queue,
+        priority=priority,
+    )
+
+
+def _resolve(name: str, models: Mapping[str, ModelConfig]) -> str | None:
+    if name in models:
+        return name
+    return next((m.id for m in models.values() if name in m.aliases), None)
+
+
+def _router(
+    values: dict[str, object],
+    router_value: object,
+    models: Mapping[str, ModelConfig],
+    doc: Document,
+) -> tuple[RoutingConfig, list[tuple[int, str]]]:
+    warnings: list[tuple[int, str]] = []
     legacy = [key for key in ("groups", "matrix") if values.get(key) is not None]
     if router_value is not None and legacy:
         raise doc.error(

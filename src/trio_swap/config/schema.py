@@ -47,6 +47,9 @@ class RawModel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     unlisted: bool = False
     metadata: dict[str, object] = msgspec.field(default_factory=dict)
     concurrency_limit: int = msgspec.field(default=0, name="concurrencyLimit")
+    swappable: bool = True
+    #: None: inherit the top-level ``sendLoadingState``.
+    send_loading_state: bool | None = msgspec.field(default=None, name="sendLoadingState")
     macros: dict[str, MacroValue] = msgspec.field(default_factory=dict)
 
 
@@ -63,6 +66,7 @@ class RawConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     unload_timeout: float = msgspec.field(default=DEFAULT_UNLOAD_TIMEOUT, name="unloadTimeout")
     log_level: str = msgspec.field(default="info", name="logLevel")
     log_to_stdout: str = msgspec.field(default="proxy", name="logToStdout")
+    send_loading_state: bool = msgspec.field(default=False, name="sendLoadingState")
 
 
 def _keys(struct: type[msgspec.Struct]) -> frozenset[str]:
@@ -79,7 +83,6 @@ MODEL_KEYS: Final = _keys(RawModel)
 LLAMA_SWAP_ONLY_TOP_KEYS: Final[dict[str, str]] = {
     "apiKeys": "",
     "captureBuffer": "",
-    "hooks": "",
     "includeAliasesInList": "",
     "logRequests": "",
     "logTimeFormat": "",
@@ -88,7 +91,6 @@ LLAMA_SWAP_ONLY_TOP_KEYS: Final[dict[str, str]] = {
     "performance": "",
     "profiles": "",
     "selectors": "",
-    "sendLoadingState": "",
     "store": "",
     "ui": "",
     "upstream": "",
@@ -101,7 +103,6 @@ LLAMA_SWAP_ONLY_MODEL_KEYS: Final[dict[str, str]] = {
     "filters": "",
     # llama-swap overwrites it with the global value, so it never did anything.
     "healthCheckTimeout": "set healthCheckTimeout at the top level",
-    "sendLoadingState": "",
     "timeouts": "",
 }
 

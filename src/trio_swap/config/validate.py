@@ -47,6 +47,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     unload_timeout: float
     log_level: str
     log_to_stdout: str
+    send_loading_state: bool
 
 
 def convert(value: object, kind: type[T], path: KeyPath, doc: Document) -> T:
@@ -126,6 +127,7 @@ def check_settings(raw: RawConfig, doc: Document) -> Settings:
         unload_timeout=unload or DEFAULT_UNLOAD_TIMEOUT,
         log_level=raw.log_level,
         log_to_stdout=raw.log_to_stdout,
+        send_loading_state=raw.send_loading_state,
     )
 
 
@@ -163,6 +165,12 @@ def check_model(model_id: str, raw: RawModel, settings: Settings, doc: Document)
         unlisted=raw.unlisted,
         metadata=raw.metadata,
         concurrency_limit=raw.concurrency_limit or DEFAULT_CONCURRENCY_LIMIT,
+        swappable=raw.swappable,
+        send_loading_state=(
+            settings.send_loading_state
+            if raw.send_loading_state is None
+            else raw.send_loading_state
+        ),
     )
 
 
