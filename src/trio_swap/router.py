@@ -33,6 +33,7 @@ from trio_swap.scheduling import (
     FifoScheduler,
     Grant,
     ModelLimits,
+    Phase,
     Reject,
     StartSwap,
     StopModels,
@@ -135,13 +136,26 @@ class Router:
 
     # -- API for other tasks (never blocks the router) ---------------------------
 
-    async def acquire(self, model: str) -> Lease:
+    def new_request_id(self) -> int:
+        """An id to pass to :meth:`acquire` when the caller wants to watch its place."""
+        return next(self._ids)
+
+    def queue_position(self, request_id: int) -> int | None:
+        """1-based place among queued requests, or None (not queued: loading or granted)."""
+        return self.scheduler.queue_position(request_id)
+
+    def is_ready(self, model: str) -> bool:
+        """Whether requests for ``model`` are being granted without a load right now."""
+        return self.scheduler.phase(model) is Phase.READY
+
+    async def acquire(self, model: str, *, request_id: int | None = None) -> Lease:
         """Wait until ``model`` is ready and this request may be forwarded to it.
 
         Raises:
             SwapError: rate limited, the model failed to start, was unloaded, or shutdown.
         """
-        request_id = next(self._ids)
+        if request_id is None:
+            request_id = next(self._ids)
         reply: Reply[None] = Reply()
         self._send.send_nowait(_RequestArrived(request_id, model, reply))
         try:

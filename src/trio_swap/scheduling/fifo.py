@@ -137,6 +137,13 @@ class FifoScheduler:
     def queued(self, model: str) -> int:
         return sum(1 for rid in self._queue if self._requests[rid].model == model)
 
+    def queue_position(self, request_id: int) -> int | None:
+        """1-based place of a queued request, or None when it is not queued."""
+        try:
+            return self._queue.index(request_id) + 1
+        except ValueError:
+            return None
+
     def running(self) -> list[str]:
         return [name for name, m in self._models.items() if m.phase in _RUNNING]
 
