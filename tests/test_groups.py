@@ -273,12 +273,15 @@ def test_plan_answers_in_json_and_in_words(
 
 
 def test_scheduler_loads_coexisting_models_in_parallel() -> None:
+    from tests.scheduler_support import Quiet
     from trio_swap.scheduling import FifoScheduler, Grant, ModelLimits, StartSwap
 
     pool = GroupConfig(name="pool", swap=False, members=("a", "b"))
-    scheduler = FifoScheduler(
-        {m: ModelLimits(concurrency_limit=10, ttl=0) for m in ("a", "b", "c")},
-        GroupsPolicy([pool], ["a", "b", "c"]),
+    scheduler = Quiet(
+        FifoScheduler(
+            {m: ModelLimits(concurrency_limit=10, ttl=0) for m in ("a", "b", "c")},
+            GroupsPolicy([pool], ["a", "b", "c"]),
+        )
     )
     (swap_a,) = scheduler.on_request(1, "a", 0)
     (swap_b,) = scheduler.on_request(2, "b", 0)  # no eviction, no collision: loads now

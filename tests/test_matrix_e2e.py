@@ -142,11 +142,13 @@ async def test_matrix_sequence_with_real_processes() -> None:
 
 
 def test_scheduler_with_the_matrix_loads_coexisting_models_in_parallel() -> None:
+    from tests.scheduler_support import Quiet
     from trio_swap.policy.matrix import MatrixPolicy
     from trio_swap.scheduling import FifoScheduler, ModelLimits, StartSwap
 
     policy = MatrixPolicy.build({"pair": "a & b", "solo": "c"}, models=["a", "b", "c"])
-    scheduler = FifoScheduler({m: ModelLimits(concurrency_limit=10, ttl=0) for m in "abc"}, policy)
+    limits = {m: ModelLimits(concurrency_limit=10, ttl=0) for m in "abc"}
+    scheduler = Quiet(FifoScheduler(limits, policy))
     assert scheduler.on_request(1, "a", 0) == [StartSwap(swap_id=1, target="a", victims=())]
     assert scheduler.on_request(2, "b", 0) == [StartSwap(swap_id=2, target="b", victims=())]
     assert scheduler.on_request(3, "c", 0) == []  # c runs alone: waits for both loads

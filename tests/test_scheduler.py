@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
+from tests.scheduler_support import Quiet
 from trio_swap.errors import ModelStartFailed, ModelUnloaded, RateLimited, ShuttingDown
 from trio_swap.policy import OneAtATime
 from trio_swap.scheduling import (
@@ -18,9 +20,11 @@ from trio_swap.scheduling import (
 )
 
 
-def make(limit: int = 10, ttl: float = 0.0, models: str = "ABC") -> FifoScheduler:
-    return FifoScheduler(
-        {m: ModelLimits(concurrency_limit=limit, ttl=ttl) for m in models}, OneAtATime()
+def make(limit: int = 10, ttl: float = 0.0, models: str = "ABC") -> Any:
+    return Quiet(
+        FifoScheduler(
+            {m: ModelLimits(concurrency_limit=limit, ttl=ttl) for m in models}, OneAtATime()
+        )
     )
 
 
@@ -29,7 +33,7 @@ def only(decisions: list[Decision]) -> Decision:
     return decisions[0]
 
 
-def load(s: FifoScheduler, rid: int, model: str, now: float = 0.0) -> None:
+def load(s: Any, rid: int, model: str, now: float = 0.0) -> None:
     """Request ``model`` and complete its swap, leaving request ``rid`` in flight."""
     swap = only(s.on_request(rid, model, now))
     assert isinstance(swap, StartSwap)
@@ -190,8 +194,12 @@ def test_fifo_request_for_a_victim_during_its_eviction_waits_then_reloads_it() -
 
 def test_fifo_starvation_bound_stops_the_fast_path_for_a_model_a_queued_request_needs() -> None:
     """llama-swap #612: steady A traffic must not hold back a queued B forever."""
-    s = FifoScheduler(
-        {m: ModelLimits(concurrency_limit=100, ttl=0) for m in "AB"}, OneAtATime(), max_wait=30
+    s = Quiet(
+        FifoScheduler(
+            {m: ModelLimits(concurrency_limit=100, ttl=0) for m in "AB"},
+            OneAtATime(),
+            max_wait=30,
+        )
     )
     load(s, 1, "A", now=0)
     assert s.on_request(2, "B", 1) == []  # queued: A is busy

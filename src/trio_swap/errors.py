@@ -5,10 +5,12 @@
     ├── ModelNotFound              404  the name is neither a model id nor an alias
     ├── MethodNotAllowed           405  e.g. GET on a POST-only inference route
     ├── BodyTooLarge               413  request body over the configured limit
+    ├── ModelPinned                409  the request needs a ``swappable: false`` model evicted
     ├── RateLimited                429  over the model's ``concurrencyLimit`` (Retry-After)
     ├── UpstreamFailed             502  the model's server broke the request (connect/read)
     ├── ModelStartFailed           503  the model's server did not become ready (quotes its log)
     ├── ModelUnloaded              503  an unload stopped the model this request waited for
+    ├── QueueFull                  503  the scheduler's maxQueue is reached (Retry-After)
     └── ShuttingDown               503  trio-swap is stopping
 
 Raise the most specific class; the HTTP layer turns it into
@@ -25,8 +27,10 @@ __all__ = [
     "BodyTooLarge",
     "MethodNotAllowed",
     "ModelNotFound",
+    "ModelPinned",
     "ModelStartFailed",
     "ModelUnloaded",
+    "QueueFull",
     "RateLimited",
     "ShuttingDown",
     "SwapError",
@@ -87,6 +91,34 @@ class BodyTooLarge(SwapError):
     status = 413
     error_type = "invalid_request_error"
     code = "request_too_large"
+
+
+class ModelPinned(SwapError):
+    status = 409
+    error_type = "invalid_request_error"
+    code = "model_pinned"
+
+    def __init__(self, model: str, pinned: str) -> None:
+        super().__init__(
+            f"model {model!r} cannot be loaded while {pinned!r} runs: {pinned!r} has "
+            f"swappable: false, so only an unload stops it "
+            f"(POST /api/models/unload/{pinned})"
+        )
+        self.model = model
+        self.pinned = pinned
+
+
+class QueueFull(SwapError):
+    status = 503
+    error_type = "server_error"
+    code = "queue_full"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"too many requests waiting (maxQueue is {limit}); try again shortly")
+        self.limit = limit
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class RateLimited(SwapError):

@@ -26,14 +26,17 @@ import msgspec
 import trio
 
 from trio_swap._sync import Reply
+from trio_swap.config.model import SchedulerConfig
 from trio_swap.errors import ModelStartFailed, ModelUnloaded, ShuttingDown, SwapError
 from trio_swap.policy.base import SwapPolicy
 from trio_swap.scheduling import (
     Decision,
     FifoScheduler,
     Grant,
+    Joined,
     ModelLimits,
     Phase,
+    Queued,
     Reject,
     StartSwap,
     StopModels,
@@ -112,16 +115,24 @@ class Router:
         self,
         processes: Mapping[str, ModelProcess],
         policy: SwapPolicy,
+        settings: SchedulerConfig | None = None,
     ) -> None:
         self._processes = dict(processes)
+        settings = settings or SchedulerConfig()
         self.scheduler = FifoScheduler(
             {
                 name: ModelLimits(
-                    concurrency_limit=proc.model.concurrency_limit, ttl=proc.model.ttl
+                    concurrency_limit=proc.model.concurrency_limit,
+                    ttl=proc.model.ttl,
+                    swappable=proc.model.swappable,
+                    priority=settings.priority.get(name, 0),
                 )
                 for name, proc in processes.items()
             },
             policy,
+            max_wait=settings.max_wait,
+            min_resident=settings.min_resident,
+            max_queue=settings.max_queue,
         )
         self._send, self._receive = trio.open_memory_channel[_Event](math.inf)
         self._ids = itertools.count(1)
@@ -240,11 +251,7 @@ class Router:
                 for decision in decisions:
                     if isinstance(decision, StopModels):
                         self._unload_replies[decision.stop_id] = reply
-                for swap_id, (target, scope) in list(self._swap_scopes.items()):
-                    if target in models:  # do not let a swap load what was just unloaded
-                        self._swap_cancel_errors[swap_id] = ModelUnloaded(target)
-                        scope.cancel(reason=f"{target} unloaded")
-                return decisions
+                return decisions  # applying its StopModels cancels loads of these models
             case _ShutdownRequested(reply=reply):
                 decisions = scheduler.on_shutdown()
                 for swap_id, (_, scope) in self._swap_scopes.items():
@@ -284,7 +291,15 @@ class Router:
                 case StopModels(stop_id=stop_id, models=models, reason=reason):
                     if models:
                         log.info("stopping %s (%s)", ", ".join(models), reason)
+                    for swap_id, (target, scope) in self._swap_scopes.items():
+                        if target in models:  # never finish loading what is being stopped
+                            self._swap_cancel_errors.setdefault(swap_id, ModelUnloaded(target))
+                            scope.cancel(reason=f"{target}: {reason}")
                     self._nursery.start_soon(self._run_stops, stop_id, models, reason)
+                case Queued(request_id=rid, model=model, position=position):
+                    log.info("request %d for %s queued at #%d", rid, model, position)
+                case Joined(request_id=rid, model=model, swap_id=swap_id):
+                    log.info("request %d for %s joined swap %d", rid, model, swap_id)
                 case _:
                     assert_never(decision)
 

@@ -119,7 +119,7 @@ async def serve(
                 )
                 await supervisors.start(process.run)
                 processes[model.id] = process
-            router = Router(processes, build_policy(config))
+            router = Router(processes, build_policy(config), config.routing.scheduler)
             router_box.append(router)
             await supervisors.start(router.run)
 

@@ -1,14 +1,24 @@
 """When queued requests run: a pure state machine driven by the router."""
 
-from trio_swap.scheduling.decisions import Decision, Grant, Reject, StartSwap, StopModels
+from trio_swap.scheduling.decisions import (
+    Decision,
+    Grant,
+    Joined,
+    Queued,
+    Reject,
+    StartSwap,
+    StopModels,
+)
 from trio_swap.scheduling.fifo import FifoScheduler, ModelLimits, Phase
 
 __all__ = [
     "Decision",
     "FifoScheduler",
     "Grant",
+    "Joined",
     "ModelLimits",
     "Phase",
+    "Queued",
     "Reject",
     "StartSwap",
     "StopModels",

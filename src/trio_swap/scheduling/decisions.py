@@ -6,7 +6,7 @@ import msgspec
 
 from trio_swap.errors import SwapError
 
-__all__ = ["Decision", "Grant", "Reject", "StartSwap", "StopModels"]
+__all__ = ["Decision", "Grant", "Joined", "Queued", "Reject", "StartSwap", "StopModels"]
 
 
 class Grant(msgspec.Struct, frozen=True, kw_only=True):
@@ -39,4 +39,20 @@ class StopModels(msgspec.Struct, frozen=True, kw_only=True):
     reason: str
 
 
-Decision = Grant | Reject | StartSwap | StopModels
+class Queued(msgspec.Struct, frozen=True, kw_only=True):
+    """Request ``request_id`` waits in the queue at ``position`` (1-based); log only."""
+
+    request_id: int
+    model: str
+    position: int
+
+
+class Joined(msgspec.Struct, frozen=True, kw_only=True):
+    """Request ``request_id`` waits for swap ``swap_id``, already loading its model; log only."""
+
+    request_id: int
+    model: str
+    swap_id: int
+
+
+Decision = Grant | Reject | StartSwap | StopModels | Queued | Joined

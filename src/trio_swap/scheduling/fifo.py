@@ -29,9 +29,24 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import final
 
-from trio_swap.errors import ModelUnloaded, RateLimited, ShuttingDown, SwapError
+from trio_swap.errors import (
+    ModelPinned,
+    ModelUnloaded,
+    QueueFull,
+    RateLimited,
+    ShuttingDown,
+    SwapError,
+)
 from trio_swap.policy.base import SwapPolicy
-from trio_swap.scheduling.decisions import Decision, Grant, Reject, StartSwap, StopModels
+from trio_swap.scheduling.decisions import (
+    Decision,
+    Grant,
+    Joined,
+    Queued,
+    Reject,
+    StartSwap,
+    StopModels,
+)
 
 __all__ = ["DEFAULT_MAX_WAIT", "FifoScheduler", "ModelLimits", "Phase"]
 
@@ -62,16 +77,27 @@ class _Stage(enum.Enum):
 class ModelLimits:
     """The per-model settings the scheduler needs."""
 
-    __slots__ = ("concurrency_limit", "ttl")
+    __slots__ = ("concurrency_limit", "priority", "swappable", "ttl")
 
-    def __init__(self, *, concurrency_limit: int, ttl: float) -> None:
+    def __init__(
+        self,
+        *,
+        concurrency_limit: int,
+        ttl: float,
+        swappable: bool = True,
+        priority: int = 0,
+    ) -> None:
         self.concurrency_limit = concurrency_limit
         self.ttl = ttl
+        #: False: once loaded, only an explicit unload stops it (no swap, no TTL).
+        self.swappable = swappable
+        #: Queued requests of higher priority go first; FIFO within a level.
+        self.priority = priority
 
 
 @final
 class _Model:
-    __slots__ = ("idle_since", "in_flight", "limits", "phase", "reserved")
+    __slots__ = ("idle_since", "in_flight", "limits", "phase", "ready_since", "reserved")
 
     def __init__(self, limits: ModelLimits) -> None:
         self.limits = limits
@@ -81,6 +107,8 @@ class _Model:
         # Invariant: reserved == number of requests for this model in any stage.
         self.reserved = 0
         self.idle_since = 0.0
+        #: When the last load of this model completed (for ``min_resident``).
+        self.ready_since = -math.inf
 
 
 @final
@@ -114,8 +142,13 @@ class FifoScheduler:
         policy: SwapPolicy,
         *,
         max_wait: float = DEFAULT_MAX_WAIT,
+        min_resident: float = 0.0,
+        max_queue: int = 0,
     ) -> None:
         self._max_wait = max_wait
+        self._min_resident = min_resident
+        #: Most requests waiting (queued or joined to a load) at once; 0 = unlimited.
+        self._max_queue = max_queue
         self._models = {name: _Model(limits) for name, limits in models.items()}
         self._policy = policy
         self._requests: dict[int, _Request] = {}
@@ -125,6 +158,8 @@ class FifoScheduler:
         self._next_swap = 1
         self._next_stop = 1
         self._shutting_down = False
+        #: The latest ``now`` seen by a placement (next_deadline takes no clock).
+        self._now_hint = -math.inf
 
     # -- read-only views (for /api/models and tests) --------------------------
 
@@ -164,12 +199,20 @@ class FifoScheduler:
                     error=RateLimited(model, slot.limits.concurrency_limit),
                 )
             ]
+        request = _Request(model, now)
+        if (
+            self._max_queue
+            and self._waiting() >= self._max_queue
+            and not self._grantable(model, request, now)
+        ):
+            return [Reject(request_id=request_id, error=QueueFull(self._max_queue))]
         slot.reserved += 1
-        self._requests[request_id] = _Request(model, now)
+        self._requests[request_id] = request
         decisions = self._place(request_id, now)
         if decisions is None:
-            self._queue.append(request_id)
-            return []
+            self._enqueue(request_id)
+            position = self.queue_position(request_id) or 0
+            return [Queued(request_id=request_id, model=model, position=position)]
         return decisions
 
     def on_finished(self, request_id: int, now: float) -> list[Decision]:
@@ -187,7 +230,12 @@ class FifoScheduler:
         elif request.stage is _Stage.QUEUED:
             self._queue.remove(request_id)
         else:
-            self._swaps[request.swap_id].waiters.remove(request_id)
+            swap = self._swaps[request.swap_id]
+            swap.waiters.remove(request_id)
+            if not swap.waiters and not self.queued(swap.target):
+                # Nobody wants this load any more (llama-swap #727): stop it instead
+                # of finishing a load of minutes for no one.
+                return [self._stop((swap.target,), "no request waits for it any more")]
         return []
 
     def on_swap_done(self, swap_id: int, error: SwapError | None, now: float) -> list[Decision]:
@@ -198,14 +246,15 @@ class FifoScheduler:
                 self._models[victim].phase = Phase.COLD
         target = self._models[swap.target]
         decisions: list[Decision] = []
+        stopping = any(swap.target in models for models in self._stops.values())
         if error is None:
-            target.phase = Phase.READY
+            target.phase = Phase.STOPPING if stopping else Phase.READY
             target.idle_since = now
+            target.ready_since = now
             for rid in swap.waiters:
                 decisions.append(self._grant(rid))
         else:
             # An unload that aborted this load may still be stopping the process.
-            stopping = any(swap.target in models for models in self._stops.values())
             target.phase = Phase.STOPPING if stopping else Phase.COLD
             for rid in swap.waiters:
                 decisions.append(self._reject(rid, error))
@@ -259,18 +308,26 @@ class FifoScheduler:
         expired = tuple(
             name for name, slot in self._models.items() if self._ttl_deadline(name, slot) <= now
         )
-        if not expired:
-            return []
-        for name in expired:
-            self._models[name].phase = Phase.STOPPING
-        return [self._stop(expired, "ttl")]
+        decisions: list[Decision] = []
+        if expired:
+            for name in expired:
+                self._models[name].phase = Phase.STOPPING
+            decisions.append(self._stop(expired, "ttl"))
+        decisions.extend(self._drain(now))  # a minResident protection may have ended
+        return decisions
 
     def next_deadline(self) -> float:
         """When :meth:`on_tick` has work next (``math.inf``: never)."""
-        return min(
+        deadline = min(
             (self._ttl_deadline(name, slot) for name, slot in self._models.items()),
             default=math.inf,
         )
+        if self._queue and self._min_resident > 0:
+            for slot in self._models.values():
+                until = slot.ready_since + self._min_resident
+                if slot.phase is Phase.READY and self._now_hint < until < deadline:
+                    deadline = until
+        return deadline
 
     def on_shutdown(self) -> list[Decision]:
         """Reject everything still waiting; later requests are rejected on arrival."""
@@ -289,6 +346,7 @@ class FifoScheduler:
     def _ttl_deadline(self, name: str, slot: _Model) -> float:
         if (
             slot.limits.ttl <= 0
+            or not slot.limits.swappable
             or slot.phase is not Phase.READY
             or slot.in_flight
             or slot.reserved
@@ -327,7 +385,7 @@ class FifoScheduler:
                 request.stage = _Stage.JOINED
                 request.swap_id = swap_id
                 swap.waiters.append(request_id)
-                return []
+                return [Joined(request_id=request_id, model=target, swap_id=swap_id)]
         # (2) what the policy wants stopped
         running = [name for name in self.running() if name != target]
         evict = self._policy.evictions(target, running)
@@ -337,6 +395,18 @@ class FifoScheduler:
             if self._starves(target, request, now):
                 return None  # queue behind it
             return [self._grant(request_id)]
+        # (3b) a pinned model (swappable: false) is never evicted: say so at once
+        pinned = [m for m in evict if not self._models[m].limits.swappable]
+        if pinned and self._models[pinned[0]].phase is not Phase.STOPPING:
+            return [self._reject(request_id, ModelPinned(target, pinned[0]))]
+        # (3c) a freshly loaded victim stays for min_resident seconds
+        self._now_hint = now
+        if any(
+            self._models[m].phase is Phase.READY
+            and now < self._models[m].ready_since + self._min_resident
+            for m in evict
+        ):
+            return None
         # (4) collision with a swap under way
         for swap in self._swaps.values():
             if (
@@ -361,6 +431,29 @@ class FifoScheduler:
         swap.waiters.append(request_id)
         return [StartSwap(swap_id=swap_id, target=target, victims=evict)]
 
+    def _waiting(self) -> int:
+        """Requests admitted but not granted: queued, or joined to a load."""
+        return sum(1 for r in self._requests.values() if r.stage is not _Stage.GRANTED)
+
+    def _grantable(self, target: str, request: _Request, now: float) -> bool:
+        """Would this request take the fast path right now (no queue, no load)?"""
+        slot = self._models[target]
+        if slot.phase is not Phase.READY or self._is_swap_victim(target):
+            return False
+        running = [name for name in self.running() if name != target]
+        if self._policy.evictions(target, running):
+            return False
+        return not self._starves(target, request, now)
+
+    def _enqueue(self, request_id: int) -> None:
+        """Insert before the first queued request of strictly lower priority."""
+        level = self._models[self._requests[request_id].model].limits.priority
+        for index, rid in enumerate(self._queue):
+            if self._models[self._requests[rid].model].limits.priority < level:
+                self._queue.insert(index, request_id)
+                return
+        self._queue.append(request_id)
+
     def _starves(self, target: str, request: _Request, now: float) -> bool:
         """Would granting ``target`` now keep delaying a request queued over ``max_wait``?
 
@@ -371,7 +464,7 @@ class FifoScheduler:
         for rid in self._queue:
             waiting = self._requests[rid]
             if now - waiting.arrived < self._max_wait:
-                break  # the queue is in arrival order: the rest waited less
+                continue
             if waiting is request or waiting.model == target:
                 continue
             others = [name for name in running if name != waiting.model]
