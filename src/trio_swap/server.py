@@ -29,6 +29,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from trio_swap.config.model import Config
+from trio_swap.errors import SwapError
 from trio_swap.http.app import DEFAULT_MAX_BODY_BYTES, AppState, build_app
 from trio_swap.http.inference import InferenceRoutes
 from trio_swap.http.upstream_client import UpstreamClient
@@ -163,6 +164,8 @@ async def serve(
                 server = RunningServer(binds, router, processes, shutdown)
                 if handle_signals:
                     supervisors.start_soon(_watch_signals, server, supervisors.cancel_scope)
+                if config.preload:
+                    web.start_soon(_preload, router, config.preload)
                 task_status.started(server)
             # hypercorn returned: every connection is closed or was cut at the deadline.
             log.info("stopping all models")
@@ -175,6 +178,22 @@ async def serve(
         with trio.CancelScope(shield=True):
             await guard.aclose()
     log.info("stopped")
+
+
+async def _preload(router: Router, models: tuple[str, ...]) -> None:
+    """``hooks.on_startup.preload``: load each model in turn through the normal scheduling.
+
+    Sequential on purpose, as in llama-swap: two models that cannot run together
+    leave the last one loaded.
+    """
+    for model in models:
+        try:
+            lease = await router.acquire(model)
+        except SwapError as exc:
+            log.warning("preload of %s failed: %s", model, exc.message)
+            continue
+        router.release(lease)
+        log.info("preloaded %s", model)
 
 
 async def _watch_signals(server: RunningServer, everything: trio.CancelScope) -> None:
