@@ -19,8 +19,10 @@ from trio_swap.scheduling import (
     Decision,
     FifoScheduler,
     Grant,
+    Joined,
     ModelLimits,
     Phase,
+    Queued,
     Reject,
     StartSwap,
     StopModels,
@@ -67,6 +69,8 @@ class Ledger:
                     self.swaps.append(sid)
                 case StopModels(stop_id=stop_id):
                     self.stops.append(stop_id)
+                case Queued() | Joined():
+                    pass
 
     def check(self) -> None:
         s = self.scheduler
@@ -74,16 +78,38 @@ class Ledger:
         assert len(live) <= 1, f"one-at-a-time broken: {live}"
         assert sum(s.in_flight(m) for m in MODELS) == len(self.granted)
         assert s.pending_requests() == len(self.granted) + len(self.waiting)
+        assert sum(s.queued(m) for m in MODELS) <= len(self.waiting)
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(operation, max_size=60), st.integers(1, 4))
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(operation, max_size=60),
+    st.integers(1, 4),
+    st.sampled_from([0, 1, 3]),
+    st.sampled_from([0.0, 1.0]),
+    st.sampled_from(["", "A"]),
+    st.dictionaries(st.sampled_from(MODELS), st.integers(-1, 2)),
+)
 def test_fifo_random_sequences_keep_every_request_accounted_for(
-    operations: list[tuple[str, object]], limit: int
+    operations: list[tuple[str, object]],
+    limit: int,
+    max_queue: int,
+    min_resident: float,
+    pinned: str,
+    priority: dict[str, int],
 ) -> None:
+    limits = {
+        m: ModelLimits(
+            concurrency_limit=limit,
+            ttl=1.0,
+            swappable=m != pinned,
+            priority=priority.get(m, 0),
+        )
+        for m in MODELS
+    }
     ledger = Ledger(
         FifoScheduler(
-            {m: ModelLimits(concurrency_limit=limit, ttl=1.0) for m in MODELS}, OneAtATime()
+            limits, OneAtATime(), max_queue=max_queue, min_resident=min_resident, max_wait=2.0
         )
     )
     s = ledger.scheduler
