@@ -144,3 +144,20 @@ async def test_pinned_model_conflict_is_a_409_over_http() -> None:
             assert response.json()["error"]["code"] == "model_pinned"
             assert (await h.client.post("/api/models/unload/A")).is_success
             assert (await h.client.post("/v1/chat/completions", json=chat("B"))).is_success
+
+
+async def test_a_load_abandoned_by_its_only_client_is_stopped() -> None:
+    import httpx
+    import trio
+
+    config = make_config(responder_model("slow", "--load-delay", "30"))
+    with trio.fail_after(30):
+        async with running(config) as h:
+            try:
+                await h.client.post("/v1/chat/completions", json=chat("slow"), timeout=0.5)
+            except httpx.TimeoutException:
+                pass
+            while (await h.models())["slow"]["state"] != "stopped":
+                await trio.sleep(0.05)
+            assert h.pid("slow") is None
+            assert (await h.models())["slow"]["start_count"] == 1
