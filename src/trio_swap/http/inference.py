@@ -12,6 +12,11 @@ The exchange follows starlette's ``StreamingResponse``: the relay and a
 disconnect watcher share one nursery, and whichever finishes first cancels
 the other. The router lease and the upstream response are released in a
 ``finally`` that runs however the exchange ends.
+
+A streaming chat request for a cold model with ``sendLoadingState`` waits
+through :class:`~trio_swap.http.loading.LoadingProgress` instead, which
+streams progress before the upstream's answer; every other request pays one
+cheap test for it and nothing more.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from trio_swap.errors import (
     SwapError,
     UpstreamFailed,
 )
+from trio_swap.http.loading import CHAT_COMPLETIONS, LoadingProgress
 from trio_swap.http.relay import forward_header_bytes, response_header_bytes
 from trio_swap.http.upstream_client import Upstream, UpstreamClient, UpstreamResponse
 from trio_swap.router import Lease, Router
@@ -56,6 +62,8 @@ class _Envelope(msgspec.Struct):
     """The only part of a request body trio-swap reads; msgspec skips the rest."""
 
     model: str | None = None
+    #: Only read to decide whether a loading-progress stream applies.
+    stream: bool | None = None
 
 
 _decode_envelope = msgspec.json.Decoder(_Envelope).decode
@@ -85,6 +93,10 @@ class InferenceRoutes:
         self._client = client
         self._max_body_bytes = max_body_bytes
         self._upstreams = {mid: Upstream(m.proxy) for mid, m in config.models.items()}
+        #: Models whose streaming chat clients get loading progress (``sendLoadingState``).
+        self._loading_state = frozenset(
+            mid for mid, m in config.models.items() if m.send_loading_state
+        )
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -102,7 +114,7 @@ class InferenceRoutes:
     ) -> None:
         try:
             body = await self._read_body(scope, receive)
-            model_id, body = self._route(body)
+            model_id, body, envelope = self._route(body)
         except _ClientGone:
             return
         except SwapError as error:
@@ -110,6 +122,14 @@ class InferenceRoutes:
             return
         lease: Lease | None = None
         answer: UpstreamResponse | None = None
+        progress: LoadingProgress | None = None
+        if (
+            envelope.stream
+            and model_id in self._loading_state
+            and scope["path"] == CHAT_COMPLETIONS
+            and not self._router.is_ready(model_id)
+        ):
+            progress = LoadingProgress(self._router, model_id, envelope.model or model_id, send)
         try:
             async with trio.open_nursery() as nursery:
 
@@ -120,7 +140,10 @@ class InferenceRoutes:
 
                 nursery.start_soon(watch_disconnect)
                 try:
-                    lease = await self._router.acquire(model_id)
+                    if progress is None:
+                        lease = await self._router.acquire(model_id)
+                    else:
+                        lease = await progress.acquire()
                     upstream = self._upstreams[model_id]
                     answer = await self._client.send(
                         upstream,
@@ -133,14 +156,22 @@ class InferenceRoutes:
                         model=model_id,
                     )
                 except SwapError as error:
-                    await _send_error(send, error, scope)
+                    if progress is not None and progress.streaming:
+                        await progress.fail(error)
+                    else:
+                        await _send_error(send, error, scope)
                 else:
-                    await self._relay(answer, model_id, send)
+                    if progress is not None and progress.streaming:
+                        await progress.relay(answer)
+                    else:
+                        await self._relay(answer, model_id, send)
                 nursery.cancel_scope.cancel(reason="response complete")
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 if answer is not None:
                     await answer.aclose()
+                if lease is None and progress is not None:
+                    lease = progress.lease  # granted, but the handler was cancelled first
                 if lease is not None:
                     self._router.release(lease)
 
@@ -166,8 +197,8 @@ class InferenceRoutes:
     def _too_large(self) -> BodyTooLarge:
         return BodyTooLarge(f"request body larger than the {self._max_body_bytes} byte limit")
 
-    def _route(self, body: bytes) -> tuple[str, bytes]:
-        """The model id the body names, and the body to send (``useModelName`` applied)."""
+    def _route(self, body: bytes) -> tuple[str, bytes, _Envelope]:
+        """The model id, the body to send (``useModelName`` applied), and the decoded envelope."""
         try:
             envelope = _decode_envelope(body)
         except msgspec.ValidationError as exc:
@@ -184,7 +215,7 @@ class InferenceRoutes:
             payload = msgspec.json.decode(body)
             payload["model"] = rename
             body = msgspec.json.encode(payload)
-        return model_id, body
+        return model_id, body, envelope
 
     async def _relay(self, answer: UpstreamResponse, model_id: str, send: ASGISendCallable) -> None:
         """Send the upstream's status, headers and body bytes as they arrive."""
