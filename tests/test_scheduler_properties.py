@@ -3,7 +3,9 @@
 Checked after every event: each request ends exactly once (one grant then one
 finish, or one reject), a swap never evicts a model with requests in flight,
 at most one model is loading or ready (the one-at-a-time policy), and when
-everything is finished no slot or in-flight count is left over.
+everything is finished no slot or in-flight count is left over. The same
+properties are checked twice: over plain random event lists, and by a hypothesis
+``RuleBasedStateMachine`` that also varies the policy (one at a time, or groups).
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from dataclasses import dataclass, field
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from trio_swap.config.model import GroupConfig
 from trio_swap.errors import ModelStartFailed
-from trio_swap.policy import OneAtATime
+from trio_swap.policy import GroupsPolicy, OneAtATime, SwapPolicy
 from trio_swap.scheduling import (
     Decision,
     FifoScheduler,
@@ -161,3 +165,122 @@ def test_fifo_random_sequences_keep_every_request_accounted_for(
     assert s.pending_requests() == 0
     assert all(s.in_flight(m) == 0 for m in MODELS)
     assert all(s.queued(m) == 0 for m in MODELS)
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """The same invariants as a hypothesis state machine, with the policy varied too.
+
+    Rules are the events the router feeds the scheduler; the invariant runs
+    after each one; ``teardown`` winds everything down and checks no slot leaks.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ledger: Ledger | None = None
+        self.now = 0.0
+        self.next_id = 1
+
+    @initialize(
+        limit=st.integers(1, 3),
+        max_queue=st.sampled_from([0, 2]),
+        pinned=st.sampled_from(["", "B"]),
+        groups=st.booleans(),
+    )
+    def setup(self, limit: int, max_queue: int, pinned: str, groups: bool) -> None:
+        policy: SwapPolicy = OneAtATime()
+        if groups:  # A and B may run together; C runs alone
+            policy = GroupsPolicy([GroupConfig(name="ab", swap=False, members=("A", "B"))], MODELS)
+        limits = {
+            m: ModelLimits(concurrency_limit=limit, ttl=1.0, swappable=m != pinned) for m in MODELS
+        }
+        self.policy = policy
+        self.ledger = Ledger(FifoScheduler(limits, policy, max_queue=max_queue, max_wait=2.0))
+
+    @property
+    def s(self) -> FifoScheduler:
+        assert self.ledger is not None
+        return self.ledger.scheduler
+
+    @rule(model=st.sampled_from(MODELS))
+    def request(self, model: str) -> None:
+        assert self.ledger is not None
+        rid, self.next_id = self.next_id, self.next_id + 1
+        self.ledger.waiting.add(rid)
+        self.ledger.apply(self.s.on_request(rid, model, self.now))
+
+    @rule(pick=st.integers(0, 50))
+    def finish(self, pick: int) -> None:
+        assert self.ledger is not None
+        pool = sorted(self.ledger.granted | self.ledger.waiting)
+        if pool:
+            rid = pool[pick % len(pool)]
+            self.ledger.granted.discard(rid)
+            self.ledger.waiting.discard(rid)
+            self.ledger.apply(self.s.on_finished(rid, self.now))
+
+    @rule(pick=st.integers(0, 10), ok=st.booleans())
+    def swap_done(self, pick: int, ok: bool) -> None:
+        assert self.ledger is not None
+        if self.ledger.swaps:
+            sid = self.ledger.swaps.pop(pick % len(self.ledger.swaps))
+            error = None if ok else ModelStartFailed("?", "random failure")
+            self.ledger.apply(self.s.on_swap_done(sid, error, self.now))
+
+    @rule(pick=st.integers(0, 10))
+    def stops_done(self, pick: int) -> None:
+        assert self.ledger is not None
+        if self.ledger.stops:
+            stop = self.ledger.stops.pop(pick % len(self.ledger.stops))
+            self.ledger.apply(self.s.on_stops_done(stop, self.now))
+
+    @rule(model=st.sampled_from(MODELS))
+    def crash(self, model: str) -> None:
+        assert self.ledger is not None
+        self.ledger.apply(self.s.on_model_stopped(model, self.now))
+
+    @rule(model=st.sampled_from(MODELS))
+    def unload(self, model: str) -> None:
+        assert self.ledger is not None
+        self.ledger.apply(self.s.on_unload([model], self.now))
+
+    @rule(seconds=st.sampled_from([0.25, 1.0, 3.0]))
+    def tick(self, seconds: float) -> None:
+        assert self.ledger is not None
+        self.now += seconds
+        self.ledger.apply(self.s.on_tick(self.now))
+
+    @invariant()
+    def bookkeeping_holds(self) -> None:
+        if self.ledger is None:
+            return
+        s = self.s
+        assert sum(s.in_flight(m) for m in MODELS) == len(self.ledger.granted)
+        assert s.pending_requests() == len(self.ledger.granted) + len(self.ledger.waiting)
+        live = [m for m in MODELS if s.phase(m) in (Phase.LOADING, Phase.READY)]
+        for model in live:  # every pair of live models is allowed together by the policy
+            others = [m for m in live if m != model]
+            assert not self.policy.evictions(model, others) or s.phase(model) is Phase.LOADING
+
+    def teardown(self) -> None:
+        ledger = self.ledger
+        if ledger is None:
+            return
+        s = ledger.scheduler
+        while ledger.swaps or ledger.stops or ledger.granted or ledger.waiting:
+            if ledger.swaps:
+                ledger.apply(s.on_swap_done(ledger.swaps.pop(0), None, self.now))
+            elif ledger.stops:
+                ledger.apply(s.on_stops_done(ledger.stops.pop(0), self.now))
+            else:
+                rid = min(ledger.granted | ledger.waiting)
+                ledger.granted.discard(rid)
+                ledger.waiting.discard(rid)
+                ledger.apply(s.on_finished(rid, self.now))
+        assert s.pending_requests() == 0
+        assert all(s.in_flight(m) == 0 and s.queued(m) == 0 for m in MODELS)
+
+
+SchedulerMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None
+)
+test_scheduler_state_machine = SchedulerMachine.TestCase
