@@ -542,13 +542,13 @@ def test_warnings_for_unsupported_and_unknown_keys(tmp_path: Path) -> None:
         healthCheckTimeout: 30
         profiles:
           p: {pins: {a: qwen}}
-        apiKeys: [sk-1]
-        includeAliasesInList: true
+        peers: {}
+        store: {path: /tmp/x}
         models:
           qwen:
             cmd: s ${PORT}
-            filters:
-              stripParams: temperature
+            timeouts:
+              connect: 5
             tll: 60
             healthCheckTimeout: 5
             cmdstop: x
@@ -558,9 +558,9 @@ def test_warnings_for_unsupported_and_unknown_keys(tmp_path: Path) -> None:
     source = str(tmp_path / "config.yaml")
     assert config.warnings == (
         f"{source}:2: profiles: not supported yet by trio-swap; ignored",
-        f"{source}:4: apiKeys: not supported yet by trio-swap; ignored",
-        f"{source}:5: includeAliasesInList: not supported yet by trio-swap; ignored",
-        f"{source}:9: models.qwen.filters: not supported yet by trio-swap; ignored",
+        f"{source}:4: peers: not supported yet by trio-swap; ignored",
+        f"{source}:5: store: not supported yet by trio-swap; ignored",
+        f"{source}:9: models.qwen.timeouts: not supported yet by trio-swap; ignored",
         f"{source}:11: models.qwen.tll: unknown key (did you mean 'ttl'?); ignored",
         f"{source}:12: models.qwen.healthCheckTimeout: not supported yet by trio-swap; "
         "ignored (set healthCheckTimeout at the top level)",
@@ -570,21 +570,35 @@ def test_warnings_for_unsupported_and_unknown_keys(tmp_path: Path) -> None:
     assert config.models["qwen"].ttl == 0  # the typo did not set it
 
 
-def test_unsupported_keys_are_not_macro_checked(tmp_path: Path) -> None:
-    # llama-swap expands setParamsByID keys; trio-swap ignores the block, so an
-    # unknown placeholder there must not fail the load.
+def test_filters_api_keys_and_alias_listing_load(tmp_path: Path) -> None:
     config = load(
         tmp_path,
         """\
+        apiKeys: [sk-one, sk-two]
+        includeAliasesInList: true
         models:
           m:
             cmd: s ${PORT}
+            aliases: [first]
             filters:
+              stripParams: "temperature, model, top_p, temperature"
+              setParams: {top_k: 20, model: ignored, min_p: 0.05}
               setParamsByID:
                 "${MODEL_ID}:high": {reasoning_effort: high}
+                m: {reasoning_effort: low}
         """,
     )
-    assert len(config.warnings) == 1
+    assert config.api_keys == ("sk-one", "sk-two")
+    assert config.include_aliases_in_list
+    model = config.models["m"]
+    assert model.filters.strip_params == ("temperature", "top_p")  # model never stripped
+    assert model.filters.set_params == {"min_p": 0.05, "top_k": 20}
+    assert model.filters.set_params_by_id == {
+        "m:high": {"reasoning_effort": "high"},
+        "m": {"reasoning_effort": "low"},
+    }
+    assert model.aliases == ("first", "m:high")  # setParamsByID names become aliases
+    assert config.resolve("m:high") == "m"
 
 
 # --- bad configs: each names the file, the key path and the line ------------------------

@@ -139,6 +139,8 @@ class _Loader:
             log_to_stdout=settings.log_to_stdout,
             routing=routing,
             preload=preload,
+            api_keys=settings.api_keys,
+            include_aliases_in_list=settings.include_aliases_in_list,
             warnings=tuple(text for _, text in sorted(self.warnings, key=lambda w: w[0])),
         )
 

@@ -21,6 +21,21 @@ PID_PLACEHOLDER: Final = "${PID}"
 
 
 @final
+class FilterConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Request rewriting for JSON bodies (llama-swap's ``filters``); ``model`` is never touched."""
+
+    #: Top-level keys removed from the body.
+    strip_params: tuple[str, ...] = ()
+    #: Keys set (or overridden) in the body, applied in sorted key order.
+    set_params: dict[str, object] = msgspec.field(default_factory=dict)
+    #: Requested name -> keys set when the client asked for that name (after set_params).
+    set_params_by_id: dict[str, dict[str, object]] = msgspec.field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.strip_params or self.set_params or self.set_params_by_id)
+
+
+@final
 class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     """One model: how to start its server, reach it, and when to stop it."""
 
@@ -52,6 +67,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     swappable: bool = True
     #: Stream loading progress to streaming clients that wait for this model to load.
     send_loading_state: bool = False
+    filters: FilterConfig = msgspec.field(default_factory=FilterConfig)
 
 
 @final
@@ -129,6 +145,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     #: Models loaded at startup, in order, through the normal scheduling path.
     preload: tuple[str, ...] = ()
+    #: Keys accepted as Bearer / x-api-key / basic-auth password; empty = no auth.
+    api_keys: tuple[str, ...] = ()
+    #: List every alias as its own /v1/models entry.
+    include_aliases_in_list: bool = False
     #: Human-readable notes about keys trio-swap read but does not support yet.
     warnings: tuple[str, ...] = ()
 

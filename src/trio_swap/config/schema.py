@@ -30,6 +30,17 @@ DEFAULT_CHECK_ENDPOINT: Final = "/health"
 INHERIT_TTL: Final = -1.0
 
 
+class RawFilters(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``models.<id>.filters`` as written (``strip_params`` is llama-swap's old spelling)."""
+
+    strip_params: str = msgspec.field(default="", name="stripParams")
+    strip_params_legacy: str = msgspec.field(default="", name="strip_params")
+    set_params: dict[str, object] = msgspec.field(default_factory=dict, name="setParams")
+    set_params_by_id: dict[str, dict[str, object]] = msgspec.field(
+        default_factory=dict, name="setParamsByID"
+    )
+
+
 class RawModel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """One entry under ``models:``, as written."""
 
@@ -50,6 +61,7 @@ class RawModel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     swappable: bool = True
     #: None: inherit the top-level ``sendLoadingState``.
     send_loading_state: bool | None = msgspec.field(default=None, name="sendLoadingState")
+    filters: RawFilters = msgspec.field(default_factory=RawFilters)
     macros: dict[str, MacroValue] = msgspec.field(default_factory=dict)
 
 
@@ -67,6 +79,8 @@ class RawConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_level: str = msgspec.field(default="info", name="logLevel")
     log_to_stdout: str = msgspec.field(default="proxy", name="logToStdout")
     send_loading_state: bool = msgspec.field(default=False, name="sendLoadingState")
+    api_keys: list[str] = msgspec.field(default_factory=list, name="apiKeys")
+    include_aliases_in_list: bool = msgspec.field(default=False, name="includeAliasesInList")
 
 
 def _keys(struct: type[msgspec.Struct]) -> frozenset[str]:
@@ -81,9 +95,7 @@ MODEL_KEYS: Final = _keys(RawModel)
 #: llama-swap top-level keys trio-swap does not implement yet, with a hint for
 #: the warning. Remove a key from here when support lands in RawConfig.
 LLAMA_SWAP_ONLY_TOP_KEYS: Final[dict[str, str]] = {
-    "apiKeys": "",
     "captureBuffer": "",
-    "includeAliasesInList": "",
     "logRequests": "",
     "logTimeFormat": "",
     "metricsMaxInMemory": "",
@@ -100,7 +112,6 @@ LLAMA_SWAP_ONLY_TOP_KEYS: Final[dict[str, str]] = {
 LLAMA_SWAP_ONLY_MODEL_KEYS: Final[dict[str, str]] = {
     "capabilities": "",
     "compat": "",
-    "filters": "",
     # llama-swap overwrites it with the global value, so it never did anything.
     "healthCheckTimeout": "set healthCheckTimeout at the top level",
     "timeouts": "",

@@ -20,6 +20,7 @@ from trio_swap.config.command import split_command
 from trio_swap.config.model import (
     DEFAULT_CONCURRENCY_LIMIT,
     DEFAULT_UNLOAD_TIMEOUT,
+    FilterConfig,
     ModelConfig,
 )
 from trio_swap.config.schema import INHERIT_TTL, RawConfig, RawModel
@@ -48,6 +49,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str
     log_to_stdout: str
     send_loading_state: bool
+    api_keys: tuple[str, ...]
+    include_aliases_in_list: bool
 
 
 def convert(value: object, kind: type[T], path: KeyPath, doc: Document) -> T:
@@ -128,6 +131,8 @@ def check_settings(raw: RawConfig, doc: Document) -> Settings:
         log_level=raw.log_level,
         log_to_stdout=raw.log_to_stdout,
         send_loading_state=raw.send_loading_state,
+        api_keys=_api_keys(raw.api_keys, doc),
+        include_aliases_in_list=raw.include_aliases_in_list,
     )
 
 
@@ -149,13 +154,17 @@ def check_model(model_id: str, raw: RawModel, settings: Settings, doc: Document)
         raise doc.error((*path, "unloadTimeout"), f"must be >= 0 (got {_show(unload)})")
     if raw.concurrency_limit < 0:
         raise doc.error((*path, "concurrencyLimit"), f"must be >= 0 (got {raw.concurrency_limit})")
+    filters = _filters(model_id, raw, (*path, "filters"), doc)
+    aliases = _aliases(raw.aliases, (*path, "aliases"), doc)
+    # Every setParamsByID name other than the model's own id is also an alias.
+    generated = [n for n in filters.set_params_by_id if n != model_id and n not in aliases]
     return ModelConfig(
         id=model_id,
         cmd=cmd,
         cmd_stop=_command(raw.cmd_stop, (*path, "cmdStop"), doc),
         proxy=_proxy(raw.proxy, (*path, "proxy"), doc),
         check_endpoint=_check_endpoint(raw.check_endpoint, (*path, "checkEndpoint"), doc),
-        aliases=_aliases(raw.aliases, (*path, "aliases"), doc),
+        aliases=(*aliases, *generated),
         env=tuple(_env(entry, (*path, "env", i), doc) for i, entry in enumerate(raw.env)),
         ttl=settings.global_ttl if ttl == INHERIT_TTL else ttl,
         unload_timeout=unload or settings.unload_timeout,
@@ -166,12 +175,41 @@ def check_model(model_id: str, raw: RawModel, settings: Settings, doc: Document)
         metadata=raw.metadata,
         concurrency_limit=raw.concurrency_limit or DEFAULT_CONCURRENCY_LIMIT,
         swappable=raw.swappable,
+        filters=filters,
         send_loading_state=(
             settings.send_loading_state
             if raw.send_loading_state is None
             else raw.send_loading_state
         ),
     )
+
+
+def _api_keys(keys: list[str], doc: Document) -> tuple[str, ...]:
+    for index, key in enumerate(keys):
+        if not key.strip():
+            raise doc.error(("apiKeys", index), "an API key must not be empty")
+        if any(c.isspace() for c in key):
+            raise doc.error(("apiKeys", index), "an API key cannot contain spaces")
+    return tuple(keys)
+
+
+def _filters(model_id: str, raw: RawModel, path: KeyPath, doc: Document) -> FilterConfig:
+    """Normalise ``filters``; ``model`` can never be stripped or set (it is routing)."""
+    text = raw.filters.strip_params or raw.filters.strip_params_legacy
+    strip: list[str] = []
+    for name in (part.strip() for part in text.split(",")):
+        if name and name != "model" and name not in strip:
+            strip.append(name)
+    set_params = {k: v for k, v in sorted(raw.filters.set_params.items()) if k != "model"}
+    by_id: dict[str, dict[str, object]] = {}
+    for key, params in raw.filters.set_params_by_id.items():
+        name = key.replace("${MODEL_ID}", model_id).strip()
+        if not name:
+            raise doc.error((*path, "setParamsByID", key), "an empty name cannot be requested")
+        if name in by_id:
+            raise doc.error((*path, "setParamsByID", key), f"{name!r} is listed twice")
+        by_id[name] = {k: v for k, v in sorted(params.items()) if k != "model"}
+    return FilterConfig(strip_params=tuple(strip), set_params=set_params, set_params_by_id=by_id)
 
 
 def check_aliases(models: dict[str, ModelConfig], doc: Document) -> None:
