@@ -151,3 +151,14 @@ def test_version_and_help() -> None:
     assert version.returncode == 0 and version.stdout.startswith("trio-swap ")
     helptext = subprocess.run([*run, "serve", "--help"], capture_output=True, text=True, timeout=30)
     assert "--config" in helptext.stdout and "--listen" in helptext.stdout
+
+
+def test_schema_prints_a_json_schema_of_the_config() -> None:
+    import json
+
+    result = subprocess.run(
+        [sys.executable, "-m", "trio_swap", "schema"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0
+    schema = json.loads(result.stdout)
+    assert "$defs" in schema and "RawModel" in json.dumps(schema)

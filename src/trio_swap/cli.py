@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--format", choices=("text", "json"), default="text")
 
     commands.add_parser(
+        "schema",
+        help="print the config file's JSON Schema (for editor completion and linting)",
+        description="Print a JSON Schema of the config file format to stdout.",
+    )
+
+    commands.add_parser(
         "responder",
         help="run the built-in OpenAI-compatible test upstream (see `trio-swap responder -h`)",
         add_help=False,
@@ -126,6 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args.config, args.format)
     if args.command == "plan":
         return _plan(args)
+    if args.command == "schema":
+        import msgspec
+
+        from trio_swap.config.schema import json_schema
+
+        print(msgspec.json.format(msgspec.json.encode(json_schema())).decode())
+        return 0
     parser.print_help()
     return 2
 
