@@ -2,40 +2,82 @@
 
     SwapError                      base: knows its status, OpenAI ``type`` and ``code``
     ├── BadRequest                 400  malformed JSON, no ``model`` field
+    ├── Unauthorized               401  no API key, or not one of ``apiKeys``
     ├── ModelNotFound              404  the name is neither a model id nor an alias
     ├── MethodNotAllowed           405  e.g. GET on a POST-only inference route
     ├── BodyTooLarge               413  request body over the configured limit
     ├── ModelPinned                409  the request needs a ``swappable: false`` model evicted
     ├── RateLimited                429  over the model's ``concurrencyLimit`` (Retry-After)
     ├── UpstreamFailed             502  the model's server broke the request (connect/read)
+    ├── PeerFailed                 502  a peer (another machine) could not be reached
     ├── ModelStartFailed           503  the model's server did not become ready (quotes its log)
     ├── ModelUnloaded              503  an unload stopped the model this request waited for
     ├── QueueFull                  503  the scheduler's maxQueue is reached (Retry-After)
     └── ShuttingDown               503  trio-swap is stopping
 
 Raise the most specific class; the HTTP layer turns it into
-``{"error": {"message", "type", "code"}}`` with :attr:`SwapError.status`.
+``{"error": {"message", "type", "code"}}`` with :attr:`SwapError.status`, or
+into Anthropic's ``{"type": "error", "error": {"type", "message"}}`` on the
+Anthropic routes (:func:`error_style`), so each SDK can read its own errors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, Final, Literal
 
 __all__ = [
     "BadRequest",
     "BodyTooLarge",
+    "ErrorStyle",
     "MethodNotAllowed",
     "ModelNotFound",
     "ModelPinned",
     "ModelStartFailed",
     "ModelUnloaded",
+    "PeerFailed",
     "QueueFull",
     "RateLimited",
     "ShuttingDown",
     "SwapError",
+    "Unauthorized",
     "UpstreamFailed",
+    "error_payload",
+    "error_style",
 ]
+
+ErrorStyle = Literal["openai", "anthropic"]
+
+#: Paths whose clients are Anthropic SDKs (``/v/`` is llama-swap's versionless prefix).
+_ANTHROPIC_PREFIXES: Final = ("/v1/messages", "/v/messages")
+
+#: Anthropic's error ``type`` for each status (https://docs.anthropic.com/en/api/errors).
+_ANTHROPIC_TYPES: Final = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def error_style(path: str) -> ErrorStyle:
+    """Which error body the client on ``path`` understands."""
+    return "anthropic" if path.startswith(_ANTHROPIC_PREFIXES) else "openai"
+
+
+def error_payload(
+    style: ErrorStyle, status: int, message: str, error_type: str, code: str
+) -> dict[str, object]:
+    """An error body in ``style``; Anthropic's ``type`` follows from the status."""
+    if style == "anthropic":
+        kind = _ANTHROPIC_TYPES.get(
+            status, "invalid_request_error" if status < 500 else "api_error"
+        )
+        return {"type": "error", "error": {"type": kind, "message": message}}
+    return {"error": {"message": message, "type": error_type, "code": code}}
 
 
 class SwapError(Exception):
@@ -53,15 +95,24 @@ class SwapError(Exception):
         """Extra response headers (``Retry-After`` for the retryable ones)."""
         return {}
 
-    def body(self) -> dict[str, object]:
-        """The OpenAI-style error object clients know how to read."""
-        return {"error": {"message": self.message, "type": self.error_type, "code": self.code}}
+    def body(self, style: ErrorStyle = "openai") -> dict[str, object]:
+        """The error object the client's SDK knows how to read."""
+        return error_payload(style, self.status, self.message, self.error_type, self.code)
 
 
 class BadRequest(SwapError):
     status = 400
     error_type = "invalid_request_error"
     code = "bad_request"
+
+
+class Unauthorized(SwapError):
+    status = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Basic realm="trio-swap"'}
 
 
 class ModelNotFound(SwapError):
@@ -145,6 +196,16 @@ class UpstreamFailed(SwapError):
     def __init__(self, model: str, detail: str) -> None:
         super().__init__(f"upstream for model {model!r} failed: {detail}")
         self.model = model
+
+
+class PeerFailed(SwapError):
+    status = 502
+    error_type = "server_error"
+    code = "bad_gateway"
+
+    def __init__(self, peer: str, detail: str) -> None:
+        super().__init__(f"peer proxy error: peer {peer!r}: {detail}")
+        self.peer = peer
 
 
 class ModelStartFailed(SwapError):
