@@ -94,27 +94,7 @@ def build_app(state: AppState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) 
     @app.get("/v1/models")
     @app.get("/models")
     async def list_models() -> Response:
-        data = []
-        for model in sorted(state.config.models.values(), key=lambda m: m.id):
-            if model.unlisted:
-                continue
-            entry: dict[str, object] = {
-                "id": model.id,
-                "object": "model",
-                "created": state.started_at,
-                "owned_by": "trio-swap",
-            }
-            if model.name.strip():
-                entry["name"] = model.name.strip()
-            if model.description.strip():
-                entry["description"] = model.description.strip()
-            # llama-swap publishes metadata under meta.llamaswap; keep the same place.
-            entry["meta"] = {"llamaswap": {**model.metadata, "aliases": list(model.aliases)}}
-            process = state.processes[model.id]
-            loaded = process.state.value != "stopped"
-            entry["status"] = {"value": "loaded" if loaded else "unloaded"}
-            data.append(entry)
-        return json_response({"object": "list", "data": data})
+        return json_response({"object": "list", "data": _model_listing(state)})
 
     @app.get("/running")
     async def running() -> Response:
@@ -185,3 +165,42 @@ def build_app(state: AppState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) 
         return json_response({"msg": "ok", "model": model_id})
 
     return app
+
+
+def _model_listing(state: AppState) -> list[dict[str, object]]:
+    """``/v1/models`` entries: listed models, their aliases when asked for, sorted by id."""
+    data: list[dict[str, object]] = []
+    for model in state.config.models.values():
+        if model.unlisted:
+            continue
+        loaded = state.processes[model.id].state.value != "stopped"
+        status = {"value": "loaded" if loaded else "unloaded"}
+        entry = _listing_entry(model.id, state.started_at, model.name, model.description)
+        # llama-swap publishes metadata under meta.llamaswap; keep the same place.
+        entry["meta"] = {
+            "llamaswap": {**model.metadata, "type": "model", "aliases": list(model.aliases)}
+        }
+        entry["status"] = status
+        data.append(entry)
+        if state.config.include_aliases_in_list:
+            for alias in model.aliases:
+                entry = _listing_entry(alias, state.started_at, model.name, model.description)
+                entry["meta"] = {"llamaswap": {"type": "alias", "modelID": model.id}}
+                entry["status"] = status
+                data.append(entry)
+    data.sort(key=lambda entry: str(entry["id"]))
+    return data
+
+
+def _listing_entry(entry_id: str, created: int, name: str, description: str) -> dict[str, object]:
+    entry: dict[str, object] = {
+        "id": entry_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "trio-swap",
+    }
+    if name.strip():
+        entry["name"] = name.strip()
+    if description.strip():
+        entry["description"] = description.strip()
+    return entry

@@ -1,12 +1,19 @@
-"""The model-routed POST endpoints as a lean ASGI handler in front of the Quart app.
+"""The model-routed endpoints as a lean ASGI handler in front of the Quart app.
 
 Measured (docs/benchmarks.md): Quart's per-request machinery (request and
 app contexts, werkzeug header objects, signals, a task pair per request) cost
 more CPU than everything else a proxied request does, and these routes need
-none of it: read the body, peek at ``model``, wait for the router's grant,
-relay bytes. So ``/v1/chat/completions``, ``/v1/completions`` and
-``/v1/embeddings`` are served here, directly on the ASGI interface, and every
-other route goes on to the Quart app.
+none of it: read the body, find the model, wait for the router's grant, relay
+bytes. So every model-routed route (:mod:`trio_swap.http.routes`: the JSON,
+multipart, query-string and ``/upstream/`` families) is served here, directly
+on the ASGI interface, and every other route goes on to the Quart app.
+
+One request goes: read the body (bounded) → find the model name where the
+route keeps it → resolve it to a local model or a peer → rewrite the body
+(``useModelName``, ``filters``, a peer's own model name) → for a local model,
+wait for the router's lease and relay the upstream's answer; for a peer,
+forward it there. Errors come back in the style of the endpoint's SDK
+(OpenAI, or Anthropic on ``/v1/messages``).
 
 The exchange follows starlette's ``StreamingResponse``: the relay and a
 disconnect watcher share one nursery, and whichever finishes first cancels
@@ -22,8 +29,9 @@ cheap test for it and nothing more.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, final
+from urllib.parse import parse_qsl, urlencode
 
 import msgspec
 import trio
@@ -34,28 +42,32 @@ from hypercorn.typing import (
     Scope,
 )
 
-from trio_swap.config.model import Config
+from trio_swap.config.model import Config, FilterConfig
 from trio_swap.errors import (
     BadRequest,
     BodyTooLarge,
+    ErrorStyle,
     MethodNotAllowed,
     ModelNotFound,
     SwapError,
     UpstreamFailed,
+    error_style,
 )
+from trio_swap.http.filters import rewrite_json
 from trio_swap.http.loading import CHAT_COMPLETIONS, LoadingProgress
+from trio_swap.http.multipart import boundary_of, find_field
+from trio_swap.http.passthrough import split_passthrough
 from trio_swap.http.relay import forward_header_bytes, response_header_bytes
+from trio_swap.http.routes import ModelSource, Route, WrongMethod, classify
 from trio_swap.http.upstream_client import Upstream, UpstreamClient, UpstreamResponse
 from trio_swap.router import Lease, Router
 
-__all__ = ["JSON_MODEL_ROUTES", "InferenceRoutes"]
+__all__ = ["InferenceRoutes"]
 
 log = logging.getLogger("trio_swap.http")
 
-#: Routes whose JSON body names the model.
-JSON_MODEL_ROUTES: Final = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
-
 AsgiApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
+Body = bytes | Sequence[bytes | memoryview]
 
 
 class _Envelope(msgspec.Struct):
@@ -68,15 +80,53 @@ class _Envelope(msgspec.Struct):
 
 _decode_envelope = msgspec.json.Decoder(_Envelope).decode
 _JSON_HEADERS: Final = [(b"content-type", b"application/json")]
+_NO_FILTERS: Final = FilterConfig()
 
 
 class _ClientGone(Exception):
     """The client disconnected before its request body was complete."""
 
 
+class _Redirect(Exception):
+    """``/upstream/<model>`` without the trailing slash: send the client to the slashed path."""
+
+    def __init__(self, location: bytes, status: int) -> None:
+        super().__init__(location)
+        self.location = location
+        self.status = status
+
+
+@final
+class _Outbound:
+    """A request ready to go: which model, and exactly what to send where."""
+
+    __slots__ = ("body", "model_id", "path", "query", "requested", "stream")
+
+    def __init__(
+        self,
+        model_id: str,
+        *,
+        requested: str,
+        body: Body,
+        path: bytes,
+        query: bytes,
+        stream: bool = False,
+    ) -> None:
+        #: A local model id.
+        self.model_id = model_id
+        #: The name the client asked for (an id or an alias).
+        self.requested = requested
+        self.body = body
+        #: The raw path for the upstream (its base path is added by :class:`Upstream`).
+        self.path = path
+        self.query = query
+        #: The client asked for a stream (only read for loading progress).
+        self.stream = stream
+
+
 @final
 class InferenceRoutes:
-    """ASGI app: model-routed POSTs here, everything else to ``fallback`` (the Quart app)."""
+    """ASGI app: model-routed requests here, everything else to ``fallback`` (the Quart app)."""
 
     def __init__(
         self,
@@ -101,35 +151,55 @@ class InferenceRoutes:
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
-        if scope["type"] == "http" and scope["path"] in JSON_MODEL_ROUTES:
-            if scope["method"] == "POST":
-                await self._serve(scope, receive, send)
-            else:
-                await _send_error(send, MethodNotAllowed(scope["method"], scope["path"]), scope)
-        else:
+        if scope["type"] != "http":
             await self._fallback(scope, receive, send)
+            return
+        try:
+            route = classify(scope["method"], scope["path"])
+        except WrongMethod as wrong:
+            error = MethodNotAllowed(scope["method"], scope["path"], wrong.allowed)
+            await _send_error(send, error, scope)
+            return
+        if route is None:
+            await self._fallback(scope, receive, send)
+        else:
+            await self._serve(route, scope, receive, send)
 
     async def _serve(
-        self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+        self, route: Route, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         try:
             body = await self._read_body(scope, receive)
-            model_id, body, envelope = self._route(body)
+            outbound = self._prepare(route, scope, body)
         except _ClientGone:
+            return
+        except _Redirect as redirect:
+            await _send_redirect(send, redirect)
             return
         except SwapError as error:
             await _send_error(send, error, scope)
             return
+        await self._exchange(outbound, scope, receive, send)
+
+    async def _exchange(
+        self,
+        outbound: _Outbound,
+        scope: HTTPScope,
+        receive: ASGIReceiveCallable,
+        send: ASGISendCallable,
+    ) -> None:
+        """Wait for the model, send the request, relay the answer; release everything after."""
+        model_id = outbound.model_id
         lease: Lease | None = None
         answer: UpstreamResponse | None = None
         progress: LoadingProgress | None = None
         if (
-            envelope.stream
+            outbound.stream
             and model_id in self._loading_state
             and scope["path"] == CHAT_COMPLETIONS
             and not self._router.is_ready(model_id)
         ):
-            progress = LoadingProgress(self._router, model_id, envelope.model or model_id, send)
+            progress = LoadingProgress(self._router, model_id, outbound.requested, send)
         try:
             async with trio.open_nursery() as nursery:
 
@@ -147,12 +217,10 @@ class InferenceRoutes:
                     upstream = self._upstreams[model_id]
                     answer = await self._client.send(
                         upstream,
-                        method=b"POST",
-                        target=upstream.target(
-                            scope["raw_path"] or scope["path"].encode(), scope["query_string"]
-                        ),
+                        method=scope["method"].encode(),
+                        target=upstream.target(outbound.path, outbound.query),
                         headers=forward_header_bytes(scope["headers"]),
-                        body=body,
+                        body=outbound.body,
                         model=model_id,
                     )
                 except SwapError as error:
@@ -164,7 +232,7 @@ class InferenceRoutes:
                     if progress is not None and progress.streaming:
                         await progress.relay(answer)
                     else:
-                        await self._relay(answer, model_id, send)
+                        await self._relay(answer, model_id, send, error_style(scope["path"]))
                 nursery.cancel_scope.cancel(reason="response complete")
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
@@ -192,13 +260,41 @@ class InferenceRoutes:
                 raise self._too_large()
             pieces.append(chunk)
             if not request.get("more_body", False):
-                return b"".join(pieces)
+                return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _too_large(self) -> BodyTooLarge:
         return BodyTooLarge(f"request body larger than the {self._max_body_bytes} byte limit")
 
-    def _route(self, body: bytes) -> tuple[str, bytes, _Envelope]:
-        """The model id, the body to send (``useModelName`` applied), and the decoded envelope."""
+    # -- finding the model and rewriting the request -------------------------------------
+
+    def _prepare(self, route: Route, scope: HTTPScope, body: bytes) -> _Outbound:
+        """Where the request goes and what it carries there.
+
+        Raises:
+            SwapError: no model named, an unknown model, or a malformed body.
+            _Redirect: a passthrough path that needs its trailing slash.
+        """
+        path = scope["raw_path"] or scope["path"].encode()
+        query = scope["query_string"]
+        match route.source:
+            case ModelSource.JSON:
+                if route.upstream_path is not None:
+                    path = route.upstream_path.encode()
+                return self._prepare_json(body, path, query)
+            case ModelSource.MULTIPART:
+                return self._prepare_multipart(scope, body, path, query)
+            case ModelSource.QUERY:
+                return self._prepare_query(body, path, query)
+            case ModelSource.PATH:
+                return self._prepare_passthrough(scope, body, path, query)
+
+    def _resolve(self, requested: str) -> str:
+        model_id = self._config.resolve(requested)
+        if model_id is None:
+            raise ModelNotFound(requested)
+        return model_id
+
+    def _prepare_json(self, body: bytes, path: bytes, query: bytes) -> _Outbound:
         try:
             envelope = _decode_envelope(body)
         except msgspec.ValidationError as exc:
@@ -207,17 +303,75 @@ class InferenceRoutes:
             raise BadRequest(f"request body is not valid JSON: {exc}") from exc
         if not envelope.model:
             raise BadRequest("the request body has no 'model' field")
-        model_id = self._config.resolve(envelope.model)
-        if model_id is None:
-            raise ModelNotFound(envelope.model)
-        rename = self._config.models[model_id].use_model_name
-        if rename:
-            payload = msgspec.json.decode(body)
-            payload["model"] = rename
-            body = msgspec.json.encode(payload)
-        return model_id, body, envelope
+        requested = envelope.model
+        model_id = self._resolve(requested)
+        model = self._config.models[model_id]
+        body = rewrite_json(
+            body,
+            filters=model.filters,
+            rename=model.use_model_name or None,
+            requested=requested,
+        )
+        return _Outbound(
+            model_id,
+            requested=requested,
+            body=body,
+            path=path,
+            query=query,
+            stream=bool(envelope.stream),
+        )
 
-    async def _relay(self, answer: UpstreamResponse, model_id: str, send: ASGISendCallable) -> None:
+    def _prepare_multipart(
+        self, scope: HTTPScope, body: bytes, path: bytes, query: bytes
+    ) -> _Outbound:
+        content_type = _header(scope, b"content-type") or b""
+        boundary = boundary_of(content_type.decode("latin-1"))
+        field = find_field(body, boundary, "model")
+        if field is None or not field.value:
+            raise BadRequest("the multipart form has no 'model' field")
+        model_id = self._resolve(field.value)
+        rename = self._config.models[model_id].use_model_name
+        outgoing: Body = body
+        if rename and rename != field.value:
+            outgoing = field.replaced(body, rename)
+        return _Outbound(model_id, requested=field.value, body=outgoing, path=path, query=query)
+
+    def _prepare_query(self, body: bytes, path: bytes, query: bytes) -> _Outbound:
+        params = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+        requested = next((value for name, value in params if name == "model"), "")
+        if not requested:
+            raise BadRequest("this endpoint needs the model in the query string: ?model=<name>")
+        model_id = self._resolve(requested)
+        rename = self._config.models[model_id].use_model_name
+        if rename and rename != requested:
+            params = [(name, rename if name == "model" else value) for name, value in params]
+            query = urlencode(params).encode()
+        return _Outbound(model_id, requested=requested, body=body, path=path, query=query)
+
+    def _prepare_passthrough(
+        self, scope: HTTPScope, body: bytes, path: bytes, query: bytes
+    ) -> _Outbound:
+        target = split_passthrough(path, lambda name: self._config.resolve(name) is not None)
+        if target.rest is None:
+            location = path + b"/" + (b"?" + query if query else b"")
+            status = 301 if scope["method"] in ("GET", "HEAD") else 308
+            raise _Redirect(location, status)
+        model_id = self._resolve(target.model)
+        stream = ("stream", "true") in parse_qsl(query.decode("latin-1"))
+        return _Outbound(
+            model_id,
+            requested=target.model,
+            body=body,
+            path=target.rest,
+            query=query,
+            stream=stream,
+        )
+
+    # -- answering -------------------------------------------------------------------------
+
+    async def _relay(
+        self, answer: UpstreamResponse, model_id: str, send: ASGISendCallable, style: ErrorStyle
+    ) -> None:
         """Send the upstream's status, headers and body bytes as they arrive."""
         await send(
             {
@@ -239,19 +393,40 @@ class InferenceRoutes:
                 raise
             # An SSE client learns it from a last event (the OpenAI SDKs raise it).
             error = UpstreamFailed(model_id, f"response cut off: {exc.message}")
-            event = b"data: " + msgspec.json.encode(error.body()) + b"\n\n"
+            event = b"data: " + msgspec.json.encode(error.body(style)) + b"\n\n"
             await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+def _header(scope: HTTPScope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+async def _send_redirect(send: ASGISendCallable, redirect: _Redirect) -> None:
+    headers = [(b"location", redirect.location), (b"content-length", b"0")]
+    await send(
+        {
+            "type": "http.response.start",
+            "status": redirect.status,
+            "headers": headers,
+            "trailers": False,
+        }
+    )
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 async def _send_error(send: ASGISendCallable, error: SwapError, scope: HTTPScope) -> None:
     if error.status >= 500:
-        log.warning("POST %s -> %d: %s", scope["path"], error.status, error.message)
+        log.warning("%s %s -> %d: %s", scope["method"], scope["path"], error.status, error.message)
+    style: ErrorStyle = error_style(scope["path"])
     headers = [
         *_JSON_HEADERS,
         *((k.lower().encode(), v.encode()) for k, v in error.headers().items()),
     ]
-    body = msgspec.json.encode(error.body())
+    body = msgspec.json.encode(error.body(style))
     await send(
         {
             "type": "http.response.start",

@@ -32,6 +32,9 @@ from trio_swap.errors import UpstreamFailed
 __all__ = ["Upstream", "UpstreamClient", "UpstreamResponse"]
 
 _READ_SIZE: Final = 256 * 1024
+#: Bodies up to this size are copied into the head's buffer (one ``send_all``);
+#: larger ones (uploads) are written from the caller's buffer as they are.
+_COALESCE_LIMIT: Final = 64 * 1024
 #: Idle keep-alive connections kept per upstream; more are closed after use.
 _MAX_IDLE_PER_UPSTREAM: Final = 128
 #: An idle connection older than this is closed instead of reused.
@@ -166,7 +169,7 @@ class UpstreamClient:
         method: bytes,
         target: bytes,
         headers: Sequence[tuple[bytes, bytes]],
-        body: bytes,
+        body: bytes | Sequence[bytes | memoryview],
         model: str,
     ) -> UpstreamResponse:
         """Send one request and return once the response head is in.
@@ -180,7 +183,7 @@ class UpstreamClient:
             headers=[
                 (b"host", upstream.authority),
                 *headers,
-                (b"content-length", b"%d" % len(body)),
+                (b"content-length", b"%d" % _length(body)),
             ],
         )
         for attempt in (1, 2):
@@ -212,14 +215,28 @@ class UpstreamClient:
             return UpstreamResponse(self, upstream, connection, head, model)
         raise AssertionError("unreachable")
 
-    async def _write(self, connection: _Connection, request: h11.Request, body: bytes) -> None:
-        """Head and body in one ``send_all``."""
+    async def _write(
+        self,
+        connection: _Connection,
+        request: h11.Request,
+        body: bytes | Sequence[bytes | memoryview],
+    ) -> None:
+        """Head and a small body in one ``send_all``; a large or sliced body after it, uncopied."""
         conn = connection.h11
         data = conn.send(request) or b""
-        if body:
-            data += conn.send(h11.Data(data=body)) or b""
-        data += conn.send(h11.EndOfMessage()) or b""
+        if isinstance(body, bytes) and len(body) <= _COALESCE_LIMIT:
+            if body:
+                data += conn.send(h11.Data(data=body)) or b""
+            data += conn.send(h11.EndOfMessage()) or b""
+            await connection.stream.send_all(data)
+            return
         await connection.stream.send_all(data)
+        for piece in [body] if isinstance(body, bytes) else body:
+            # h11 passes any bytes-like object through untouched; its stubs say bytes.
+            data_event = h11.Data(data=piece)  # type: ignore[arg-type]
+            for part in conn.send_with_data_passthrough(data_event) or ():
+                await connection.stream.send_all(part)
+        await connection.stream.send_all(conn.send(h11.EndOfMessage()) or b"")
 
     async def _read_head(self, connection: _Connection) -> h11.Response:
         conn = connection.h11
@@ -289,6 +306,12 @@ class UpstreamClient:
         for idle in self._idle.values():
             while idle:
                 await self._discard(idle.pop())
+
+
+def _length(body: bytes | Sequence[bytes | memoryview]) -> int:
+    if isinstance(body, bytes):
+        return len(body)
+    return sum(len(piece) for piece in body)
 
 
 def _still_open(stream: trio.abc.Stream) -> bool:

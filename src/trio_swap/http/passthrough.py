@@ -1,0 +1,56 @@
+"""Splitting ``/upstream/<model>/<path>`` into the model name and the path sent upstream.
+
+Model ids may contain ``/`` (``org/model``), written plainly or as ``%2F``, so
+the model is the *longest* run of leading path segments that names a model.
+The rest is forwarded with the client's own escaping, but it may not climb out
+of the upstream's base URL: a ``.`` or ``..`` segment (``%2e`` included) is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final, final
+from urllib.parse import unquote
+
+from trio_swap.errors import BadRequest, ModelNotFound
+
+__all__ = ["PassthroughTarget", "split_passthrough"]
+
+PREFIX: Final = b"/upstream/"
+
+
+@final
+class PassthroughTarget:
+    """A parsed passthrough path."""
+
+    __slots__ = ("model", "rest")
+
+    def __init__(self, model: str, rest: bytes | None) -> None:
+        #: The model name as the client wrote it (decoded).
+        self.model = model
+        #: The raw path to send upstream, starting with ``/``; None when the
+        #: client wrote ``/upstream/<model>`` with nothing after it.
+        self.rest = rest
+
+
+def split_passthrough(raw_path: bytes, is_model: Callable[[str], bool]) -> PassthroughTarget:
+    """Find the model in ``raw_path`` (which starts with ``/upstream/``).
+
+    Raises:
+        ModelNotFound: no leading run of segments names a model.
+        BadRequest: the rest of the path has a dot segment.
+    """
+    segments = raw_path[len(PREFIX) :].split(b"/")
+    decoded = [unquote(s.decode("latin-1"), errors="replace") for s in segments]
+    for count in range(len(segments), 0, -1):
+        name = "/".join(decoded[:count])
+        if name and is_model(name):
+            break
+    else:
+        raise ModelNotFound(decoded[0] if decoded else "")
+    rest_segments = segments[count:]
+    if not rest_segments:
+        return PassthroughTarget(name, None)
+    if any(part in (".", "..") for part in decoded[count:]):
+        raise BadRequest("the path after /upstream/<model> may not contain '.' or '..' segments")
+    return PassthroughTarget(name, b"/" + b"/".join(rest_segments))
