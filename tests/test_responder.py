@@ -15,26 +15,36 @@ Rules of this module:
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Final, final
 
+import anthropic
 import httpx
+import openai
 import pytest
 import trio
 
 import trio_swap
 from trio_swap.responder import build_parser, parse_options
+from trio_swap.responder.anthropic import MessageStreamTemplate
+from trio_swap.responder.llama import NativeStreamTemplate
+from trio_swap.responder.media import PNG, parse_multipart
 from trio_swap.responder.payloads import (
+    BadRequest,
     StreamTemplate,
     embedding_vector,
+    rerank_body,
     token_text,
 )
 
@@ -458,6 +468,425 @@ async def test_delay_query_holds_request_until_client_leaves() -> None:
     assert [r["status"] for r in records] == ["completed", "cancelled"]
 
 
+# --- Anthropic messages ---------------------------------------------------------------
+
+
+def anthropic_events(text: str) -> list[tuple[str, dict[str, object]]]:
+    """The `(event name, data)` pairs of an Anthropic SSE body, in order."""
+    pairs = []
+    for frame in (frame for frame in text.split("\n\n") if frame):
+        name_line, data_line = frame.split("\n")
+        assert name_line.startswith("event: "), frame
+        assert data_line.startswith("data: "), frame
+        data = json.loads(data_line.removeprefix("data: "))
+        assert data["type"] == name_line.removeprefix("event: ")
+        pairs.append((data["type"], data))
+    return pairs
+
+
+async def test_anthropic_sdk_parses_messages_streams_and_token_counts() -> None:
+    messages: list[anthropic.types.MessageParam] = [{"role": "user", "content": "one two three"}]
+    with trio.fail_after(TIMEOUT):
+        async with (
+            run_responder("--tokens", "4", "--token-delay", "0.001") as responder,
+            anthropic.AsyncAnthropic(base_url=responder.url, api_key="k", max_retries=0) as client,
+        ):
+            whole = await client.messages.create(
+                model="claude-sent", max_tokens=100, messages=messages, system="be brief"
+            )
+            capped = await client.messages.create(model="c", max_tokens=2, messages=messages)
+            async with client.messages.stream(
+                model="claude-streamed", max_tokens=100, messages=messages
+            ) as stream:
+                texts = [text async for text in stream.text_stream]
+                final = await stream.get_final_message()
+            raw = await client.messages.create(
+                model="c", max_tokens=100, messages=messages, stream=True
+            )
+            types = [event.type async for event in raw]
+            count = await client.messages.count_tokens(
+                model="c", messages=messages, system="be brief"
+            )
+    assert whole.model == "claude-sent"
+    assert whole.id.startswith("msg_")
+    assert (whole.type, whole.role) == ("message", "assistant")
+    assert [block.type for block in whole.content] == ["text"]
+    assert whole.content[0].text == "tok0 tok1 tok2 tok3 "  # type: ignore[union-attr]
+    assert (whole.stop_reason, whole.stop_sequence) == ("end_turn", None)
+    assert (whole.usage.input_tokens, whole.usage.output_tokens) == (5, 4)
+    # max_tokens is a cap, not the length: below --tokens it cuts the answer.
+    assert capped.content[0].text == "tok0 tok1 "  # type: ignore[union-attr]
+    assert capped.stop_reason == "max_tokens"
+    assert texts == [token_text(i) for i in range(4)]
+    assert final.model == "claude-streamed"
+    assert final.content[0].text == "tok0 tok1 tok2 tok3 "  # type: ignore[union-attr]
+    assert final.stop_reason == "end_turn"
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (3, 4)
+    assert types == [  # the SDK hides ping
+        "message_start",
+        "content_block_start",
+        *["content_block_delta"] * 4,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert count.input_tokens == 5
+
+
+async def test_anthropic_stream_frames_in_order() -> None:
+    body = {"model": "m", "max_tokens": 10, "stream": True, "messages": []}
+    with trio.fail_after(TIMEOUT):
+        async with (
+            run_responder("--tokens", "3") as responder,
+            httpx.AsyncClient(base_url=responder.url) as client,
+        ):
+            response = await client.post("/v1/messages", json=body)
+            [record] = await responder.requests()
+    assert response.headers["content-type"] == "text/event-stream"
+    events = anthropic_events(response.text)
+    assert [name for name, _ in events] == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    deltas = [data["delta"] for name, data in events if name == "content_block_delta"]
+    assert deltas == [{"type": "text_delta", "text": token_text(i)} for i in range(3)]
+    assert events[7][1]["usage"] == {"output_tokens": 3}
+    assert record["tokens_sent"] == 3
+
+
+async def test_anthropic_stream_crash_cuts_after_n_deltas() -> None:
+    body = {"model": "m", "max_tokens": 1000, "stream": True, "messages": []}
+    with trio.fail_after(TIMEOUT):
+        async with (
+            run_responder("--tokens", "1000", "--crash-after-tokens", "2") as responder,
+            httpx.AsyncClient(base_url=responder.url) as client,
+        ):
+            received = ""
+            with pytest.raises(httpx.RemoteProtocolError):
+                async with client.stream("POST", "/v1/messages", json=body) as response:
+                    async for text in response.aiter_text():
+                        received += text
+            assert await responder.process.wait() == 3
+    names = [name for name, _ in anthropic_events(received)]
+    assert names == ["message_start", "content_block_start", "ping", *["content_block_delta"] * 2]
+
+
+# --- OpenAI SDK: responses, audio, images --------------------------------------------
+
+
+async def test_openai_sdk_parses_responses_audio_and_images() -> None:
+    audio = bytes(range(256)) * 4096  # 1 MiB, every byte value
+    picture = b"\x89PNG fake upload" * 100
+    with trio.fail_after(TIMEOUT):
+        async with (
+            run_responder("--tokens", "3") as responder,
+            openai.AsyncOpenAI(
+                base_url=responder.url + "/v1", api_key="k", max_retries=0
+            ) as client,
+        ):
+            response = await client.responses.create(
+                model="resp-model", input="say something", instructions="be brief"
+            )
+            transcript = await client.audio.transcriptions.create(
+                model="whisper-sent", file=("speech.wav", audio, "audio/wav")
+            )
+            generated = await client.images.generate(model="img", prompt="a red fox")
+            edited = await client.images.edit(
+                model="img", image=("fox.png", picture, "image/png"), prompt="make it blue"
+            )
+            speech = await client.audio.speech.create(
+                model="tts", voice="alloy", input="h\u00e9llo there"
+            )
+            records = await responder.requests()
+    assert response.output_text == "tok0 tok1 tok2 "
+    assert response.model == "resp-model"
+    assert response.status == "completed"
+    assert response.id.startswith("resp_")
+    assert response.usage is not None
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (4, 3)
+    assert response.usage.total_tokens == 7
+    assert transcript.text == f"transcript of speech.wav ({len(audio)} bytes) by whisper-sent"
+    assert generated.data is not None
+    [image] = generated.data
+    assert image.b64_json is not None
+    assert base64.b64decode(image.b64_json).startswith(b"\x89PNG\r\n\x1a\n")
+    assert image.revised_prompt == "a red fox"
+    assert edited.data is not None
+    assert edited.data[0].revised_prompt == f"make it blue (edited fox.png ({len(picture)} bytes))"
+    assert speech.content == b"ID3" + "h\u00e9llo there".encode()
+    assert speech.response.headers["content-type"] == "audio/mpeg"
+    assert [r["path"] for r in records] == [
+        "/v1/responses",
+        "/v1/audio/transcriptions",
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/v1/audio/speech",
+    ]
+    assert all(r["response_status"] == 200 for r in records)
+
+
+async def test_multipart_without_file_or_not_multipart_is_400() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with (
+            run_responder() as responder,
+            httpx.AsyncClient(base_url=responder.url) as client,
+        ):
+            no_file = await client.post(
+                "/v1/audio/transcriptions", data={"model": "w"}, files={"other": ("a", b"x")}
+            )
+            no_image = await client.post(
+                "/v1/images/edits", data={"prompt": "p"}, files={"mask": ("m.png", b"x")}
+            )
+            not_multipart = await client.post("/v1/audio/transcriptions", json={"model": "w"})
+            truncated = await client.post(
+                "/v1/audio/transcriptions",
+                content=b"--b\r\ncontent-disposition: form-data; name=file; filename=a",
+                headers={"content-type": "multipart/form-data; boundary=b"},
+            )
+            speech_without_input = await client.post("/v1/audio/speech", json={"model": "t"})
+    for response in (no_file, no_image):
+        assert response.status_code == 400
+        assert response.json()["error"]["type"] == "invalid_request_error"
+        assert response.json()["error"]["code"] == "missing_file"
+    assert no_file.json()["error"]["message"] == "the form has no 'file' file part"
+    for response in (not_multipart, truncated):
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "invalid_multipart"
+    assert speech_without_input.status_code == 400
+
+
+async def test_transcription_model_falls_back_to_option() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with (
+            run_responder("--model", "whisper-opt") as responder,
+            httpx.AsyncClient(base_url=responder.url) as client,
+        ):
+            response = await client.post(
+                "/v1/audio/transcriptions", files={"file": ("a.mp3", b"12345")}
+            )
+    assert response.json() == {"text": "transcript of a.mp3 (5 bytes) by whisper-opt"}
+
+
+# --- reranking, llama-server's native API, stable diffusion ------------------------------
+
+
+async def test_rerank_scores_word_overlap_best_first() -> None:
+    request = {
+        "model": "rr",
+        "query": "red apple",
+        "documents": ["green pear", "a red apple pie", "Red wine"],
+    }
+    paths = ["/v1/rerank", "/v1/reranking", "/rerank", "/reranking"]
+    with trio.fail_after(TIMEOUT):
+        async with (
+            run_responder() as responder,
+            httpx.AsyncClient(base_url=responder.url) as client,
+        ):
+            responses = [await client.post(path, json=request) for path in paths]
+            bad = await client.post("/v1/rerank", json={"query": "q"})
+    for response in responses:
+        body = response.json()
+        assert body["model"] == "rr"
+        assert body["results"] == [
+            {"index": 1, "relevance_score": 1.0},
+            {"index": 2, "relevance_score": 0.5},
+            {"index": 0, "relevance_score": 0.0},
+        ]
+    assert bad.status_code == 400
+
+
+async def test_llama_native_completion_infill_and_props() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with (
+            run_responder("--tokens", "3", "--model", "opt-model") as responder,
+            httpx.AsyncClient(base_url=responder.url) as client,
+        ):
+            whole = await client.post("/completion", json={"model": "n", "prompt": "a b"})
+            predicted = await client.post("/completion", json={"prompt": "a", "n_predict": 5})
+            streamed = await client.post(
+                "/completion", json={"model": "n", "prompt": "a b", "stream": True}
+            )
+            infill = await client.post(
+                "/infill",
+                json={"model": "fim", "input_prefix": "def f(", "input_suffix": "return x"},
+            )
+            props = await client.get("/props", params={"model": "asked"})
+            default_props = await client.get("/props")
+    body = whole.json()
+    assert body["content"] == "tok0 tok1 tok2 "
+    assert (body["model"], body["stop"], body["tokens_predicted"]) == ("n", True, 3)
+    assert body["timings"]["predicted_n"] == 3
+    assert predicted.json()["tokens_predicted"] == 5
+    assert predicted.json()["model"] == "opt-model"
+    events = [json.loads(data) for data in sse_data(streamed.text)]  # no [DONE]
+    assert events[:-1] == [{"content": token_text(i), "stop": False} for i in range(3)]
+    assert events[-1]["stop"] is True
+    assert events[-1]["content"] == ""
+    assert events[-1]["tokens_predicted"] == 3
+    assert infill.json()["model"] == "fim"
+    assert infill.json()["tokens_evaluated"] == 4
+    assert props.json() == {
+        "model": "asked",
+        "default_generation_settings": {"n_ctx": 4096},
+        "total_slots": 1,
+    }
+    assert default_props.json()["model"] == "opt-model"
+
+
+async def test_sdapi_voices_and_loras() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with (
+            run_responder() as responder,
+            httpx.AsyncClient(base_url=responder.url) as client,
+        ):
+            txt2img = await client.post("/sdapi/v1/txt2img", json={"prompt": "fox", "steps": 4})
+            img2img = await client.post(
+                "/sdapi/v1/img2img", json={"prompt": "fox", "init_images": ["aGk="]}
+            )
+            voices = await client.get("/v1/audio/voices", params={"model": "tts"})
+            loras = await client.get("/sdapi/v1/loras")
+    for response, request in (
+        (txt2img, {"prompt": "fox", "steps": 4}),
+        (img2img, {"prompt": "fox", "init_images": ["aGk="]}),
+    ):
+        body = response.json()
+        assert body["parameters"] == request
+        assert body["info"] == "{}"
+        [image] = body["images"]
+        assert base64.b64decode(image) == PNG
+    assert voices.json() == {"voices": ["alloy", "echo"]}
+    assert (loras.status_code, loras.json()) == (200, [])
+
+
+# --- echo, versionless paths, loading and routing errors of the new routes -------------
+
+
+async def test_echo_reflects_any_method() -> None:
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND"]
+    with trio.fail_after(TIMEOUT):
+        async with (
+            run_responder() as responder,
+            httpx.AsyncClient(base_url=responder.url) as client,
+        ):
+            responses = [
+                await client.request(
+                    method, "/echo/a/b%20c?x=1&y=%C3%A9", content="h\u00e9 body".encode()
+                )
+                for method in methods
+            ]
+            head = await client.head("/echo/head")
+    for method, response in zip(methods, responses, strict=True):
+        assert response.status_code == 200
+        assert response.json() == {
+            "method": method,
+            "path": "/echo/a/b c",
+            "query": "x=1&y=%C3%A9",
+            "body": "h\u00e9 body",
+        }
+    assert head.status_code == 200
+    assert head.content == b""
+    assert int(head.headers["content-length"]) > 0
+
+
+async def test_versionless_paths_answer_like_v1() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with (
+            run_responder("--tokens", "2") as responder,
+            httpx.AsyncClient(base_url=responder.url) as client,
+        ):
+            chat = await client.post("/chat/completions", json={"model": "a"})
+            legacy = await client.post("/completions", json={"model": "b"})
+            embeddings = await client.post("/embeddings", json={"model": "c", "input": "x"})
+            responses = await client.post("/responses", json={"model": "d", "input": "x"})
+            messages = await client.post("/messages", json={"model": "e", "messages": []})
+            count = await client.post("/messages/count_tokens", json={"messages": []})
+    assert chat.json()["object"] == "chat.completion"
+    assert legacy.json()["object"] == "text_completion"
+    assert embeddings.json()["model"] == "c"
+    assert responses.json()["output"][0]["content"][0]["text"] == "tok0 tok1 "
+    assert messages.json()["content"] == [{"type": "text", "text": "tok0 tok1 "}]
+    assert count.json() == {"input_tokens": 0}
+
+
+NEW_ROUTES: Final = [
+    ("POST", "/v1/messages"),
+    ("POST", "/v1/messages/count_tokens"),
+    ("POST", "/v1/responses"),
+    ("POST", "/v1/rerank"),
+    ("POST", "/reranking"),
+    ("POST", "/completion"),
+    ("POST", "/infill"),
+    ("POST", "/v1/audio/transcriptions"),
+    ("POST", "/v1/audio/speech"),
+    ("GET", "/v1/audio/voices"),
+    ("POST", "/v1/images/generations"),
+    ("POST", "/v1/images/edits"),
+    ("POST", "/sdapi/v1/txt2img"),
+    ("POST", "/sdapi/v1/img2img"),
+    ("GET", "/sdapi/v1/loras"),
+    ("GET", "/props"),
+    ("PUT", "/echo/x"),
+]
+
+
+async def test_new_routes_answer_loading_while_the_model_loads() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with (
+            run_responder("--never-healthy") as responder,
+            httpx.AsyncClient(base_url=responder.url) as client,
+        ):
+            for method, path in NEW_ROUTES:
+                response = await client.request(method, path, json={"model": "m"})
+                assert response.status_code == 503, (method, path)
+                assert response.json()["error"]["message"] == "Loading model"
+
+
+async def test_new_routes_wrong_method_405_and_unknown_404() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with (
+            run_responder() as responder,
+            httpx.AsyncClient(base_url=responder.url) as client,
+        ):
+            for method, path in NEW_ROUTES:
+                if path.startswith("/echo/"):
+                    continue  # echo takes every method
+                wrong = "PUT" if method == "GET" else "GET"
+                response = await client.request(wrong, path)
+                assert response.status_code == 405, (wrong, path)
+            missing = await client.post("/v1/messages/other")
+            echo_like = await client.get("/echoes")
+            responses_stream = await client.post(
+                "/v1/responses", json={"model": "m", "stream": True}
+            )
+            delay = await client.post("/v1/messages?delay=-1", json={"model": "m"})
+    assert missing.status_code == 404
+    assert echo_like.status_code == 404
+    assert responses_stream.status_code == 400
+    assert delay.status_code == 400
+
+
+async def test_delay_query_holds_new_routes_until_client_leaves() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with (
+            run_responder() as responder,
+            httpx.AsyncClient(base_url=responder.url) as client,
+        ):
+            async with trio.open_nursery() as nursery:
+                held = functools.partial(client.post, json={"query": "q", "documents": []})
+                nursery.start_soon(held, "/v1/rerank?delay=60")
+                await responder.wait_for_line("request POST /v1/rerank")
+                nursery.cancel_scope.cancel()
+            line = await responder.wait_for_line("request cancelled /v1/rerank")
+    assert line == "request cancelled /v1/rerank after 0 tokens"
+
+
 # --- process behaviour ----------------------------------------------------------------
 
 
@@ -588,3 +1017,71 @@ def test_options_defaults_and_validation() -> None:
         with pytest.raises(SystemExit) as excinfo:
             parse_options(bad)
         assert excinfo.value.code == 2
+
+
+@pytest.mark.parametrize("model", ["plain", 'quo"te \\ tok\n', "\x00responder-token-index\x00"])
+def test_message_stream_template_events_are_valid(model: str) -> None:
+    template = MessageStreamTemplate(message_id="msg_1", model=model, prompt_n=2, stop="end_turn")
+    encoded = template.head + template.tokens(0, 2) + template.tokens(2, 3)
+    encoded += template.tail(prompt_n=2, predicted_n=3, elapsed_s=0.0)
+    events = anthropic_events(encoded.decode())
+    assert events[0][1]["message"]["model"] == model  # type: ignore[index]
+    texts = [data["delta"]["text"] for name, data in events if name == "content_block_delta"]  # type: ignore[index]
+    assert "".join(texts) == "tok0 tok1 tok2 "
+    assert events[-2][1]["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+
+
+def test_native_stream_template_events_are_valid() -> None:
+    template = NativeStreamTemplate(model="m")
+    encoded = template.head + template.tokens(0, 2)
+    encoded += template.tail(prompt_n=1, predicted_n=2, elapsed_s=0.0)
+    events = [json.loads(event) for event in sse_data(encoded.decode())]
+    assert [event["content"] for event in events] == ["tok0 ", "tok1 ", ""]
+    assert [event["stop"] for event in events] == [False, False, True]
+
+
+def test_rerank_body_top_n_and_text_objects() -> None:
+    request: dict[str, object] = {
+        "query": "a b",
+        "documents": [{"text": "a"}, "a b", "c"],
+        "top_n": 2,
+    }
+    body = json.loads(rerank_body(request, default_model="fallback"))
+    assert body["model"] == "fallback"
+    assert [r["index"] for r in body["results"]] == [1, 0]
+    with pytest.raises(BadRequest):
+        rerank_body({"query": "a", "documents": [3]}, default_model="m")
+
+
+def test_parse_multipart_fields_files_and_errors() -> None:
+    request = httpx.Request(
+        "POST",
+        "http://x/",
+        data={"model": "w\u00e9", "n": "2"},
+        files={"file": ("s.wav", b"\r\n--not-a-boundary\r\n" * 3, "audio/wav")},
+    )
+    form = parse_multipart(request.headers["content-type"], request.read())
+    assert form.fields == {"model": "w\u00e9", "n": "2"}
+    [upload] = form.files
+    assert (upload.field, upload.filename, upload.content_type) == ("file", "s.wav", "audio/wav")
+    assert upload.data == b"\r\n--not-a-boundary\r\n" * 3
+    assert form.model("default") == "w\u00e9"
+    for content_type in ("application/json", "multipart/form-data"):
+        with pytest.raises(BadRequest):
+            parse_multipart(content_type, b"")
+
+
+def test_png_is_a_valid_png() -> None:
+    assert PNG.startswith(b"\x89PNG\r\n\x1a\n")
+    # Every chunk's CRC covers its type and data; a decoder checks them.
+    offset = 8
+    kinds = []
+    while offset < len(PNG):
+        (length,) = struct.unpack(">I", PNG[offset : offset + 4])
+        kind = PNG[offset + 4 : offset + 8]
+        data = PNG[offset + 8 : offset + 8 + length]
+        (crc,) = struct.unpack(">I", PNG[offset + 8 + length : offset + 12 + length])
+        assert crc == zlib.crc32(kind + data)
+        kinds.append(kind)
+        offset += 12 + length
+    assert kinds == [b"IHDR", b"IDAT", b"IEND"]

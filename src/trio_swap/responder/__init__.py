@@ -6,8 +6,10 @@ failures a supervisor must survive (slow start, loading, crash mid-stream,
 ignored SIGTERM). It records every request it received so tests can assert what
 actually reached the upstream, byte for byte (GET /debug/requests).
 
-Modules: `options` (the command line), `payloads` (bodies, pure),
-`app` (the raw ASGI 3 app), `server` (hypercorn, signals, process-level flags).
+Modules: `options` (the command line), `payloads` (OpenAI bodies, pure), the
+other API families' bodies (`anthropic`, `llama` for llama-server's native API,
+`media` for audio, images and multipart uploads), `app` (the raw ASGI 3 app,
+routing), `server` (hypercorn, signals, process-level flags).
 Run it as `trio-swap responder --port 0` or `python -m trio_swap.responder --port 0`.
 """
 

@@ -11,12 +11,33 @@ Routes (anything else is a 404, a known path with the wrong method a 405):
     POST /v1/chat/completions   chat.completion, or SSE chunks with "stream": true
     POST /v1/completions        text_completion, or SSE chunks
     POST /v1/embeddings         8 floats per input, hashed from its text
+    POST /v1/responses          a completed Responses API object (no streaming)
+    POST /v1/messages           Anthropic message, or its SSE events with "stream": true
+    POST /v1/messages/count_tokens  {"input_tokens": N}
+    POST /v1/rerank, /v1/reranking, /rerank, /reranking  results, best first
+    POST /completion, /infill   llama-server's native answer, or SSE with "stream": true
+    POST /v1/audio/transcriptions  multipart; {"text": what arrived: file, bytes, model}
+    POST /v1/audio/speech       audio/mpeg: b"ID3" + the input text
+    GET|POST /v1/audio/voices   {"voices": [...]}
+    POST /v1/images/generations, /v1/images/edits (multipart)  base64 PNGs
+    POST /sdapi/v1/txt2img, /sdapi/v1/img2img  AUTOMATIC1111's answer
+    GET  /sdapi/v1/loras        []
+    GET  /props                 llama-server's props, for ?model= or --model
+    ANY  /echo/...              {"method", "path", "query", "body"} as received
     GET  /debug/requests        the last 100 requests as received (not /debug/*)
     GET  /debug/pid             {"pid": ...}
 
+The OpenAI paths also answer without `/v1` (`/chat/completions`, `/messages`,
+...): that is where trio-swap sends its versionless `/v/...` routes. Every
+answer names the `model` the request carried (else --model), so tests can see
+trio-swap's `useModelName` rewriting.
+
 POST endpoints take `?delay=S` to hold the response for S seconds. While the
-model is "loading" (--load-delay, --never-healthy) the POST endpoints answer 503
-like llama-server does, so a proxy that forwards too early is caught.
+model is "loading" (--load-delay, --never-healthy) every route but /health,
+/v1/models and /debug/* answers 503 like llama-server does, so a proxy that
+forwards too early is caught. Generating routes (chat, completions, responses,
+messages, /completion, /infill) follow --tokens, --token-delay and, when
+streamed, --crash-after-tokens.
 """
 
 from __future__ import annotations
@@ -40,17 +61,23 @@ from hypercorn.typing import (
     Scope,
 )
 
+from trio_swap.responder import anthropic, llama, media
 from trio_swap.responder.options import ResponderOptions
 from trio_swap.responder.payloads import (
     BadRequest,
+    JSONObject,
     Kind,
     StreamTemplate,
+    TokenStream,
     completion_body,
     embeddings_body,
     error_body,
+    model_of,
     parse_json_object,
     prompt_words,
     requested_tokens,
+    rerank_body,
+    responses_body,
 )
 
 __all__ = ["RequestRecord", "ResponderApp", "log"]
@@ -69,13 +96,39 @@ _KNOWN_PATHS: Final = frozenset(
         "/health",
         "/v1/models",
         "/v1/chat/completions",
+        "/chat/completions",
         "/v1/completions",
+        "/completions",
         "/v1/embeddings",
+        "/embeddings",
+        "/v1/responses",
+        "/responses",
+        "/v1/messages",
+        "/messages",
+        "/v1/messages/count_tokens",
+        "/messages/count_tokens",
+        "/v1/rerank",
+        "/v1/reranking",
+        "/rerank",
+        "/reranking",
+        "/completion",
+        "/infill",
+        "/props",
+        "/v1/audio/transcriptions",
+        "/v1/audio/speech",
+        "/v1/audio/voices",
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/sdapi/v1/txt2img",
+        "/sdapi/v1/img2img",
+        "/sdapi/v1/loras",
         "/debug/requests",
         "/debug/pid",
     }
 )
+_RERANK_PATHS: Final = frozenset({"/v1/rerank", "/v1/reranking", "/rerank", "/reranking"})
 _JSON: Final = b"application/json"
+_VOICES: Final = b'{"voices":["alloy","echo"]}'
 _SSE_HEADERS: Final = [
     (b"content-type", b"text/event-stream"),
     (b"cache-control", b"no-cache"),
@@ -163,18 +216,33 @@ class _Exchange:
         # not the client going away.
         self.ended = False
 
-    async def respond(self, status: int, body: bytes) -> None:
-        """Send a whole JSON response."""
+    async def respond(self, status: int, body: bytes, content_type: bytes = _JSON) -> None:
+        """Send a whole response, JSON unless told otherwise.
+
+        A HEAD request gets the headers only: h11 refuses a body for it.
+        """
         self.record.response_status = status
         await self.send(
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [(b"content-type", _JSON), (b"content-length", b"%d" % len(body))],
+                "headers": [
+                    (b"content-type", content_type),
+                    (b"content-length", b"%d" % len(body)),
+                ],
             }
         )
         self.ended = True
+        if self.record.method == "HEAD":
+            body = b""
         await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+    def header(self, name: bytes) -> str:
+        """The request header `name` (lowercase), "" if absent; the first if repeated."""
+        for raw_name, raw_value in self.record.raw_headers:
+            if raw_name.lower() == name:
+                return raw_value.decode("latin-1")
+        return ""
 
     async def start_stream(self) -> None:
         """Send the headers of a server-sent-events response."""
@@ -266,16 +334,58 @@ class ResponderApp:
                     await exchange.respond(503, b'{"status":"loading"}')
             case "GET", "/v1/models":
                 await exchange.respond(200, self._models_body)
-            case "POST", "/v1/chat/completions":
+            case "POST", "/v1/chat/completions" | "/chat/completions":
                 await self._completion(exchange, "chat", _query_delay(query))
-            case "POST", "/v1/completions":
+            case "POST", "/v1/completions" | "/completions":
                 await self._completion(exchange, "text", _query_delay(query))
-            case "POST", "/v1/embeddings":
+            case "POST", "/v1/embeddings" | "/embeddings":
                 await self._embeddings(exchange, _query_delay(query))
             case "GET", "/debug/requests":
                 await exchange.respond(200, _encode([r.as_json() for r in self._requests]))
             case "GET", "/debug/pid":
                 await exchange.respond(200, b'{"pid":%d}' % os.getpid())
+            case _:
+                await self._route_more(exchange, method, path, query)
+
+    async def _route_more(self, exchange: _Exchange, method: str, path: str, query: bytes) -> None:
+        """The routes benchmarks do not hit, after the ones they do."""
+        match method, path:
+            case "POST", "/v1/messages" | "/messages":
+                await self._messages(exchange, _query_delay(query))
+            case "POST", "/v1/messages/count_tokens" | "/messages/count_tokens":
+                build = self._json_answer(exchange, anthropic.count_tokens_body)
+                await self._answer(exchange, _query_delay(query), build)
+            case "POST", "/v1/responses" | "/responses":
+                await self._responses(exchange, _query_delay(query))
+            case "POST", rerank if rerank in _RERANK_PATHS:
+                build = self._json_answer(exchange, self._rerank_body)
+                await self._answer(exchange, _query_delay(query), build)
+            case "POST", "/completion" | "/infill":
+                await self._native(exchange, _query_delay(query))
+            case "POST", "/v1/audio/transcriptions":
+                build = self._form_answer(exchange, self._transcription_body)
+                await self._answer(exchange, _query_delay(query), build)
+            case "POST", "/v1/audio/speech":
+                build = self._json_answer(exchange, media.speech_bytes)
+                await self._answer(exchange, _query_delay(query), build, b"audio/mpeg")
+            case "GET" | "POST", "/v1/audio/voices":
+                await self._answer(exchange, 0.0, lambda: _VOICES)
+            case "POST", "/v1/images/generations":
+                build = self._json_answer(exchange, media.generations_body)
+                await self._answer(exchange, _query_delay(query), build)
+            case "POST", "/v1/images/edits":
+                build = self._form_answer(exchange, media.edits_body)
+                await self._answer(exchange, _query_delay(query), build)
+            case "POST", "/sdapi/v1/txt2img" | "/sdapi/v1/img2img":
+                build = self._json_answer(exchange, media.sdapi_body)
+                await self._answer(exchange, _query_delay(query), build)
+            case "GET", "/sdapi/v1/loras":
+                await self._answer(exchange, 0.0, lambda: b"[]")
+            case "GET", "/props":
+                model = _query_value(query, "model") or self._options.model
+                await self._answer(exchange, 0.0, lambda: llama.props_body(model))
+            case _, echo if echo == "/echo" or echo.startswith("/echo/"):
+                await self._answer(exchange, 0.0, lambda: _echo_body(exchange.record))
             case _, known if known in _KNOWN_PATHS:
                 message = f"method {method} not allowed on {path}"
                 await exchange.respond(405, error_body(message, code="method_not_allowed"))
@@ -290,67 +400,204 @@ class ResponderApp:
             return
         request = parse_json_object(exchange.body)
         predicted_n = requested_tokens(request, self._options.tokens)
-        model = request.get("model")
-        model = model if isinstance(model, str) else self._options.model
+        model = model_of(request, self._options.model)
         prompt_n = prompt_words(request.get("messages" if kind == "chat" else "prompt"))
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         completion_id = f"{prefix}-{os.getpid()}-{next(self._ids)}"
         created = int(time.time())
-        token_delay = self._options.token_delay
 
-        async def stream() -> None:
-            await _pause(delay)
-            template = StreamTemplate(
-                kind=kind, completion_id=completion_id, created=created, model=model
-            )
-            await self._stream_tokens(exchange, template, prompt_n, predicted_n)
-
-        async def whole() -> None:
-            await _pause(delay)
-            started = trio.current_time()
-            # A non-streamed answer takes as long to "generate" as a streamed one.
-            await _pause(token_delay * predicted_n)
-            body = completion_body(
+        def whole(elapsed_s: float) -> bytes:
+            return completion_body(
                 kind=kind,
                 completion_id=completion_id,
                 created=created,
                 model=model,
                 prompt_n=prompt_n,
                 predicted_n=predicted_n,
-                elapsed_s=trio.current_time() - started,
+                elapsed_s=elapsed_s,
             )
-            await exchange.respond(200, body)
-            exchange.record.tokens_sent = predicted_n
 
-        if request.get("stream") is True:
-            await self._until_disconnect(exchange, stream)
-        elif delay > 0 or (token_delay > 0 and predicted_n > 0):
-            await self._until_disconnect(exchange, whole)
-        else:
-            # Nothing to wait for: skip the watcher nursery, this is the
-            # small-request benchmark path.
-            await whole()
+        def stream() -> TokenStream:
+            return StreamTemplate(
+                kind=kind, completion_id=completion_id, created=created, model=model
+            )
 
-    async def _embeddings(self, exchange: _Exchange, delay: float) -> None:
-        """POST /v1/embeddings."""
+        await self._generate(exchange, delay, request, prompt_n, predicted_n, whole, stream)
+
+    async def _messages(self, exchange: _Exchange, delay: float) -> None:
+        """POST /v1/messages, Anthropic's API."""
         if not self.loaded():
             await _respond_loading(exchange)
             return
-        body = embeddings_body(parse_json_object(exchange.body), default_model=self._options.model)
+        request = parse_json_object(exchange.body)
+        predicted_n, stop = anthropic.message_tokens(request, self._options.tokens)
+        model = model_of(request, self._options.model)
+        prompt_n = anthropic.input_tokens(request)
+        message_id = f"msg_{os.getpid()}_{next(self._ids)}"
+
+        def whole(elapsed_s: float) -> bytes:
+            del elapsed_s  # Anthropic has no timings
+            return anthropic.message_body(
+                message_id=message_id,
+                model=model,
+                prompt_n=prompt_n,
+                predicted_n=predicted_n,
+                stop=stop,
+            )
+
+        def stream() -> TokenStream:
+            return anthropic.MessageStreamTemplate(
+                message_id=message_id, model=model, prompt_n=prompt_n, stop=stop
+            )
+
+        await self._generate(exchange, delay, request, prompt_n, predicted_n, whole, stream)
+
+    async def _responses(self, exchange: _Exchange, delay: float) -> None:
+        """POST /v1/responses, OpenAI's Responses API, whole answers only."""
+        if not self.loaded():
+            await _respond_loading(exchange)
+            return
+        request = parse_json_object(exchange.body)
+        if request.get("stream") is True:
+            raise BadRequest("the responder does not stream /v1/responses", code="unsupported")
+        predicted_n = requested_tokens(request, self._options.tokens, ("max_output_tokens",))
+        model = model_of(request, self._options.model)
+        prompt_n = prompt_words(request.get("instructions")) + prompt_words(request.get("input"))
+        response_id = f"resp_{os.getpid()}_{next(self._ids)}"
+        created = int(time.time())
+
+        def whole(elapsed_s: float) -> bytes:
+            del elapsed_s
+            return responses_body(
+                response_id=response_id,
+                created=created,
+                model=model,
+                prompt_n=prompt_n,
+                predicted_n=predicted_n,
+            )
+
+        await self._generate(exchange, delay, request, prompt_n, predicted_n, whole, None)
+
+    async def _native(self, exchange: _Exchange, delay: float) -> None:
+        """POST /completion and /infill, llama-server's own API."""
+        if not self.loaded():
+            await _respond_loading(exchange)
+            return
+        request = parse_json_object(exchange.body)
+        predicted_n = llama.native_tokens(request, self._options.tokens)
+        model = model_of(request, self._options.model)
+        prompt_n = llama.native_prompt_words(request)
+
+        def whole(elapsed_s: float) -> bytes:
+            return llama.native_body(
+                model=model, prompt_n=prompt_n, predicted_n=predicted_n, elapsed_s=elapsed_s
+            )
+
+        def stream() -> TokenStream:
+            return llama.NativeStreamTemplate(model=model)
+
+        await self._generate(exchange, delay, request, prompt_n, predicted_n, whole, stream)
+
+    async def _generate(
+        self,
+        exchange: _Exchange,
+        delay: float,
+        request: JSONObject,
+        prompt_n: int,
+        predicted_n: int,
+        whole: Callable[[float], bytes],
+        stream: Callable[[], TokenStream] | None,
+    ) -> None:
+        """Answer a generating request after `delay`, paced by --token-delay.
+
+        With `"stream": true` (and a `stream` template factory) the answer is the
+        template's events; otherwise `whole(elapsed_s)`, sent once the tokens
+        would have been generated.
+        """
+        if stream is not None and request.get("stream") is True:
+            template = stream()
+
+            async def streamed() -> None:
+                await _pause(delay)
+                await self._stream_tokens(exchange, template, prompt_n, predicted_n)
+
+            await self._until_disconnect(exchange, streamed)
+            return
+        token_delay = self._options.token_delay
+
+        async def at_once() -> None:
+            await _pause(delay)
+            started = trio.current_time()
+            # A non-streamed answer takes as long to "generate" as a streamed one.
+            await _pause(token_delay * predicted_n)
+            await exchange.respond(200, whole(trio.current_time() - started))
+            exchange.record.tokens_sent = predicted_n
+
+        if delay > 0 or (token_delay > 0 and predicted_n > 0):
+            await self._until_disconnect(exchange, at_once)
+        else:
+            # Nothing to wait for: skip the watcher nursery, this is the
+            # small-request benchmark path.
+            await at_once()
+
+    async def _embeddings(self, exchange: _Exchange, delay: float) -> None:
+        """POST /v1/embeddings."""
+        build = self._json_answer(exchange, self._embeddings_body)
+        await self._answer(exchange, delay, build)
+
+    async def _answer(
+        self,
+        exchange: _Exchange,
+        delay: float,
+        build: Callable[[], bytes],
+        content_type: bytes = _JSON,
+    ) -> None:
+        """Answer with one body: 503 while loading, else `build()` after `delay`.
+
+        `build` runs before the delay, so a bad request is refused at once.
+        """
+        if not self.loaded():
+            await _respond_loading(exchange)
+            return
+        body = build()
 
         async def answer() -> None:
             await _pause(delay)
-            await exchange.respond(200, body)
+            await exchange.respond(200, body, content_type)
 
         if delay > 0:
             await self._until_disconnect(exchange, answer)
         else:
             await answer()
 
+    @staticmethod
+    def _json_answer(
+        exchange: _Exchange, make: Callable[[JSONObject], bytes]
+    ) -> Callable[[], bytes]:
+        """A `build` for `_answer`: `make` applied to the request's JSON object."""
+        return lambda: make(parse_json_object(exchange.body))
+
+    def _embeddings_body(self, request: JSONObject) -> bytes:
+        return embeddings_body(request, default_model=self._options.model)
+
+    def _rerank_body(self, request: JSONObject) -> bytes:
+        return rerank_body(request, default_model=self._options.model)
+
+    @staticmethod
+    def _form_answer(
+        exchange: _Exchange, make: Callable[[media.Form], bytes]
+    ) -> Callable[[], bytes]:
+        """A `build` for `_answer`: `make` applied to the request's multipart form."""
+        content_type = exchange.header(b"content-type")
+        return lambda: make(media.parse_multipart(content_type, exchange.body))
+
+    def _transcription_body(self, form: media.Form) -> bytes:
+        return media.transcription_body(form, default_model=self._options.model)
+
     async def _stream_tokens(
-        self, exchange: _Exchange, template: StreamTemplate, prompt_n: int, predicted_n: int
+        self, exchange: _Exchange, template: TokenStream, prompt_n: int, predicted_n: int
     ) -> None:
-        """Send a completion as SSE: role event, token events, final event and [DONE]."""
+        """Send a generation as SSE: the head events, token events and the tail events."""
         record = exchange.record
         token_delay = self._options.token_delay
         crash_after = self._options.crash_after_tokens
@@ -461,6 +708,24 @@ def _query_delay(query: bytes) -> float:
     if not delay >= 0.0:  # also rejects NaN
         raise BadRequest(f"delay must be a number of seconds >= 0, got {values[-1]!r}")
     return delay
+
+
+def _query_value(query: bytes, name: str) -> str | None:
+    """The last `name=` value of a query string, or None."""
+    values = parse_qs(query.decode("latin-1")).get(name)
+    return values[-1] if values else None
+
+
+def _echo_body(record: RequestRecord) -> bytes:
+    """ANY /echo/...: the request as received, for testing raw passthrough."""
+    return _encode(
+        {
+            "method": record.method,
+            "path": record.path,
+            "query": record.raw_query.decode("latin-1"),
+            "body": record.body.decode("utf-8", "replace"),
+        }
+    )
 
 
 async def _respond_loading(exchange: _Exchange) -> None:
