@@ -542,7 +542,7 @@ def test_warnings_for_unsupported_and_unknown_keys(tmp_path: Path) -> None:
         healthCheckTimeout: 30
         profiles:
           p: {pins: {a: qwen}}
-        peers: {}
+        selectors: {}
         store: {path: /tmp/x}
         models:
           qwen:
@@ -558,7 +558,7 @@ def test_warnings_for_unsupported_and_unknown_keys(tmp_path: Path) -> None:
     source = str(tmp_path / "config.yaml")
     assert config.warnings == (
         f"{source}:2: profiles: not supported yet by trio-swap; ignored",
-        f"{source}:4: peers: not supported yet by trio-swap; ignored",
+        f"{source}:4: selectors: not supported yet by trio-swap; ignored",
         f"{source}:5: store: not supported yet by trio-swap; ignored",
         f"{source}:9: models.qwen.timeouts: not supported yet by trio-swap; ignored",
         f"{source}:11: models.qwen.tll: unknown key (did you mean 'ttl'?); ignored",

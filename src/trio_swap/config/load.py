@@ -26,6 +26,7 @@ from typing import final
 
 from trio_swap.config.errors import ConfigError
 from trio_swap.config.macros import (
+    MacroList,
     assign_ports,
     check_model_leftovers,
     expand_globals,
@@ -33,17 +34,28 @@ from trio_swap.config.macros import (
     read_macros,
     substitute_env,
 )
-from trio_swap.config.model import Config, ModelConfig
+from trio_swap.config.model import Config, ModelConfig, PeerConfig
 from trio_swap.config.routing import ROUTING_TOP_KEYS, load_routing
 from trio_swap.config.schema import (
     LLAMA_SWAP_ONLY_MODEL_KEYS,
+    LLAMA_SWAP_ONLY_PEER_KEYS,
+    LLAMA_SWAP_ONLY_PEER_TIMEOUT_KEYS,
     LLAMA_SWAP_ONLY_TOP_KEYS,
     MODEL_KEYS,
+    PEER_KEYS,
+    PEER_TIMEOUT_KEYS,
     TOP_KEYS,
     RawConfig,
     RawModel,
+    RawPeer,
 )
-from trio_swap.config.validate import check_aliases, check_model, check_settings, convert
+from trio_swap.config.validate import (
+    check_aliases,
+    check_model,
+    check_peers,
+    check_settings,
+    convert,
+)
 from trio_swap.config.yamlsource import Document, KeyPath, format_path, parse_document, type_name
 
 #: YAML 1.1 booleans that llama-swap's Go YAML library still accepts for bool fields.
@@ -104,6 +116,7 @@ class _Loader:
         hooks = top.pop("hooks", None)
         top = self._supported(top, (), TOP_KEYS, LLAMA_SWAP_ONLY_TOP_KEYS)
         models_value = top.pop("models", None)
+        peers_value = top.pop("peers", None)
         global_macros = read_macros(top.pop("macros", None), ("macros",), doc)
         raw_settings = convert(expand_globals(top, global_macros, doc), RawConfig, (), doc)
         settings = check_settings(raw_settings, doc)
@@ -123,6 +136,7 @@ class _Loader:
             raw = convert(_yaml11_bools(model), RawModel, ("models", model_id), doc)
             models[model_id] = check_model(model_id, raw, settings, doc)
         check_aliases(models, doc)
+        peers = self._peers(peers_value, global_macros, models)
         routing, routing_warnings = load_routing(
             expand_globals(routing_values, global_macros, doc), models, doc
         )
@@ -141,6 +155,7 @@ class _Loader:
             preload=preload,
             api_keys=settings.api_keys,
             include_aliases_in_list=settings.include_aliases_in_list,
+            peers=peers,
             warnings=tuple(text for _, text in sorted(self.warnings, key=lambda w: w[0])),
         )
 
@@ -161,6 +176,42 @@ class _Loader:
                 raise self.doc.error(path, f"must be a mapping of keys (got {type_name(model)})")
             models[model_id] = model
         return models
+
+    def _peers(
+        self, value: object, global_macros: MacroList, models: dict[str, ModelConfig]
+    ) -> dict[str, PeerConfig]:
+        """The ``peers:`` mapping: shape, key warnings, global macros, then validation."""
+        doc = self.doc
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise doc.error(("peers",), f"must be a mapping of peer IDs (got {type_name(value)})")
+        kept: dict[str, object] = {}
+        for peer_id, peer in value.items():
+            path: KeyPath = ("peers", peer_id)
+            if not peer_id.strip():
+                raise doc.error(path, "a peer ID must not be empty")
+            if not isinstance(peer, dict):
+                raise doc.error(path, f"must be a mapping of keys (got {type_name(peer)})")
+            peer = self._supported(peer, path, PEER_KEYS, LLAMA_SWAP_ONLY_PEER_KEYS)
+            timeouts = peer.get("timeouts")
+            if isinstance(timeouts, dict):
+                peer["timeouts"] = self._supported(
+                    timeouts,
+                    (*path, "timeouts"),
+                    PEER_TIMEOUT_KEYS,
+                    LLAMA_SWAP_ONLY_PEER_TIMEOUT_KEYS,
+                )
+            kept[peer_id] = peer
+        expanded = expand_globals({"peers": kept}, global_macros, doc)["peers"]
+        assert isinstance(expanded, dict)
+        raw = {
+            peer_id: convert(peer, RawPeer, ("peers", peer_id), doc)
+            for peer_id, peer in expanded.items()
+        }
+        peers, warnings = check_peers(raw, models, doc)
+        self.warnings.extend(warnings)
+        return peers
 
     def _supported(
         self,

@@ -15,6 +15,8 @@ DEFAULT_CONCURRENCY_LIMIT: Final = 10
 DEFAULT_HEALTH_CHECK_TIMEOUT: Final = 120.0
 DEFAULT_UNLOAD_TIMEOUT: Final = 10.0
 DEFAULT_START_PORT: Final = 5800
+#: Seconds to wait for a TCP (and TLS) connection to a peer.
+DEFAULT_PEER_CONNECT_TIMEOUT: Final = 30.0
 
 #: The literal placeholder kept in ``cmd_stop`` argv items, replaced by the PID at stop time.
 PID_PLACEHOLDER: Final = "${PID}"
@@ -68,6 +70,55 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     #: Stream loading progress to streaming clients that wait for this model to load.
     send_loading_state: bool = False
     filters: FilterConfig = msgspec.field(default_factory=FilterConfig)
+
+
+@final
+class PeerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """A remote OpenAI-compatible server (llama-swap's ``peers``): no process, no swapping."""
+
+    id: str
+    #: Base URL the request path is appended to, without a trailing slash.
+    proxy: str
+    #: Sent as ``Authorization: Bearer`` and ``x-api-key`` instead of the client's; "" = none.
+    api_key: str = ""
+    #: The peer's own model names, in config order, without duplicates.
+    models: tuple[str, ...]
+    filters: FilterConfig = msgspec.field(default_factory=FilterConfig)
+    #: Seconds to wait for the connection to the peer.
+    connect_timeout: float = DEFAULT_PEER_CONNECT_TIMEOUT
+    #: Seconds to wait for the peer's response headers once the request is sent; 0 = no limit.
+    response_header_timeout: float = 0.0
+
+    def qualified(self, model: str) -> str:
+        """The name clients use for ``model`` of this peer: ``<peer id>/<model>``."""
+        return f"{self.id}/{model}"
+
+
+def build_peer_names(
+    models: dict[str, ModelConfig], peers: dict[str, PeerConfig]
+) -> dict[str, tuple[str, str]]:
+    """Every name that routes to a peer model -> (peer id, the peer's own model name).
+
+    ``<peer id>/<model>`` always routes (the loader rejects one that is also a
+    local name, or that two peers both produce). A bare ``<model>`` routes
+    only when exactly one peer lists it, no local model id or alias has that
+    name (local wins), and it is not itself some peer's qualified name.
+    """
+    local = set(models)
+    for model in models.values():
+        local.update(model.aliases)
+    names: dict[str, tuple[str, str]] = {}
+    listed_by: dict[str, list[str]] = {}
+    for peer in peers.values():
+        for name in peer.models:
+            names.setdefault(peer.qualified(name), (peer.id, name))
+            owners = listed_by.setdefault(name, [])
+            if peer.id not in owners:
+                owners.append(peer.id)
+    for name, owners in listed_by.items():
+        if len(owners) == 1 and name not in local and name not in names:
+            names[name] = (owners[0], name)
+    return {name: target for name, target in names.items() if name not in local}
 
 
 @final
@@ -149,8 +200,17 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     api_keys: tuple[str, ...] = ()
     #: List every alias as its own /v1/models entry.
     include_aliases_in_list: bool = False
+    #: Remote servers by peer id, in config order.
+    peers: dict[str, PeerConfig] = msgspec.field(default_factory=dict)
+    #: Computed from ``models`` and ``peers`` on construction (a value passed in is
+    #: replaced): every name that routes to a peer -> (peer id, peer's model name).
+    peer_names: dict[str, tuple[str, str]] = msgspec.field(default_factory=dict)
     #: Human-readable notes about keys trio-swap read but does not support yet.
     warnings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = build_peer_names(self.models, self.peers) if self.peers else {}
+        msgspec.structs.force_setattr(self, "peer_names", names)
 
     def resolve(self, name: str) -> str | None:
         """Map a requested model name (an id or an alias) to a model id, or None."""
@@ -160,3 +220,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             if name in model.aliases:
                 return model.id
         return None
+
+    def resolve_peer(self, name: str) -> tuple[str, str] | None:
+        """Map a requested name to (peer id, the peer's own model name), or None.
+
+        Qualified ``<peer id>/<model>`` names always resolve; a bare model name
+        only when exactly one peer lists it and no local model id or alias is
+        called that (local names always give None; try :meth:`resolve` first).
+        """
+        return self.peer_names.get(name)

@@ -16,6 +16,7 @@ import msgspec
 
 from trio_swap.config.model import (
     DEFAULT_HEALTH_CHECK_TIMEOUT,
+    DEFAULT_PEER_CONNECT_TIMEOUT,
     DEFAULT_START_PORT,
     DEFAULT_UNLOAD_TIMEOUT,
 )
@@ -65,6 +66,24 @@ class RawModel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     macros: dict[str, MacroValue] = msgspec.field(default_factory=dict)
 
 
+class RawPeerTimeouts(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``peers.<id>.timeouts`` as written, in seconds."""
+
+    connect: float = DEFAULT_PEER_CONNECT_TIMEOUT
+    #: 0: no limit (llama-swap's default for peers is 60).
+    response_header: float = msgspec.field(default=0.0, name="responseHeader")
+
+
+class RawPeer(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One entry under ``peers:``, as written."""
+
+    proxy: str
+    api_key: str = msgspec.field(default="", name="apiKey")
+    models: list[str]
+    filters: RawFilters = msgspec.field(default_factory=RawFilters)
+    timeouts: RawPeerTimeouts = msgspec.field(default_factory=RawPeerTimeouts)
+
+
 class RawConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The top level of a config file, as written."""
 
@@ -81,6 +100,7 @@ class RawConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     send_loading_state: bool = msgspec.field(default=False, name="sendLoadingState")
     api_keys: list[str] = msgspec.field(default_factory=list, name="apiKeys")
     include_aliases_in_list: bool = msgspec.field(default=False, name="includeAliasesInList")
+    peers: dict[str, RawPeer] = msgspec.field(default_factory=dict)
 
 
 def _keys(struct: type[msgspec.Struct]) -> frozenset[str]:
@@ -91,6 +111,10 @@ def _keys(struct: type[msgspec.Struct]) -> frozenset[str]:
 TOP_KEYS: Final = _keys(RawConfig)
 #: Per-model keys trio-swap reads.
 MODEL_KEYS: Final = _keys(RawModel)
+#: Per-peer keys trio-swap reads.
+PEER_KEYS: Final = _keys(RawPeer)
+#: ``peers.<id>.timeouts`` keys trio-swap reads.
+PEER_TIMEOUT_KEYS: Final = _keys(RawPeerTimeouts)
 
 #: llama-swap top-level keys trio-swap does not implement yet, with a hint for
 #: the warning. Remove a key from here when support lands in RawConfig.
@@ -99,7 +123,6 @@ LLAMA_SWAP_ONLY_TOP_KEYS: Final[dict[str, str]] = {
     "logRequests": "",
     "logTimeFormat": "",
     "metricsMaxInMemory": "",
-    "peers": "",
     "performance": "",
     "profiles": "",
     "selectors": "",
@@ -115,6 +138,19 @@ LLAMA_SWAP_ONLY_MODEL_KEYS: Final[dict[str, str]] = {
     # llama-swap overwrites it with the global value, so it never did anything.
     "healthCheckTimeout": "set healthCheckTimeout at the top level",
     "timeouts": "",
+}
+
+
+#: llama-swap per-peer keys trio-swap does not implement yet.
+LLAMA_SWAP_ONLY_PEER_KEYS: Final[dict[str, str]] = {}
+
+#: llama-swap ``peers.<id>.timeouts`` keys trio-swap does not implement (Go
+#: ``http.Transport`` knobs with no httpx counterpart).
+LLAMA_SWAP_ONLY_PEER_TIMEOUT_KEYS: Final[dict[str, str]] = {
+    "expectContinue": "",
+    "idleConn": "",
+    "keepalive": "",
+    "tlsHandshake": "it is part of 'connect'",
 }
 
 

@@ -22,9 +22,10 @@ from trio_swap.config.model import (
     DEFAULT_UNLOAD_TIMEOUT,
     FilterConfig,
     ModelConfig,
+    PeerConfig,
 )
-from trio_swap.config.schema import INHERIT_TTL, RawConfig, RawModel
-from trio_swap.config.yamlsource import Document, KeyPath, type_name
+from trio_swap.config.schema import INHERIT_TTL, RawConfig, RawFilters, RawModel, RawPeer
+from trio_swap.config.yamlsource import Document, KeyPath, format_path, type_name
 
 LOG_LEVELS: Final = ("debug", "info", "warn", "error")
 LOG_TO_STDOUT: Final = ("proxy", "upstream", "both", "none")
@@ -154,7 +155,7 @@ def check_model(model_id: str, raw: RawModel, settings: Settings, doc: Document)
         raise doc.error((*path, "unloadTimeout"), f"must be >= 0 (got {_show(unload)})")
     if raw.concurrency_limit < 0:
         raise doc.error((*path, "concurrencyLimit"), f"must be >= 0 (got {raw.concurrency_limit})")
-    filters = _filters(model_id, raw, (*path, "filters"), doc)
+    filters = _filters(raw.filters, (*path, "filters"), doc, model_id=model_id)
     aliases = _aliases(raw.aliases, (*path, "aliases"), doc)
     # Every setParamsByID name other than the model's own id is also an alias.
     generated = [n for n in filters.set_params_by_id if n != model_id and n not in aliases]
@@ -193,17 +194,27 @@ def _api_keys(keys: list[str], doc: Document) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def _filters(model_id: str, raw: RawModel, path: KeyPath, doc: Document) -> FilterConfig:
-    """Normalise ``filters``; ``model`` can never be stripped or set (it is routing)."""
-    text = raw.filters.strip_params or raw.filters.strip_params_legacy
+def _filters(
+    raw: RawFilters, path: KeyPath, doc: Document, *, model_id: str | None
+) -> FilterConfig:
+    """Normalise ``filters``; ``model`` can never be stripped or set (it is routing).
+
+    ``${MODEL_ID}`` in a ``setParamsByID`` name becomes ``model_id``; for a peer
+    (``model_id`` None) it is an error.
+    """
+    text = raw.strip_params or raw.strip_params_legacy
     strip: list[str] = []
     for name in (part.strip() for part in text.split(",")):
         if name and name != "model" and name not in strip:
             strip.append(name)
-    set_params = {k: v for k, v in sorted(raw.filters.set_params.items()) if k != "model"}
+    set_params = {k: v for k, v in sorted(raw.set_params.items()) if k != "model"}
     by_id: dict[str, dict[str, object]] = {}
-    for key, params in raw.filters.set_params_by_id.items():
-        name = key.replace("${MODEL_ID}", model_id).strip()
+    for key, params in raw.set_params_by_id.items():
+        if model_id is None and "${MODEL_ID}" in key:
+            raise doc.error(
+                (*path, "setParamsByID", key), "${MODEL_ID} is only available inside a model"
+            )
+        name = key.replace("${MODEL_ID}", model_id or "").strip()
         if not name:
             raise doc.error((*path, "setParamsByID", key), "an empty name cannot be requested")
         if name in by_id:
@@ -223,6 +234,96 @@ def check_aliases(models: dict[str, ModelConfig], doc: Document) -> None:
             owner = owners.setdefault(alias, model.id)
             if owner != model.id:
                 raise doc.error(where, f"alias '{alias}' is already used by model '{owner}'")
+
+
+def check_peers(
+    raw_peers: dict[str, RawPeer], models: dict[str, ModelConfig], doc: Document
+) -> tuple[dict[str, PeerConfig], list[tuple[int, str]]]:
+    """Validate ``peers`` against each other and the local names; returns (line, warning) pairs.
+
+    Every ``<peer id>/<model>`` is reserved for its peer: it may be neither a
+    local model id or alias nor another peer's qualified name (peer ``a``
+    model ``b/c`` and peer ``a/b`` model ``c``). A model a peer lists twice
+    counts once.
+    """
+    local: dict[str, str] = {}
+    for model in models.values():
+        local[model.id] = "a local model ID"
+        for alias in model.aliases:
+            local[alias] = f"an alias of local model '{model.id}'"
+    owners: dict[str, tuple[str, str]] = {}
+    peers: dict[str, PeerConfig] = {}
+    warnings: list[tuple[int, str]] = []
+    for peer_id, raw in raw_peers.items():
+        path: KeyPath = ("peers", peer_id)
+        proxy = _proxy(raw.proxy, (*path, "proxy"), doc)
+        if any(c.isspace() or not c.isprintable() for c in raw.api_key):
+            raise doc.error(
+                (*path, "apiKey"), "an API key cannot contain spaces or control characters"
+            )
+        if not raw.models:
+            raise doc.error((*path, "models"), "must list at least one model")
+        names: list[str] = []
+        for index, name in enumerate(raw.models):
+            where: KeyPath = (*path, "models", index)
+            if not name.strip():
+                raise doc.error(where, "a model name must not be empty")
+            if name in names:
+                continue
+            names.append(name)
+            qualified = f"{peer_id}/{name}"
+            if qualified in local:
+                raise doc.error(where, f"'{qualified}' is already {local[qualified]}")
+            other = owners.setdefault(qualified, (peer_id, name))
+            if other != (peer_id, name):
+                raise doc.error(
+                    where,
+                    f"'{qualified}' is also the name of model '{other[1]}' of peer '{other[0]}'",
+                )
+        filters, unused = _peer_filters(peer_id, raw, names, path, doc)
+        warnings.extend(unused)
+        connect_path: KeyPath = (*path, "timeouts", "connect")
+        connect = _finite(raw.timeouts.connect, connect_path, doc)
+        if connect <= 0:
+            raise doc.error(connect_path, f"must be > 0 seconds (got {_show(connect)})")
+        header_path: KeyPath = (*path, "timeouts", "responseHeader")
+        header = _finite(raw.timeouts.response_header, header_path, doc)
+        if header < 0:
+            raise doc.error(header_path, f"must be >= 0 (got {_show(header)}); 0 = no limit")
+        peers[peer_id] = PeerConfig(
+            id=peer_id,
+            proxy=proxy,
+            api_key=raw.api_key,
+            models=tuple(names),
+            filters=filters,
+            connect_timeout=connect,
+            response_header_timeout=header,
+        )
+    return peers, warnings
+
+
+def _peer_filters(
+    peer_id: str, raw: RawPeer, names: list[str], path: KeyPath, doc: Document
+) -> tuple[FilterConfig, list[tuple[int, str]]]:
+    """A peer's filters; a ``setParamsByID`` name no request for this peer can use is a warning."""
+    filters = _filters(raw.filters, (*path, "filters"), doc, model_id=None)
+    requestable = {*names, *(f"{peer_id}/{name}" for name in names)}
+    kept: dict[str, dict[str, object]] = {}
+    warnings: list[tuple[int, str]] = []
+    for name, params in filters.set_params_by_id.items():
+        if name in requestable:
+            kept[name] = params
+            continue
+        where: KeyPath = (*path, "filters", "setParamsByID", name)
+        line = doc.line(where) or 0
+        warnings.append(
+            (
+                line,
+                f"{doc.source}:{line}: {format_path(where)}: not a name of this peer's models "
+                f"('{peer_id}/<model>' or a bare model it lists), so it never applies; ignored",
+            )
+        )
+    return msgspec.structs.replace(filters, set_params_by_id=kept), warnings
 
 
 def _command(text: str, path: KeyPath, doc: Document) -> tuple[str, ...]:

@@ -19,8 +19,10 @@ from trio_swap import __version__
 from trio_swap.config.model import Config
 from trio_swap.errors import BodyTooLarge, ModelNotFound, SwapError
 from trio_swap.http.errors import error_response, json_response, plain_error
+from trio_swap.http.logs import register_log_routes
 from trio_swap.http.upstream_client import UpstreamClient
 from trio_swap.router import Router
+from trio_swap.upstream.logs import LogBook
 from trio_swap.upstream.process import ModelProcess
 
 __all__ = ["AppState", "build_app"]
@@ -49,7 +51,12 @@ class AppState:
         self.started_at = int(time.time())
 
 
-def build_app(state: AppState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> QuartTrio:
+def build_app(
+    state: AppState,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    logs: LogBook | None = None,
+) -> QuartTrio:
     app = QuartTrio("trio_swap")
     # Quart's defaults cut streams after 60 s without a word and reject bodies over 16 MiB.
     app.config["RESPONSE_TIMEOUT"] = None
@@ -164,11 +171,15 @@ def build_app(state: AppState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) 
         await state.router.unload([model_id])
         return json_response({"msg": "ok", "model": model_id})
 
+    if logs is not None:
+        register_log_routes(app, logs, state.config)
+
     return app
 
 
 def _model_listing(state: AppState) -> list[dict[str, object]]:
-    """``/v1/models`` entries: listed models, their aliases when asked for, sorted by id."""
+    """``/v1/models`` entries: listed models, their aliases when asked for, peer models
+    (as ``peerId/model``), sorted by id."""
     data: list[dict[str, object]] = []
     for model in state.config.models.values():
         if model.unlisted:
@@ -188,6 +199,12 @@ def _model_listing(state: AppState) -> list[dict[str, object]]:
                 entry["meta"] = {"llamaswap": {"type": "alias", "modelID": model.id}}
                 entry["status"] = status
                 data.append(entry)
+    for peer in state.config.peers.values():
+        for name in peer.models:
+            entry = _listing_entry(peer.qualified(name), state.started_at, f"{peer.id}: {name}", "")
+            entry["meta"] = {"llamaswap": {"type": "peer", "peerID": peer.id}}
+            entry["status"] = {"value": "unloaded"}  # another machine swaps it
+            data.append(entry)
     data.sort(key=lambda entry: str(entry["id"]))
     return data
 

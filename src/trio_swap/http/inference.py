@@ -42,7 +42,7 @@ from hypercorn.typing import (
     Scope,
 )
 
-from trio_swap.config.model import Config, FilterConfig
+from trio_swap.config.model import Config, FilterConfig, PeerConfig
 from trio_swap.errors import (
     BadRequest,
     BodyTooLarge,
@@ -57,6 +57,7 @@ from trio_swap.http.filters import rewrite_json
 from trio_swap.http.loading import CHAT_COMPLETIONS, LoadingProgress
 from trio_swap.http.multipart import boundary_of, find_field
 from trio_swap.http.passthrough import split_passthrough
+from trio_swap.http.peers import PeerForwarder
 from trio_swap.http.relay import forward_header_bytes, response_header_bytes
 from trio_swap.http.routes import ModelSource, Route, WrongMethod, classify
 from trio_swap.http.upstream_client import Upstream, UpstreamClient, UpstreamResponse
@@ -100,7 +101,7 @@ class _Redirect(Exception):
 class _Outbound:
     """A request ready to go: which model, and exactly what to send where."""
 
-    __slots__ = ("body", "model_id", "path", "query", "requested", "stream")
+    __slots__ = ("body", "model_id", "path", "peer", "query", "requested", "stream")
 
     def __init__(
         self,
@@ -111,9 +112,12 @@ class _Outbound:
         path: bytes,
         query: bytes,
         stream: bool = False,
+        peer: PeerConfig | None = None,
     ) -> None:
-        #: A local model id.
+        #: A local model id, or the peer's own name for the model.
         self.model_id = model_id
+        #: Where a peer model is served; None for a local model.
+        self.peer = peer
         #: The name the client asked for (an id or an alias).
         self.requested = requested
         self.body = body
@@ -135,9 +139,11 @@ class InferenceRoutes:
         config: Config,
         router: Router,
         client: UpstreamClient,
+        peers: PeerForwarder | None = None,
         max_body_bytes: int,
     ) -> None:
         self._fallback = fallback
+        self._peers = peers
         self._config = config
         self._router = router
         self._client = client
@@ -179,7 +185,41 @@ class InferenceRoutes:
         except SwapError as error:
             await _send_error(send, error, scope)
             return
-        await self._exchange(outbound, scope, receive, send)
+        if outbound.peer is None:
+            await self._exchange(outbound, scope, receive, send)
+        else:
+            await self._forward_to_peer(outbound, outbound.peer, scope, receive, send)
+
+    async def _forward_to_peer(
+        self,
+        outbound: _Outbound,
+        peer: PeerConfig,
+        scope: HTTPScope,
+        receive: ASGIReceiveCallable,
+        send: ASGISendCallable,
+    ) -> None:
+        """No lease and no swap: the peer machine schedules its own models."""
+        assert self._peers is not None, "a config with peers always gets a forwarder"
+        body = outbound.body
+        async with trio.open_nursery() as nursery:
+
+            async def watch_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                nursery.cancel_scope.cancel(reason="client disconnected")
+
+            nursery.start_soon(watch_disconnect)
+            await self._peers.forward(
+                peer,
+                method=scope["method"],
+                raw_path=outbound.path,
+                query=outbound.query,
+                headers=forward_header_bytes(scope["headers"]),
+                body=body if isinstance(body, bytes) else b"".join(body),
+                send=send,
+                style=error_style(scope["path"]),
+            )
+            nursery.cancel_scope.cancel(reason="response complete")
 
     async def _exchange(
         self,
@@ -288,11 +328,25 @@ class InferenceRoutes:
             case ModelSource.PATH:
                 return self._prepare_passthrough(scope, body, path, query)
 
-    def _resolve(self, requested: str) -> str:
+    def _lookup(self, requested: str) -> tuple[str, PeerConfig | None, str | None, FilterConfig]:
+        """Where ``requested`` goes: (model id or the peer's name for it, the peer or None,
+        the name to send instead of the client's, the filters to apply).
+
+        Local models and aliases win over peer models of the same name.
+        """
         model_id = self._config.resolve(requested)
-        if model_id is None:
+        if model_id is not None:
+            model = self._config.models[model_id]
+            return model_id, None, model.use_model_name or None, model.filters
+        found = self._config.resolve_peer(requested)
+        if found is None:
             raise ModelNotFound(requested)
-        return model_id
+        peer_id, name = found
+        peer = self._config.peers[peer_id]
+        return name, peer, name if name != requested else None, peer.filters
+
+    def _is_model(self, name: str) -> bool:
+        return self._config.resolve(name) is not None or self._config.resolve_peer(name) is not None
 
     def _prepare_json(self, body: bytes, path: bytes, query: bytes) -> _Outbound:
         try:
@@ -304,14 +358,8 @@ class InferenceRoutes:
         if not envelope.model:
             raise BadRequest("the request body has no 'model' field")
         requested = envelope.model
-        model_id = self._resolve(requested)
-        model = self._config.models[model_id]
-        body = rewrite_json(
-            body,
-            filters=model.filters,
-            rename=model.use_model_name or None,
-            requested=requested,
-        )
+        model_id, peer, rename, filters = self._lookup(requested)
+        body = rewrite_json(body, filters=filters, rename=rename, requested=requested)
         return _Outbound(
             model_id,
             requested=requested,
@@ -319,6 +367,7 @@ class InferenceRoutes:
             path=path,
             query=query,
             stream=bool(envelope.stream),
+            peer=peer,
         )
 
     def _prepare_multipart(
@@ -329,34 +378,36 @@ class InferenceRoutes:
         field = find_field(body, boundary, "model")
         if field is None or not field.value:
             raise BadRequest("the multipart form has no 'model' field")
-        model_id = self._resolve(field.value)
-        rename = self._config.models[model_id].use_model_name
+        model_id, peer, rename, _ = self._lookup(field.value)
         outgoing: Body = body
-        if rename and rename != field.value:
+        if rename is not None and rename != field.value:
             outgoing = field.replaced(body, rename)
-        return _Outbound(model_id, requested=field.value, body=outgoing, path=path, query=query)
+        return _Outbound(
+            model_id, requested=field.value, body=outgoing, path=path, query=query, peer=peer
+        )
 
     def _prepare_query(self, body: bytes, path: bytes, query: bytes) -> _Outbound:
         params = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
         requested = next((value for name, value in params if name == "model"), "")
         if not requested:
             raise BadRequest("this endpoint needs the model in the query string: ?model=<name>")
-        model_id = self._resolve(requested)
-        rename = self._config.models[model_id].use_model_name
-        if rename and rename != requested:
+        model_id, peer, rename, _ = self._lookup(requested)
+        if rename is not None and rename != requested:
             params = [(name, rename if name == "model" else value) for name, value in params]
             query = urlencode(params).encode()
-        return _Outbound(model_id, requested=requested, body=body, path=path, query=query)
+        return _Outbound(
+            model_id, requested=requested, body=body, path=path, query=query, peer=peer
+        )
 
     def _prepare_passthrough(
         self, scope: HTTPScope, body: bytes, path: bytes, query: bytes
     ) -> _Outbound:
-        target = split_passthrough(path, lambda name: self._config.resolve(name) is not None)
+        target = split_passthrough(path, self._is_model)
         if target.rest is None:
             location = path + b"/" + (b"?" + query if query else b"")
             status = 301 if scope["method"] in ("GET", "HEAD") else 308
             raise _Redirect(location, status)
-        model_id = self._resolve(target.model)
+        model_id, peer, _, _ = self._lookup(target.model)
         stream = ("stream", "true") in parse_qsl(query.decode("latin-1"))
         return _Outbound(
             model_id,
@@ -365,6 +416,7 @@ class InferenceRoutes:
             path=target.rest,
             query=query,
             stream=stream,
+            peer=peer,
         )
 
     # -- answering -------------------------------------------------------------------------
