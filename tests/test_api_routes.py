@@ -247,3 +247,21 @@ async def test_models_listing_includes_aliases_only_when_asked() -> None:
             alias = data[1]
             assert alias["meta"]["llamaswap"] == {"type": "alias", "modelID": "A"}
             assert alias["name"] == "Model A"
+
+
+async def test_a_body_over_the_limit_is_refused_and_the_client_can_go_on() -> None:
+    config = make_config(responder_model("whisper"))
+    body, content_type = _multipart("whisper", bytes(4 * 1024 * 1024))
+    with trio.fail_after(60):
+        async with running(config, max_body_bytes=64 * 1024) as h:
+            for _ in range(3):
+                response = await h.client.post(
+                    "/v1/audio/transcriptions", content=body, headers={"content-type": content_type}
+                )
+                assert response.status_code == 413
+                assert response.json()["error"]["code"] == "request_too_large"
+                # The unread body makes the connection unusable; the client is told so.
+                assert response.headers["connection"] == "close"
+                response = await h.client.post("/v1/chat/completions", json=chat("whisper"))
+                assert response.status_code == 200, response.text
+            assert (await h.models())["whisper"]["start_count"] == 1

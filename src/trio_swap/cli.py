@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGTERM, how long in-flight requests may finish before being cut (default 10)",
     )
+    serve.add_argument(
+        "--max-body-mib",
+        type=_positive_float,
+        default=64.0,
+        metavar="MIB",
+        help="largest request body accepted, uploads included (default 64)",
+    )
 
     check = commands.add_parser(
         "check",
@@ -207,6 +214,16 @@ def _setup_logging(level: str, log_to_stdout: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+    return value
+
+
 def _serve(args: argparse.Namespace) -> int:
     from trio_swap.config import ConfigError, load_config, load_demo_config
     from trio_swap.server import RunningServer, serve
@@ -224,7 +241,14 @@ def _serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             server: RunningServer = await nursery.start(
-                partial(serve, config, host=host, port=port, shutdown_timeout=args.shutdown_timeout)
+                partial(
+                    serve,
+                    config,
+                    host=host,
+                    port=port,
+                    shutdown_timeout=args.shutdown_timeout,
+                    max_body_bytes=int(args.max_body_mib * 1024 * 1024),
+                )
             )
             _print_banner(server, config.source, list(config.models))
 

@@ -8,7 +8,8 @@
        ├─ ModelProcess.run() (one per model)      one owner per model's process
        ├─ Router.run()                the one owner of routing state
        └─ web nursery
-          ├─ hypercorn serve(app)     handlers talk to the router through its channel
+          ├─ hypercorn serve(app)     AccessControl → InferenceRoutes → Quart admin app;
+          │                           handlers talk to the router through its channel
           └─ signal watcher           SIGTERM/SIGINT: graceful stop; SIGHUP: logged
 
 Shutdown: stop accepting and drain HTTP (up to ``shutdown_timeout``), then the
@@ -30,14 +31,17 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from trio_swap.config.model import Config
 from trio_swap.errors import SwapError
+from trio_swap.http.access import AccessControl
 from trio_swap.http.app import DEFAULT_MAX_BODY_BYTES, AppState, build_app
 from trio_swap.http.inference import InferenceRoutes
+from trio_swap.http.peers import PeerForwarder
 from trio_swap.http.upstream_client import UpstreamClient
 from trio_swap.policy import build_policy
 from trio_swap.router import Router
 from trio_swap.upstream.launcher import OrphanGuard
-from trio_swap.upstream.logs import LogRing
+from trio_swap.upstream.logs import LogBook
 from trio_swap.upstream.process import ModelProcess
+from trio_swap.upstream.proxy_log import ProxyLogCapture
 
 __all__ = ["RunningServer", "serve"]
 
@@ -56,11 +60,15 @@ class RunningServer:
         router: Router,
         processes: dict[str, ModelProcess],
         shutdown: trio.Event,
+        *,
+        logs: LogBook,
     ) -> None:
         self.binds = binds
         self.router = router
         self.processes = processes
         self._shutdown = shutdown
+        #: The proxy, upstream and per-model log rings (``/logs``).
+        self.logs = logs
 
     @property
     def url(self) -> str:
@@ -99,8 +107,11 @@ async def serve(
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run trio-swap until SIGTERM/SIGINT (or :meth:`RunningServer.stop`)."""
+    logs = LogBook()
+    proxy_log = ProxyLogCapture(logs.proxy, config.log_level)
     guard = OrphanGuard.start()
     try:
+        proxy_log.install()
         async with _http_client() as client, trio.open_nursery() as supervisors:
             echo_upstream = config.log_to_stdout in ("upstream", "both")
             router_box: list[Router] = []
@@ -114,7 +125,7 @@ async def serve(
                     model,
                     health_check_timeout=config.health_check_timeout,
                     http=client,
-                    log_ring=LogRing(model.id, echo=echo_upstream),
+                    log_ring=logs.add_model(model.id, echo=echo_upstream),
                     guard=guard,
                     on_stopped=on_stopped,
                 )
@@ -125,18 +136,23 @@ async def serve(
             await supervisors.start(router.run)
 
             upstream_client = UpstreamClient()
+            peers = PeerForwarder() if config.peers else None
             state = AppState(
                 config=config,
                 router=router,
                 processes=processes,
                 upstream_client=upstream_client,
             )
-            app = InferenceRoutes(
-                build_app(state, max_body_bytes=max_body_bytes),
-                config=config,
-                router=router,
-                client=upstream_client,
-                max_body_bytes=max_body_bytes,
+            app = AccessControl(
+                InferenceRoutes(
+                    build_app(state, max_body_bytes=max_body_bytes, logs=logs),
+                    config=config,
+                    router=router,
+                    client=upstream_client,
+                    peers=peers,
+                    max_body_bytes=max_body_bytes,
+                ),
+                api_keys=config.api_keys,
             )
             hyper = HypercornConfig()
             hyper.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
@@ -151,6 +167,7 @@ async def serve(
             async def begin_shutdown() -> None:
                 """hypercorn's trigger: stop admitting first, then let it drain."""
                 await shutdown.wait()
+                logs.end_followers()  # log streams never end by themselves
                 log.info(
                     "shutting down: requests still waiting get 503; draining HTTP (up to %gs)",
                     shutdown_timeout,
@@ -161,7 +178,7 @@ async def serve(
                 binds = await web.start(
                     partial(hypercorn_serve, app, hyper, shutdown_trigger=begin_shutdown)
                 )
-                server = RunningServer(binds, router, processes, shutdown)
+                server = RunningServer(binds, router, processes, shutdown, logs=logs)
                 if handle_signals:
                     supervisors.start_soon(_watch_signals, server, supervisors.cancel_scope)
                 if config.preload:
@@ -173,8 +190,11 @@ async def serve(
             with trio.move_on_after(longest_grace + 5):
                 await router.stop_all()
             await upstream_client.aclose()
+            if peers is not None:
+                await peers.aclose()
             supervisors.cancel_scope.cancel(reason="trio-swap shutdown")
     finally:
+        proxy_log.remove()
         with trio.CancelScope(shield=True):
             await guard.aclose()
     log.info("stopped")

@@ -478,6 +478,9 @@ async def _send_error(send: ASGISendCallable, error: SwapError, scope: HTTPScope
         *_JSON_HEADERS,
         *((k.lower().encode(), v.encode()) for k, v in error.headers().items()),
     ]
+    if isinstance(error, BodyTooLarge):
+        # The rest of the body is never read: tell the client not to reuse the connection.
+        headers.append((b"connection", b"close"))
     body = msgspec.json.encode(error.body(style))
     await send(
         {

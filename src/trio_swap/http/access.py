@@ -1,0 +1,291 @@
+"""Access control (``apiKeys``) and CORS: the outermost ASGI middleware.
+
+::
+
+    hypercorn ─▶ AccessControl ─▶ InferenceRoutes ─▶ Quart app
+
+Every HTTP and websocket request passes here first (lifespan goes straight
+through):
+
+* ``OPTIONS`` (any path) is a CORS preflight: answered here with 204 and the
+  CORS headers, never authenticated, never passed on.
+* With ``apiKeys`` set, every other request needs a key, except ``/health``,
+  ``/wol-health`` and ``GET``/``HEAD /``. The key is the password of
+  ``Authorization: Basic``, else the token of ``Authorization: Bearer``, else
+  ``x-api-key`` (llama-swap's order). A missing or wrong key gets 401 with the
+  error body the client's SDK reads (:func:`~trio_swap.errors.error_style`),
+  after the request body is drained so the connection stays usable; a
+  websocket is refused before the handshake completes. The key headers are
+  passed on (and so upstream) unchanged.
+* A request that carries ``Origin`` gets ``Access-Control-Allow-Origin: *``
+  and ``Access-Control-Expose-Headers: Retry-After`` on its response, 401s
+  included, so a browser app can read answers and errors (llama-swap adds
+  them to ``/v1/models`` only). A header the inner app already set wins.
+
+The key comparison does not depend on which key matched, or where two keys
+differ: the presented key and every configured key are hashed to SHA-256
+digests (the configured ones once, here), and the presented digest is
+compared with *every* configured digest through :func:`hmac.compare_digest`,
+without stopping at a match.
+
+The common request (no keys configured, no ``Origin``) costs one scan of the
+header list and allocates nothing.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+import hmac
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, final
+
+import msgspec
+from hypercorn.typing import (
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ASGISendEvent,
+    HTTPScope,
+    Scope,
+    WebsocketScope,
+)
+
+from trio_swap.errors import Unauthorized, error_style
+
+__all__ = ["CORS_ALLOW_METHODS", "DEFAULT_ALLOW_HEADERS", "AccessControl"]
+
+AsgiApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
+
+#: Paths anyone may read, whatever the method (health probes).
+_OPEN_PATHS: Final = frozenset({"/health", "/wol-health"})
+#: Methods that may read ``/`` without a key.
+_OPEN_ROOT_METHODS: Final = frozenset({"GET", "HEAD"})
+
+CORS_ALLOW_METHODS: Final = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+#: ``Access-Control-Allow-Headers`` when the preflight asks for none (or none valid).
+DEFAULT_ALLOW_HEADERS: Final = "Content-Type, Authorization, Accept, X-Requested-With, x-api-key"
+#: An HTTP field name (RFC 9110 §5.1: a ``token``).
+_TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+_PREFLIGHT_FIXED: Final = (
+    (b"access-control-allow-origin", b"*"),
+    (b"access-control-allow-methods", CORS_ALLOW_METHODS.encode()),
+    (b"access-control-max-age", b"86400"),
+)
+_ACAO: Final = b"access-control-allow-origin"
+_ACEH: Final = b"access-control-expose-headers"
+_EXPOSED: Final = b"Retry-After"
+
+#: Most body bytes read from a refused request to keep its connection open.
+_DRAIN_LIMIT: Final = 256 * 1024
+
+NO_KEY: Final = "no API key: send Authorization: Bearer <key> or x-api-key"
+BAD_KEY: Final = "invalid API key"
+
+
+@final
+class AccessControl:
+    """ASGI middleware: CORS for every request, and ``apiKeys`` when any are configured."""
+
+    def __init__(self, app: AsgiApp, *, api_keys: Sequence[str] = ()) -> None:
+        self._app = app
+        #: SHA-256 of each configured key: equal lengths, so the comparison leaks nothing.
+        self._digests: tuple[bytes, ...] = tuple(
+            hashlib.sha256(key.encode()).digest() for key in api_keys
+        )
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "websocket" and self._digests:
+            await self._websocket(scope, receive, send)
+        else:  # lifespan, or a websocket with no keys configured
+            await self._app(scope, receive, send)
+
+    async def _http(
+        self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["method"] == "OPTIONS":
+            await _preflight(scope, send)
+            return
+        has_origin = False
+        if not self._digests:
+            for name, _ in scope["headers"]:
+                if name == b"origin":
+                    has_origin = True
+                    break
+            if has_origin:
+                send = _with_cors(send)
+            await self._app(scope, receive, send)
+            return
+        authorization: bytes | None = None
+        x_api_key: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                if authorization is None:
+                    authorization = value
+            elif name == b"x-api-key":
+                if x_api_key is None:
+                    x_api_key = value
+            elif name == b"origin":
+                has_origin = True
+        if has_origin:
+            send = _with_cors(send)
+        if not _is_open(scope):
+            denied = self._deny(authorization, x_api_key)
+            if denied is not None:
+                keep_alive = await _drain(receive)
+                await _send_unauthorized(send, denied, scope["path"], keep_alive=keep_alive)
+                return
+        await self._app(scope, receive, send)
+
+    async def _websocket(
+        self, scope: WebsocketScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["path"] not in _OPEN_PATHS:
+            authorization: bytes | None = None
+            x_api_key: bytes | None = None
+            for name, value in scope["headers"]:
+                if name == b"authorization" and authorization is None:
+                    authorization = value
+                elif name == b"x-api-key" and x_api_key is None:
+                    x_api_key = value
+            denied = self._deny(authorization, x_api_key)
+            if denied is not None:
+                await _refuse_websocket(scope, send, denied)
+                return
+        await self._app(scope, receive, send)
+
+    def _deny(self, authorization: bytes | None, x_api_key: bytes | None) -> str | None:
+        """Why this request may not pass (the 401 message), or None when its key is valid."""
+        key = _presented_key(authorization, x_api_key)
+        if key is None:
+            return NO_KEY
+        presented = hashlib.sha256(key).digest()
+        matched = False
+        for digest in self._digests:  # every key, no early exit
+            matched |= hmac.compare_digest(digest, presented)
+        return None if matched else BAD_KEY
+
+
+def _is_open(scope: HTTPScope) -> bool:
+    path = scope["path"]
+    return path in _OPEN_PATHS or (path == "/" and scope["method"] in _OPEN_ROOT_METHODS)
+
+
+def _presented_key(authorization: bytes | None, x_api_key: bytes | None) -> bytes | None:
+    """The Basic password, else the Bearer token, else ``x-api-key``; None when none is given."""
+    if authorization is not None:
+        scheme, _, credentials = authorization.strip().partition(b" ")
+        credentials = credentials.strip()
+        scheme = scheme.lower()
+        if scheme == b"basic" and credentials:
+            try:
+                decoded = binascii.a2b_base64(credentials, strict_mode=True)
+            except binascii.Error:
+                decoded = b""
+            _, colon, password = decoded.partition(b":")
+            if colon and password:
+                return password
+        elif scheme == b"bearer" and credentials:
+            return credentials
+    if x_api_key:
+        return x_api_key.strip() or None
+    return None
+
+
+def _allow_headers(requested: bytes | None) -> bytes:
+    """The preflight's requested header names that are valid tokens, or the default list."""
+    if requested:
+        names = [
+            name
+            for name in (part.strip() for part in requested.split(b","))
+            if _TOKEN.fullmatch(name)
+        ]
+        if names:
+            return b", ".join(names)
+    return DEFAULT_ALLOW_HEADERS.encode()
+
+
+async def _preflight(scope: HTTPScope, send: ASGISendCallable) -> None:
+    requested: bytes | None = None
+    for name, value in scope["headers"]:
+        if name == b"access-control-request-headers":
+            requested = value if requested is None else requested + b"," + value
+    headers = [
+        *_PREFLIGHT_FIXED,
+        (b"access-control-allow-headers", _allow_headers(requested)),
+    ]
+    await send({"type": "http.response.start", "status": 204, "headers": headers})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _with_cors(send: ASGISendCallable) -> ASGISendCallable:
+    """``send`` that adds the CORS response headers the inner app did not set itself."""
+
+    async def send_with_cors(message: ASGISendEvent) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message["headers"])
+            names = {name.lower() for name, _ in headers}
+            if _ACAO not in names:
+                headers.append((_ACAO, b"*"))
+            if _ACEH not in names:
+                headers.append((_ACEH, _EXPOSED))
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return send_with_cors
+
+
+async def _drain(receive: ASGIReceiveCallable) -> bool:
+    """Read and drop a refused request's body; False when the connection must close.
+
+    A response sent before the request body is read makes hypercorn close the
+    connection without saying so, and the client's next request on it fails.
+    Up to :data:`_DRAIN_LIMIT` is read (as Go's net/http does), beyond that the
+    401 says ``Connection: close``.
+    """
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False  # the client went away
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return True
+        if size > _DRAIN_LIMIT:
+            return False
+
+
+def _unauthorized_response(message: str, path: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    error = Unauthorized(message)
+    body = msgspec.json.encode(error.body(error_style(path)))
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+        *((name.lower().encode(), value.encode()) for name, value in error.headers().items()),
+    ]
+    return headers, body
+
+
+async def _send_unauthorized(
+    send: ASGISendCallable, message: str, path: str, *, keep_alive: bool
+) -> None:
+    headers, body = _unauthorized_response(message, path)
+    if not keep_alive:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": 401, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _refuse_websocket(scope: WebsocketScope, send: ASGISendCallable, message: str) -> None:
+    """A 401 with the JSON body where the server can send one, else close 1008 (a 403)."""
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        headers, body = _unauthorized_response(message, scope["path"])
+        await send({"type": "websocket.http.response.start", "status": 401, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+    else:
+        await send({"type": "websocket.close", "code": 1008, "reason": message})
