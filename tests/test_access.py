@@ -475,6 +475,9 @@ async def test_e2e_every_route_family_needs_a_key() -> None:
         async with running(keyed_config()) as h:
             routes = [
                 ("POST", "/v1/chat/completions", chat("A")),
+                ("POST", "/v1/embeddings", {"model": "A", "input": "x"}),
+                ("GET", "/props?model=A", None),
+                ("GET", "/upstream/A/v1/models", None),
                 ("GET", "/v1/models", None),
                 ("GET", "/api/models", None),
                 ("GET", "/running", None),
