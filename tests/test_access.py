@@ -42,8 +42,8 @@ KEYS = ("key-one", "key-two", "key-three")
 class Echo:
     """Inner ASGI app: answers every request with what it received, as JSON.
 
-    ``/limited`` answers 429 with ``Retry-After``; ``/own-cors`` sets its own
-    ``Access-Control-Allow-Origin`` (as a proxied llama-server does).
+    ``/v1/embeddings`` answers 429 with ``Retry-After``; ``/v1/completions`` sets
+    its own ``Access-Control-Allow-Origin`` (as a proxied llama-server does).
     """
 
     def __init__(self) -> None:
@@ -85,11 +85,11 @@ class Echo:
                 "body": body.decode(),
             }
         )
-        status = 429 if scope["path"] == "/limited" else 200
+        status = 429 if scope["path"] == "/v1/embeddings" else 200
         headers = [(b"content-type", b"application/json")]
         if status == 429:
             headers.append((b"retry-after", b"1"))
-        if scope["path"] == "/own-cors":
+        if scope["path"] == "/v1/completions":
             headers.append((b"access-control-allow-origin", b"https://app.example"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload, "more_body": False})
@@ -342,7 +342,7 @@ async def test_responses_to_a_browser_carry_cors_headers(keys: tuple[str, ...]) 
         assert ok.status_code == 200
         assert ok.headers["access-control-allow-origin"] == "*"
         assert ok.headers["access-control-expose-headers"] == "Retry-After"
-        limited = await client.get("/limited", headers={**origin, "x-api-key": "key-one"})
+        limited = await client.get("/v1/embeddings", headers={**origin, "x-api-key": "key-one"})
         assert limited.status_code == 429
         assert limited.headers["retry-after"] == "1"
         assert limited.headers["access-control-allow-origin"] == "*"
@@ -352,9 +352,37 @@ async def test_responses_to_a_browser_carry_cors_headers(keys: tuple[str, ...]) 
         assert "access-control-allow-origin" not in plain.headers
         assert "access-control-expose-headers" not in plain.headers
         # a header the app set itself is kept, not doubled
-        own = await client.get("/own-cors", headers={**origin, "x-api-key": "key-one"})
+        own = await client.get("/v1/completions", headers={**origin, "x-api-key": "key-one"})
         assert own.headers.get_list("access-control-allow-origin") == ["https://app.example"]
         assert own.headers["access-control-expose-headers"] == "Retry-After"
+        # admin and log routes are never readable by another site's page
+        admin = await client.get("/logs", headers={**origin, "x-api-key": "key-one"})
+        assert admin.status_code == 200
+        assert "access-control-allow-origin" not in admin.headers
+
+
+@pytest.mark.parametrize("keys", [KEYS, ()], ids=["keys", "no-keys"])
+async def test_another_sites_page_cannot_call_admin_routes(keys: tuple[str, ...]) -> None:
+    cross = {
+        "Origin": "https://evil.example",
+        "Sec-Fetch-Site": "cross-site",
+        "x-api-key": "key-one",
+    }
+    async with guarded(keys) as (client, echo):
+        for path in ("/api/models/unload", "/unload", "/upstream/A/slots"):
+            refused = await client.post(path, headers=cross, content=b"x" * 10)
+            assert refused.status_code == 403, path
+            assert refused.json()["error"]["code"] == "forbidden"
+            assert "access-control-allow-origin" not in refused.headers
+        assert echo.seen == []
+        # a link from another site may open the web UI (its files hold no data)
+        assert (await client.get("/ui/", headers=cross)).status_code == 200
+        # the same requests from the page's own origin, or from a script, pass
+        same = {**cross, "Sec-Fetch-Site": "same-origin"}
+        assert (await client.post("/api/models/unload", headers=same)).status_code == 200
+        allowed = await client.post("/v1/chat/completions", headers=cross, json={})
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "*"
 
 
 async def test_a_browser_can_read_a_401() -> None:

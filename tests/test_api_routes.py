@@ -7,6 +7,7 @@ proxy: which path, which query, which body bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import httpx
@@ -104,6 +105,7 @@ async def test_multipart_upload_routes_by_its_model_field_and_renames_it_in_plac
             text = response.json()["text"]
             # The upload arrived whole, with the field renamed for the upstream.
             assert "1048576 bytes" in text and "whisper-large-v3" in text
+            assert f"sha256 {hashlib.sha256(payload).hexdigest()[:16]}" in text
             record = await last_upstream_request(h, "whisper")
             assert record["path"] == "/v1/audio/transcriptions"
             assert (await h.models())["other"]["state"] == "stopped"
@@ -265,3 +267,58 @@ async def test_a_body_over_the_limit_is_refused_and_the_client_can_go_on() -> No
                 response = await h.client.post("/v1/chat/completions", json=chat("whisper"))
                 assert response.status_code == 200, response.text
             assert (await h.models())["whisper"]["start_count"] == 1
+
+
+async def test_a_stream_cut_by_the_upstream_raises_in_both_sdks() -> None:
+    import anthropic
+    import openai
+
+    config = make_config(responder_model("A", "--tokens", "8", "--crash-after-tokens", "2"))
+    with trio.fail_after(60):
+        async with running(config) as h:
+            claude = anthropic.Anthropic(base_url=h.server.url, api_key="x", max_retries=0)
+            gpt = openai.OpenAI(base_url=h.server.url + "/v1", api_key="x", max_retries=0)
+
+            def anthropic_stream() -> str:
+                with claude.messages.stream(
+                    model="A", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+                ) as stream:
+                    return "".join(stream.text_stream)
+
+            def openai_stream() -> str:
+                chunks = gpt.chat.completions.create(model="A", messages=[], stream=True)
+                return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+            try:
+                for run, error_type in (
+                    (anthropic_stream, anthropic.APIError),
+                    (openai_stream, openai.APIError),
+                ):
+                    try:
+                        text = await trio.to_thread.run_sync(run)
+                    except error_type as exc:
+                        assert "response cut off" in str(exc)
+                        assert str(exc).count("failed:") == 1  # the cause is not repeated
+                    else:
+                        raise AssertionError(f"a truncated stream looked complete: {text!r}")
+            finally:
+                claude.close()
+                gpt.close()
+
+
+async def test_odd_but_valid_bodies_are_served_and_bad_ones_are_400() -> None:
+    model = responder_model("A", filters=FilterConfig(set_params={"top_k": 1}))
+    with trio.fail_after(60):
+        async with running(make_config(model)) as h:
+            for stream in (1, 0, "false", None):
+                response = await h.client.post(
+                    "/v1/completions", json={"model": "A", "prompt": "x", "stream": stream}
+                )
+                assert response.status_code == 200, (stream, response.text)
+            # Valid for the model peek, invalid for the rewrite: still a clear 400.
+            response = await h.client.post("/v1/completions", content=b'{"model": "A", "t": 1e400}')
+            assert response.status_code == 400
+            assert "not valid JSON" in response.json()["error"]["message"]
+            response = await h.client.get("/upstream/A/echo/..%2fsecret")
+            assert response.status_code == 400
+            assert (await h.client.get("/wol-health")).text == "OK"

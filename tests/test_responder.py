@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import json
 import os
 import signal
@@ -612,14 +613,19 @@ async def test_openai_sdk_parses_responses_audio_and_images() -> None:
     assert response.usage is not None
     assert (response.usage.input_tokens, response.usage.output_tokens) == (4, 3)
     assert response.usage.total_tokens == 7
-    assert transcript.text == f"transcript of speech.wav ({len(audio)} bytes) by whisper-sent"
+    digest = hashlib.sha256(audio).hexdigest()[:16]
+    expected = f"transcript of speech.wav ({len(audio)} bytes, sha256 {digest}) by whisper-sent"
+    assert transcript.text == expected
     assert generated.data is not None
     [image] = generated.data
     assert image.b64_json is not None
     assert base64.b64decode(image.b64_json).startswith(b"\x89PNG\r\n\x1a\n")
     assert image.revised_prompt == "a red fox"
     assert edited.data is not None
-    assert edited.data[0].revised_prompt == f"make it blue (edited fox.png ({len(picture)} bytes))"
+    picture_digest = hashlib.sha256(picture).hexdigest()[:16]
+    assert edited.data[0].revised_prompt == (
+        f"make it blue (edited fox.png ({len(picture)} bytes, sha256 {picture_digest}))"
+    )
     assert speech.content == b"ID3" + "h\u00e9llo there".encode()
     assert speech.response.headers["content-type"] == "audio/mpeg"
     assert [r["path"] for r in records] == [
@@ -671,7 +677,10 @@ async def test_transcription_model_falls_back_to_option() -> None:
             response = await client.post(
                 "/v1/audio/transcriptions", files={"file": ("a.mp3", b"12345")}
             )
-    assert response.json() == {"text": "transcript of a.mp3 (5 bytes) by whisper-opt"}
+    digest = hashlib.sha256(b"12345").hexdigest()[:16]
+    assert response.json() == {
+        "text": f"transcript of a.mp3 (5 bytes, sha256 {digest}) by whisper-opt"
+    }
 
 
 # --- reranking, llama-server's native API, stable diffusion ------------------------------

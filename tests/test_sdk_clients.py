@@ -8,6 +8,7 @@ and may swap models on the way.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 
 import anthropic
@@ -71,6 +72,8 @@ async def test_openai_sdk_across_every_endpoint_family() -> None:
             # The upload arrived whole, under the name the upstream knows (useModelName).
             transcript = str(seen["transcript"])
             assert "300004 bytes" in transcript and "whisper-1" in transcript
+            digest = hashlib.sha256(upload.getvalue()).hexdigest()[:16]
+            assert f"sha256 {digest}" in transcript
             assert isinstance(seen["image"], bytes) and seen["image"].startswith(b"\x89PNG")
             assert isinstance(seen["speech"], bytes) and seen["speech"]
             models = await h.models()

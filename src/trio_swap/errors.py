@@ -3,6 +3,7 @@
     SwapError                      base: knows its status, OpenAI ``type`` and ``code``
     ├── BadRequest                 400  malformed JSON, no ``model`` field
     ├── Unauthorized               401  no API key, or not one of ``apiKeys``
+    ├── Forbidden                  403  an admin route called from another site's page
     ├── ModelNotFound              404  the name is neither a model id nor an alias
     ├── MethodNotAllowed           405  e.g. GET on a POST-only inference route
     ├── BodyTooLarge               413  request body over the configured limit
@@ -30,6 +31,7 @@ __all__ = [
     "BadRequest",
     "BodyTooLarge",
     "ErrorStyle",
+    "Forbidden",
     "MethodNotAllowed",
     "ModelNotFound",
     "ModelPinned",
@@ -115,6 +117,12 @@ class Unauthorized(SwapError):
         return {"WWW-Authenticate": 'Basic realm="trio-swap"'}
 
 
+class Forbidden(SwapError):
+    status = 403
+    error_type = "permission_error"
+    code = "forbidden"
+
+
 class ModelNotFound(SwapError):
     status = 404
     error_type = "invalid_request_error"
@@ -196,6 +204,7 @@ class UpstreamFailed(SwapError):
     def __init__(self, model: str, detail: str) -> None:
         super().__init__(f"upstream for model {model!r} failed: {detail}")
         self.model = model
+        self.detail = detail
 
 
 class PeerFailed(SwapError):

@@ -37,7 +37,10 @@ def rewrite_json(
     """
     if not needs_rewrite(filters, rename, requested):
         return body
-    payload = msgspec.json.decode(body)
+    try:
+        payload = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:  # e.g. a number too large for a float
+        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise BadRequest("the request body must be a JSON object")
     if rename is not None:

@@ -65,13 +65,12 @@ def find_field(body: bytes, boundary: bytes, name: str) -> FieldSpan | None:
         if body.startswith(b"--", header_start):
             return None  # the closing delimiter
         header_end = body.find(b"\r\n\r\n", header_start, header_start + _MAX_PART_HEADER)
-        if header_end < 0:
-            return None
-        value_start = header_end + 4
+        value_start = header_end + 4 if header_end >= 0 else header_start
         next_delimiter = body.find(b"\r\n" + delimiter, value_start)
         if next_delimiter < 0:
             return None
-        if _part_name(body[header_start:header_end]) == name:
+        # A header block too large for a plain field: not the one we want, skip the part.
+        if header_end >= 0 and _part_name(body[header_start:header_end]) == name:
             value = body[value_start:next_delimiter].decode("utf-8", "replace")
             return FieldSpan(value_start, next_delimiter, value)
         position = next_delimiter + 2

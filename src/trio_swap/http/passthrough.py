@@ -8,6 +8,7 @@ of the upstream's base URL: a ``.`` or ``..`` segment (``%2e`` included) is refu
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Final, final
 from urllib.parse import unquote
@@ -51,6 +52,8 @@ def split_passthrough(raw_path: bytes, is_model: Callable[[str], bool]) -> Passt
     rest_segments = segments[count:]
     if not rest_segments:
         return PassthroughTarget(name, None)
-    if any(part in (".", "..") for part in decoded[count:]):
+    # A decoded segment may hold more separators (``..%2f``): check every piece of it.
+    pieces = (piece for segment in decoded[count:] for piece in re.split(r"[/\\]", segment))
+    if any(piece in (".", "..") for piece in pieces):
         raise BadRequest("the path after /upstream/<model> may not contain '.' or '..' segments")
     return PassthroughTarget(name, b"/" + b"/".join(rest_segments))

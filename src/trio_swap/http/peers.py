@@ -24,7 +24,7 @@ import math
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Final, Self, final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote_from_bytes, urlsplit, urlunsplit
 
 import httpx
 import msgspec
@@ -33,7 +33,7 @@ from hypercorn.typing import ASGISendCallable
 
 from trio_swap.config.model import PeerConfig
 from trio_swap.errors import ErrorStyle, PeerFailed
-from trio_swap.http.relay import forward_header_bytes
+from trio_swap.http.relay import forward_header_bytes, sse_error_event
 
 __all__ = ["PeerForwarder"]
 
@@ -121,9 +121,10 @@ class PeerForwarder:
         turn that exception into an error response). Cancellation (the client
         went away) closes the peer's response before it propagates.
         """
-        url = peer.proxy + raw_path.decode("latin-1")
+        # httpx would re-encode non-ASCII text as UTF-8: escape raw bytes first.
+        url = peer.proxy + quote_from_bytes(raw_path, safe=_URL_SAFE)
         if query:
-            url += "?" + query.decode("latin-1")
+            url += "?" + quote_from_bytes(query, safe=_URL_SAFE)
         response: httpx.Response | None = None
         try:
             try:
@@ -179,7 +180,7 @@ class PeerForwarder:
                 # the ASGI server abort the connection instead.
                 raise error from exc
             # An SSE client learns it from a last event (the OpenAI SDKs raise it).
-            event = _sse_error(error, style)
+            event = sse_error_event(error, style)
             await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -210,11 +211,8 @@ def _response_headers(
     return kept
 
 
-def _sse_error(error: PeerFailed, style: ErrorStyle) -> bytes:
-    data = msgspec.json.encode(error.body(style))
-    if style == "anthropic":
-        return b"event: error\ndata: " + data + b"\n\n"
-    return b"data: " + data + b"\n\n"
+#: Printable ASCII goes out as the client wrote it (``%XX`` escapes included).
+_URL_SAFE: Final = "".join(chr(c) for c in range(0x21, 0x7F))
 
 
 def _redacted(url: str) -> str:

@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Final
 
+import msgspec
+
+from trio_swap.errors import ErrorStyle, SwapError
 from trio_swap.http.upstream_client import UpstreamResponse
 
-__all__ = ["forward_header_bytes", "response_header_bytes"]
+__all__ = ["forward_header_bytes", "response_header_bytes", "sse_error_event"]
 
 #: Connection-level headers that must not cross a proxy (RFC 9110 §7.6.1), plus the
 #: framing headers the client and hypercorn compute themselves.
@@ -37,8 +40,22 @@ _NOT_RELAYED: Final = _HOP_BY_HOP | _SERVER_OWNED
 
 
 def forward_header_bytes(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Client headers (ASGI: lower-case names) to send upstream, minus hop-by-hop ones."""
-    return [(name, value) for name, value in headers if name not in _HOP_BY_HOP]
+    """Client headers (ASGI: lower-case names) to send upstream, minus hop-by-hop ones.
+
+    That includes any header the client's ``Connection`` header names (RFC 9110 §7.6.1).
+    """
+    kept: list[tuple[bytes, bytes]] = []
+    connection = b""
+    for name, value in headers:
+        if name in _HOP_BY_HOP:
+            if name == b"connection":
+                connection += b"," + value
+        else:
+            kept.append((name, value))
+    if not connection:
+        return kept
+    named = {token.strip().lower() for token in connection.split(b",")}
+    return [(name, value) for name, value in kept if name not in named]
 
 
 def response_header_bytes(response: UpstreamResponse) -> list[tuple[bytes, bytes]]:
@@ -50,3 +67,15 @@ def response_header_bytes(response: UpstreamResponse) -> list[tuple[bytes, bytes
     if b"text/event-stream" in (response.header(b"content-type") or b""):
         kept.append((b"x-accel-buffering", b"no"))  # tell nginx in front not to buffer SSE
     return kept
+
+
+def sse_error_event(error: SwapError, style: ErrorStyle) -> bytes:
+    """The last event of a stream that broke after its 200 went out.
+
+    The OpenAI SDKs raise on a ``data: {"error": ...}`` event; the Anthropic SDK
+    skips unnamed events and raises only on one named ``error``.
+    """
+    data = msgspec.json.encode(error.body(style))
+    if style == "anthropic":
+        return b"event: error\ndata: " + data + b"\n\n"
+    return b"data: " + data + b"\n\n"

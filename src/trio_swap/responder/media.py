@@ -12,6 +12,7 @@ with Quart), from the body the app already holds in memory.
 from __future__ import annotations
 
 import base64
+import hashlib
 import struct
 import time
 import zlib
@@ -73,8 +74,9 @@ class Upload:
         self.data = data
 
     def describe(self) -> str:
-        """`name.wav (123 bytes)`: what a test compares with what it sent."""
-        return f"{self.filename} ({len(self.data)} bytes)"
+        """`name.wav (123 bytes, sha256 ab12…)`: what a test compares with what it sent."""
+        digest = hashlib.sha256(self.data).hexdigest()[:16]
+        return f"{self.filename} ({len(self.data)} bytes, sha256 {digest})"
 
 
 @final
