@@ -543,7 +543,7 @@ def test_warnings_for_unsupported_and_unknown_keys(tmp_path: Path) -> None:
         profiles:
           p: {pins: {a: qwen}}
         selectors: {}
-        store: {path: /tmp/x}
+        captureBuffer: 10
         models:
           qwen:
             cmd: s ${PORT}
@@ -559,7 +559,7 @@ def test_warnings_for_unsupported_and_unknown_keys(tmp_path: Path) -> None:
     assert config.warnings == (
         f"{source}:2: profiles: not supported yet by trio-swap; ignored",
         f"{source}:4: selectors: not supported yet by trio-swap; ignored",
-        f"{source}:5: store: not supported yet by trio-swap; ignored",
+        f"{source}:5: captureBuffer: not supported yet by trio-swap; ignored",
         f"{source}:9: models.qwen.timeouts: not supported yet by trio-swap; ignored",
         f"{source}:11: models.qwen.tll: unknown key (did you mean 'ttl'?); ignored",
         f"{source}:12: models.qwen.healthCheckTimeout: not supported yet by trio-swap; "

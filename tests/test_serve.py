@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import aclosing
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -21,6 +22,7 @@ from tests.conftest import (
     sse_data,
 )
 from trio_swap.config.model import ModelConfig
+from trio_swap.server import RunningServer, serve
 
 
 async def test_cold_start_then_swaps_keep_exactly_one_upstream_alive() -> None:
@@ -265,3 +267,26 @@ async def test_shutdown_answers_requests_still_waiting_for_a_model_with_503() ->
             (answer,) = answers
             assert answer.status_code == 503
             assert answer.json()["error"]["code"] == "shutting_down"
+
+
+async def test_shutdown_does_not_wait_for_idle_keep_alive_connections() -> None:
+    """A browser tab or a probe holding a connection open after an admin request must not
+    hold up SIGTERM for the whole drain timeout (quart-trio + hypercorn did: see quart_shim)."""
+    config = make_config(responder_model("A"))
+    with trio.fail_after(60):  # the drain timeout below is far longer
+        async with trio.open_nursery() as nursery:
+            server: RunningServer = await nursery.start(
+                partial(serve, config, port=0, handle_signals=False, shutdown_timeout=3600)
+            )
+            port = int(server.url.rsplit(":", 1)[1])
+            idle = []
+            for path in (b"/health", b"/api/models", b"/v1/models", b"/no-such-route"):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                await stream.send_all(b"GET " + path + b" HTTP/1.1\r\nHost: t\r\n\r\n")
+                assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 ")
+                idle.append(stream)
+            server.stop()
+        for stream in idle:  # the server closed each of them: reading reaches the end
+            while await stream.receive_some(65536):
+                pass
+            await stream.aclose()

@@ -82,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MIB",
         help="largest request body accepted, uploads included (default 64)",
     )
+    serve.add_argument(
+        "--activity-db",
+        metavar="FILE",
+        help="keep the activity log in this SQLite file (overrides store.path; default: memory)",
+    )
+    serve.add_argument(
+        "--watch-config",
+        "-watch-config",
+        action="store_true",
+        help="reload the --config file when it changes (polled every second; SIGHUP always "
+        "reloads); models whose settings did not change keep running",
+    )
 
     check = commands.add_parser(
         "check",
@@ -228,6 +240,9 @@ def _serve(args: argparse.Namespace) -> int:
     from trio_swap.config import ConfigError, load_config, load_demo_config
     from trio_swap.server import RunningServer, serve
 
+    if args.watch_config and not args.config:
+        print("error: --watch-config needs --config FILE", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config) if args.config else load_demo_config()
     except ConfigError as exc:
@@ -248,6 +263,9 @@ def _serve(args: argparse.Namespace) -> int:
                     port=port,
                     shutdown_timeout=args.shutdown_timeout,
                     max_body_bytes=int(args.max_body_mib * 1024 * 1024),
+                    activity_db=args.activity_db,
+                    config_path=args.config,
+                    watch_config=args.watch_config,
                 )
             )
             _print_banner(server, config.source, list(config.models))

@@ -8,6 +8,10 @@ do, and carries the decisions out. Slow work (stopping victims, waiting for a
 model to load) runs in swap tasks in the router's nursery, which report back
 with another event. No locks anywhere on this path.
 
+A config reload is one more event (:meth:`Router.reconfigure`): the process
+table, the scheduler's limits, settings and policy all change in one router
+step, so no decision ever sees half of the old config and half of the new.
+
 Every request that gets a lease must release it exactly once
 (:meth:`Router.release`, non-blocking, safe in ``finally`` under
 cancellation); a handler cancelled while waiting releases its place the same
@@ -19,14 +23,15 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import assert_never, final
 
 import msgspec
 import trio
 
 from trio_swap._sync import Reply
-from trio_swap.config.model import SchedulerConfig
+from trio_swap.config.model import ModelConfig, SchedulerConfig
 from trio_swap.errors import ModelStartFailed, ModelUnloaded, ShuttingDown, SwapError
 from trio_swap.policy.base import SwapPolicy
 from trio_swap.scheduling import (
@@ -38,6 +43,7 @@ from trio_swap.scheduling import (
     Phase,
     Queued,
     Reject,
+    Retire,
     StartSwap,
     StopModels,
 )
@@ -54,6 +60,9 @@ class Lease(msgspec.Struct, frozen=True):
 
     request_id: int
     model: str
+    #: Where the granted process listens: its ``proxy`` when the grant was made
+    #: (a reload may already have given the model a new one for its next start).
+    proxy: str
 
 
 # -- events (facts, past tense) ------------------------------------------------
@@ -62,7 +71,8 @@ class Lease(msgspec.Struct, frozen=True):
 class _RequestArrived(msgspec.Struct, frozen=True):
     request_id: int
     model: str
-    reply: Reply[None]
+    #: Set to the granted process's proxy URL.
+    reply: Reply[str]
 
 
 class _RequestFinished(msgspec.Struct, frozen=True):
@@ -95,6 +105,23 @@ class _StopAllRequested(msgspec.Struct, frozen=True):
     reply: Reply[None]
 
 
+class _Reconfigured(msgspec.Struct, frozen=True):
+    """A reload's new config, to apply in one step (see :meth:`Router.reconfigure`)."""
+
+    models: Mapping[str, ModelConfig]
+    policy: SwapPolicy
+    settings: SchedulerConfig
+    health_check_timeout: float
+    restart: AbstractSet[str]
+    spawn: Callable[[ModelConfig, float], ModelProcess]
+    applied: Callable[[], None]
+    reply: Reply[None]
+
+
+class _Tick(msgspec.Struct, frozen=True):
+    """A timer asked for proof of life (the systemd watchdog): the router answers ``on_tick``."""
+
+
 _Event = (
     _RequestArrived
     | _RequestFinished
@@ -104,6 +131,8 @@ _Event = (
     | _UnloadRequested
     | _ShutdownRequested
     | _StopAllRequested
+    | _Reconfigured
+    | _Tick
 )
 
 
@@ -116,19 +145,13 @@ class Router:
         processes: Mapping[str, ModelProcess],
         policy: SwapPolicy,
         settings: SchedulerConfig | None = None,
+        on_tick: Callable[[], None] = lambda: None,
     ) -> None:
         self._processes = dict(processes)
+        self._on_tick = on_tick
         settings = settings or SchedulerConfig()
         self.scheduler = FifoScheduler(
-            {
-                name: ModelLimits(
-                    concurrency_limit=proc.model.concurrency_limit,
-                    ttl=proc.model.ttl,
-                    swappable=proc.model.swappable,
-                    priority=settings.priority.get(name, 0),
-                )
-                for name, proc in processes.items()
-            },
+            {name: _limits(proc.model, settings) for name, proc in processes.items()},
             policy,
             max_wait=settings.max_wait,
             min_resident=settings.min_resident,
@@ -136,7 +159,7 @@ class Router:
         )
         self._send, self._receive = trio.open_memory_channel[_Event](math.inf)
         self._ids = itertools.count(1)
-        self._waiting: dict[int, Reply[None]] = {}
+        self._waiting: dict[int, Reply[str]] = {}
         self._unload_replies: dict[int, Reply[None]] = {}
         #: Swap id -> (target, the scope around its ensure_ready, the error if cancelled).
         self._swap_scopes: dict[int, tuple[str, trio.CancelScope]] = {}
@@ -155,9 +178,17 @@ class Router:
         """1-based place among queued requests, or None (not queued: loading or granted)."""
         return self.scheduler.queue_position(request_id)
 
+    @property
+    def processes(self) -> Mapping[str, ModelProcess]:
+        """Every model's supervisor, live: a reload adds to it and retires from it.
+
+        Read it without awaiting in between (the router task changes it).
+        """
+        return self._processes
+
     def is_ready(self, model: str) -> bool:
         """Whether requests for ``model`` are being granted without a load right now."""
-        return self.scheduler.phase(model) is Phase.READY
+        return model in self._processes and self.scheduler.phase(model) is Phase.READY
 
     async def acquire(self, model: str, *, request_id: int | None = None) -> Lease:
         """Wait until ``model`` is ready and this request may be forwarded to it.
@@ -167,16 +198,16 @@ class Router:
         """
         if request_id is None:
             request_id = next(self._ids)
-        reply: Reply[None] = Reply()
+        reply: Reply[str] = Reply()
         self._send.send_nowait(_RequestArrived(request_id, model, reply))
         try:
-            await reply.wait()
+            proxy = await reply.wait()
         except SwapError:
             raise  # rejected: the scheduler already released the slot
         except BaseException:
             self._send.send_nowait(_RequestFinished(request_id))
             raise
-        return Lease(request_id, model)
+        return Lease(request_id, model, proxy)
 
     def release(self, lease: Lease) -> None:
         """The request is over (served, failed or disconnected). Safe to call under cancellation."""
@@ -186,11 +217,53 @@ class Router:
         """Called by a process supervisor whenever a model that was ready has stopped."""
         self._send.send_nowait(_ModelStopped(model))
 
+    def tick(self) -> None:
+        """Ask the router task to call ``on_tick`` when it gets to it (watchdog proof of life)."""
+        self._send.send_nowait(_Tick())
+
     async def unload(self, models: Sequence[str] | None = None) -> None:
         """Stop these models (all when None) and wait until their processes are gone."""
         reply: Reply[None] = Reply()
         chosen = tuple(self._processes) if models is None else tuple(models)
         self._send.send_nowait(_UnloadRequested(chosen, reply))
+        await reply.wait()
+
+    async def reconfigure(
+        self,
+        models: Mapping[str, ModelConfig],
+        policy: SwapPolicy,
+        settings: SchedulerConfig,
+        *,
+        health_check_timeout: float,
+        restart: AbstractSet[str],
+        spawn: Callable[[ModelConfig, float], ModelProcess],
+        applied: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Switch to a reloaded config in one router step; returns once it is in effect.
+
+        A model without a supervisor gets one from ``spawn(model,
+        health_check_timeout)``; the others are sent their new settings
+        (:meth:`ModelProcess.reconfigure`). ``restart`` names the models whose
+        process settings changed. What happens to running models is the
+        scheduler's call (:meth:`FifoScheduler.on_reconfigure`); the stops it
+        orders go on in the background, never cutting a request in flight.
+
+        ``applied`` runs in the router task within that same step, whether or
+        not this caller is still waiting (cancelled, it may not be): the place
+        for what must switch together with the router (the HTTP layer's config).
+        """
+        reply: Reply[None] = Reply()
+        event = _Reconfigured(
+            models,
+            policy,
+            settings,
+            health_check_timeout,
+            frozenset(restart),
+            spawn,
+            applied,
+            reply,
+        )
+        self._send.send_nowait(event)
         await reply.wait()
 
     async def shutdown(self) -> None:
@@ -263,6 +336,11 @@ class Router:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._stop_all, reply)
                 return []
+            case _Tick():
+                self._on_tick()
+                return []
+            case _Reconfigured():
+                return self._reconfigure(event, now)
             case _:
                 assert_never(event)
 
@@ -270,10 +348,11 @@ class Router:
         assert self._nursery is not None
         for decision in decisions:
             match decision:
-                case Grant(request_id=rid):
+                case Grant(request_id=rid, model=model):
                     reply = self._waiting.pop(rid, None)
                     if reply is not None:
-                        reply.set(None)
+                        # READY, so its settings are those of the running process.
+                        reply.set(self._processes[model].model.proxy)
                 case Reject(request_id=rid, error=error):
                     reply = self._waiting.pop(rid, None)
                     if reply is not None:
@@ -300,8 +379,35 @@ class Router:
                     log.info("request %d for %s queued at #%d", rid, model, position)
                 case Joined(request_id=rid, model=model, swap_id=swap_id):
                     log.info("request %d for %s joined swap %d", rid, model, swap_id)
+                case Retire(model=model):
+                    process = self._processes.pop(model, None)
+                    if process is not None:
+                        process.close()
+                        log.info("model %s: left the config; its supervisor ends", model)
                 case _:
                     assert_never(decision)
+
+    def _reconfigure(self, event: _Reconfigured, now: float) -> list[Decision]:
+        """The process table first (so decisions can use new models), then the scheduler."""
+        timeout = event.health_check_timeout
+        for name, model in event.models.items():
+            process = self._processes.get(name)
+            if process is None:
+                self._processes[name] = event.spawn(model, timeout)
+            else:  # queued before any ensure_ready this step decides: the order holds
+                process.reconfigure(model, health_check_timeout=timeout)
+        decisions = self.scheduler.on_reconfigure(
+            {name: _limits(model, event.settings) for name, model in event.models.items()},
+            event.policy,
+            restart=event.restart,
+            max_wait=event.settings.max_wait,
+            min_resident=event.settings.min_resident,
+            max_queue=event.settings.max_queue,
+            now=now,
+        )
+        event.applied()
+        event.reply.set(None)
+        return decisions
 
     async def _run_swap(self, swap: StartSwap, scope: trio.CancelScope) -> None:
         """Stop the victims, then make the target ready; report ``SwapDone`` either way.
@@ -332,7 +438,9 @@ class Router:
         self._send.send_nowait(_SwapDone(swap.swap_id, error))
 
     async def _stop_one(self, model: str, reason: str) -> None:
-        await self._processes[model].stop(reason=reason)
+        process = self._processes.get(model)
+        if process is not None:  # None: retired meanwhile (it was stopped already)
+            await process.stop(reason=reason)
 
     async def _run_stops(self, stop_id: int, models: tuple[str, ...], reason: str) -> None:
         async with trio.open_nursery() as nursery:
@@ -345,3 +453,12 @@ class Router:
             for model in self._processes:
                 nursery.start_soon(self._stop_one, model, "trio-swap is shutting down")
         reply.set(None)
+
+
+def _limits(model: ModelConfig, settings: SchedulerConfig) -> ModelLimits:
+    return ModelLimits(
+        concurrency_limit=model.concurrency_limit,
+        ttl=model.ttl,
+        swappable=model.swappable,
+        priority=settings.priority.get(model.id, 0),
+    )

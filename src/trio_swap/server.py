@@ -7,10 +7,15 @@
     └─ supervisors nursery            outermost: outlives the HTTP drain
        ├─ ModelProcess.run() (one per model)      one owner per model's process
        ├─ Router.run()                the one owner of routing state
+       ├─ ActivityLog.run()           writes the per-request activity rows in batches
+       ├─ Watchdog.run()              asks the router for ticks; it pings systemd's watchdog
+       ├─ Notifier.publish_status()   STATUS= for `systemctl status` (only under systemd)
+       ├─ Reloader.run()              config reloads asked for by SIGHUP and --watch-config
+       ├─ watch_config_file()         --watch-config: polls the file, asks for reloads
        └─ web nursery
           ├─ hypercorn serve(app)     AccessControl → InferenceRoutes → Quart admin app;
           │                           handlers talk to the router through its channel
-          └─ signal watcher           SIGTERM/SIGINT: graceful stop; SIGHUP: logged
+          └─ signal watcher           SIGTERM/SIGINT: graceful stop; SIGHUP: reload
 
 Shutdown: stop accepting and drain HTTP (up to ``shutdown_timeout``), then the
 router rejects what still waits and stops every model in parallel, then the
@@ -20,7 +25,9 @@ supervisors are cancelled (any process still alive is killed on the way out).
 from __future__ import annotations
 
 import logging
+import os
 import signal
+from collections.abc import Mapping
 from functools import partial
 from typing import Final, final
 
@@ -29,15 +36,21 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from trio_swap.config.model import Config
+from trio_swap.config.model import Config, ModelConfig
 from trio_swap.errors import SwapError
 from trio_swap.http.access import AccessControl
 from trio_swap.http.app import DEFAULT_MAX_BODY_BYTES, AppState, build_app
 from trio_swap.http.inference import InferenceRoutes
 from trio_swap.http.peers import PeerForwarder
+from trio_swap.http.reload_route import register_reload_route
 from trio_swap.http.upstream_client import UpstreamClient
+from trio_swap.observe.activity import ActivityLog
+from trio_swap.observe.metrics import Metrics
+from trio_swap.observe.record import Observer
 from trio_swap.policy import build_policy
+from trio_swap.reload import Reloader, ReloadReport, ReloadUnavailable, watch_config_file
 from trio_swap.router import Router
+from trio_swap.systemd import Notifier, Watchdog, status_line
 from trio_swap.upstream.launcher import OrphanGuard
 from trio_swap.upstream.logs import LogBook
 from trio_swap.upstream.process import ModelProcess
@@ -58,17 +71,23 @@ class RunningServer:
         self,
         binds: list[str],
         router: Router,
-        processes: dict[str, ModelProcess],
+        processes: Mapping[str, ModelProcess],
         shutdown: trio.Event,
         *,
         logs: LogBook,
+        notifier: Notifier | None = None,
+        reloader: Reloader | None = None,
     ) -> None:
         self.binds = binds
         self.router = router
+        #: Every model's supervisor (the router's live table: reloads change it).
         self.processes = processes
+        self._reloader = reloader
         self._shutdown = shutdown
         #: The proxy, upstream and per-model log rings (``/logs``).
         self.logs = logs
+        #: sd_notify to systemd (a no-op outside systemd); reloads call reloading()/ready().
+        self.notifier = notifier if notifier is not None else Notifier(None)
 
     @property
     def url(self) -> str:
@@ -81,6 +100,24 @@ class RunningServer:
     def stop(self) -> None:
         """Begin a graceful shutdown (what SIGTERM does)."""
         self._shutdown.set()
+
+    async def reload(self, config: Config | None = None) -> ReloadReport:
+        """Reload the config file (or switch to ``config``), restarting only what changed.
+
+        Returns once the new config serves (docs/reload.md).
+
+        Raises:
+            ConfigError: the file does not load; the running config keeps serving.
+            ReloadUnavailable: not started from a file, and no ``config`` given.
+        """
+        if self._reloader is None:
+            raise ReloadUnavailable("this server cannot reload")
+        return await self._reloader.reload(config)
+
+    def request_reload(self, reason: str) -> None:
+        """Reload soon, in the background (SIGHUP); the outcome is logged."""
+        if self._reloader is not None:
+            self._reloader.request(reason)
 
     async def wait_for_stop(self) -> None:
         await self._shutdown.wait()
@@ -104,12 +141,24 @@ async def serve(
     handle_signals: bool = True,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    activity_db: str | None = None,
+    config_path: str | os.PathLike[str] | None = None,
+    watch_config: bool = False,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run trio-swap until SIGTERM/SIGINT (or :meth:`RunningServer.stop`)."""
+    """Run trio-swap until SIGTERM/SIGINT (or :meth:`RunningServer.stop`).
+
+    ``activity_db``: an SQLite file for the activity log (overrides ``store.path``).
+    ``config_path``: the file ``config`` was loaded from; reloads (SIGHUP,
+    ``POST /api/config/reload``) read it again. ``watch_config``: also reload
+    when it changes (polled every second).
+    """
+    if watch_config and config_path is None:
+        raise ValueError("watch_config needs config_path")
     logs = LogBook()
     proxy_log = ProxyLogCapture(logs.proxy, config.log_level)
     guard = OrphanGuard.start()
+    notifier = Notifier.from_environment()
     try:
         proxy_log.install()
         async with _http_client() as client, trio.open_nursery() as supervisors:
@@ -119,22 +168,38 @@ async def serve(
             def on_stopped(model: str) -> None:
                 router_box[0].model_stopped(model)
 
-            processes: dict[str, ModelProcess] = {}
-            for model in config.models.values():
+            metrics = Metrics()
+
+            def spawn(model: ModelConfig, health_check_timeout: float) -> ModelProcess:
+                """A supervised process for ``model``: at startup, and for models a reload adds."""
                 process = ModelProcess(
                     model,
-                    health_check_timeout=config.health_check_timeout,
+                    health_check_timeout=health_check_timeout,
                     http=client,
                     log_ring=logs.add_model(model.id, echo=echo_upstream),
                     guard=guard,
                     on_stopped=on_stopped,
+                    hooks=metrics,
                 )
-                await supervisors.start(process.run)
-                processes[model.id] = process
-            router = Router(processes, build_policy(config), config.routing.scheduler)
-            router_box.append(router)
-            await supervisors.start(router.run)
+                supervisors.start_soon(process.run)
+                return process
 
+            watchdog = Watchdog(notifier)
+            router = Router(
+                {m.id: spawn(m, config.health_check_timeout) for m in config.models.values()},
+                build_policy(config),
+                config.routing.scheduler,
+                on_tick=watchdog.on_tick,
+            )
+            processes = router.processes  # live: a reload adds to it and retires from it
+            router_box.append(router)
+            metrics.watch(processes, router)
+            await supervisors.start(router.run)
+            supervisors.start_soon(watchdog.run, router.tick)  # pings come from the router task
+
+            activity = _activity_log(config, activity_db)
+            await supervisors.start(activity.run)  # the last rows are written when cancelled
+            observer = Observer(metrics, activity)
             upstream_client = UpstreamClient()
             peers = PeerForwarder() if config.peers else None
             state = AppState(
@@ -142,18 +207,30 @@ async def serve(
                 router=router,
                 processes=processes,
                 upstream_client=upstream_client,
+                observer=observer,
             )
-            app = AccessControl(
-                InferenceRoutes(
-                    build_app(state, max_body_bytes=max_body_bytes, logs=logs),
-                    config=config,
-                    router=router,
-                    client=upstream_client,
-                    peers=peers,
-                    max_body_bytes=max_body_bytes,
-                ),
-                api_keys=config.api_keys,
+            admin = build_app(state, max_body_bytes=max_body_bytes, logs=logs)
+            routes = InferenceRoutes(
+                admin,
+                config=config,
+                router=router,
+                client=upstream_client,
+                peers=peers,
+                max_body_bytes=max_body_bytes,
+                observer=observer,
             )
+            app = AccessControl(routes, api_keys=config.api_keys)
+            reloader = Reloader(
+                config,
+                path=config_path,
+                router=router,
+                routes=routes,
+                state=state,
+                access=app,
+                spawn=spawn,
+                notifier=notifier,
+            )
+            register_reload_route(admin, reloader)
             hyper = HypercornConfig()
             hyper.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
             hyper.accesslog = None
@@ -167,6 +244,7 @@ async def serve(
             async def begin_shutdown() -> None:
                 """hypercorn's trigger: stop admitting first, then let it drain."""
                 await shutdown.wait()
+                notifier.stopping("shutting down: draining requests, then stopping models")
                 logs.end_followers()  # log streams never end by themselves
                 log.info(
                     "shutting down: requests still waiting get 503; draining HTTP (up to %gs)",
@@ -178,26 +256,50 @@ async def serve(
                 binds = await web.start(
                     partial(hypercorn_serve, app, hyper, shutdown_trigger=begin_shutdown)
                 )
-                server = RunningServer(binds, router, processes, shutdown, logs=logs)
+                server = RunningServer(
+                    binds,
+                    router,
+                    processes,
+                    shutdown,
+                    logs=logs,
+                    notifier=notifier,
+                    reloader=reloader,
+                )
+                await supervisors.start(reloader.run)
+                if watch_config:
+                    assert config_path is not None
+                    supervisors.start_soon(watch_config_file, config_path, reloader.request)
                 if handle_signals:
-                    supervisors.start_soon(_watch_signals, server, supervisors.cancel_scope)
+                    await supervisors.start(_watch_signals, server, supervisors.cancel_scope)
+                # Listening, and SIGTERM now means a graceful stop: tell systemd.
+                notifier.ready(status_line(server))
+                supervisors.start_soon(notifier.publish_status, partial(status_line, server))
                 if config.preload:
                     web.start_soon(_preload, router, config.preload)
                 task_status.started(server)
             # hypercorn returned: every connection is closed or was cut at the deadline.
             log.info("stopping all models")
-            longest_grace = max((m.unload_timeout for m in config.models.values()), default=0.0)
+            longest_grace = max((p.model.unload_timeout for p in processes.values()), default=0.0)
             with trio.move_on_after(longest_grace + 5):
                 await router.stop_all()
             await upstream_client.aclose()
-            if peers is not None:
-                await peers.aclose()
+            if routes.peers is not None:  # a reload may have added peers
+                await routes.peers.aclose()
             supervisors.cancel_scope.cancel(reason="trio-swap shutdown")
     finally:
         proxy_log.remove()
+        notifier.close()
         with trio.CancelScope(shield=True):
             await guard.aclose()
     log.info("stopped")
+
+
+def _activity_log(config: Config, path: str | None) -> ActivityLog:
+    """``--activity-db`` wins over ``store.path``; memory and file keep their own row limits."""
+    path = path or config.store_path
+    if path is None:
+        return ActivityLog(max_rows=config.metrics_max_in_memory)
+    return ActivityLog(path, max_rows=config.store_max_rows)
 
 
 async def _preload(router: Router, models: tuple[str, ...]) -> None:
@@ -216,13 +318,19 @@ async def _preload(router: Router, models: tuple[str, ...]) -> None:
         log.info("preloaded %s", model)
 
 
-async def _watch_signals(server: RunningServer, everything: trio.CancelScope) -> None:
+async def _watch_signals(
+    server: RunningServer,
+    everything: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """First SIGTERM/SIGINT: graceful stop. A second one: stop now (upstreams still killed)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()  # from here on SIGTERM no longer kills the process outright
         async for signum in signals:
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
-                log.warning("SIGHUP received: config reload is not supported yet; ignoring")
+                server.request_reload("SIGHUP")
             elif not server.stopping:
                 log.info("%s received: shutting down", name)
                 server.stop()

@@ -49,6 +49,7 @@ from trio_swap.config.schema import (
     RawModel,
     RawPeer,
 )
+from trio_swap.config.store import check_store
 from trio_swap.config.validate import (
     check_aliases,
     check_model,
@@ -62,8 +63,11 @@ from trio_swap.config.yamlsource import Document, KeyPath, format_path, parse_do
 _YAML11_BOOLS = {"yes": True, "on": True, "y": True, "no": False, "off": False, "n": False}
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def load_config(path: str | os.PathLike[str], *, previous: Config | None = None) -> Config:
     """Read and load a config file; errors name the path as given.
+
+    ``previous`` is the config being replaced by a reload: its models keep
+    their ``${PORT}`` (see :func:`~trio_swap.config.macros.assign_ports`).
 
     Raises:
         ConfigError: unreadable file (``line`` is None), or anything
@@ -80,30 +84,39 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigError("is not valid UTF-8", source=source, line=line) from exc
-    return load_config_text(text, source)
+    return load_config_text(text, source, previous=previous)
 
 
-def load_config_text(text: str, source: str, *, environ: Mapping[str, str] | None = None) -> Config:
+def load_config_text(
+    text: str,
+    source: str,
+    *,
+    environ: Mapping[str, str] | None = None,
+    previous: Config | None = None,
+) -> Config:
     """Load a config from text; ``source`` is only used in messages.
 
     Args:
         text: The YAML document.
         source: What to call it in errors and warnings (usually its path).
         environ: Variables for ``${env.NAME}``; ``os.environ`` when None.
+        previous: On a reload, the running config: models keep its ``${PORT}``
+            numbers, unless ``startPort`` changed (then all are numbered afresh).
 
     Raises:
         ConfigError: the first problem found, located by key path and line.
     """
     text = substitute_env(text.removeprefix("\ufeff"), source, environ)
-    return _Loader(parse_document(text, source)).load()
+    return _Loader(parse_document(text, source), previous).load()
 
 
 @final
 class _Loader:
     """One load: the parsed document plus the warnings collected on the way."""
 
-    def __init__(self, doc: Document) -> None:
+    def __init__(self, doc: Document, previous: Config | None = None) -> None:
         self.doc = doc
+        self.previous = previous
         #: (line, message): sorted by line when the load succeeds.
         self.warnings: list[tuple[int, str]] = []
 
@@ -120,6 +133,7 @@ class _Loader:
         global_macros = read_macros(top.pop("macros", None), ("macros",), doc)
         raw_settings = convert(expand_globals(top, global_macros, doc), RawConfig, (), doc)
         settings = check_settings(raw_settings, doc)
+        in_memory, store_path, store_rows = check_store(raw_settings, doc)
 
         expanded: dict[str, dict[str, object]] = {}
         for model_id, value in self._models(models_value).items():
@@ -128,7 +142,9 @@ class _Loader:
             if "cmd" not in model:
                 raise doc.error((*path, "cmd"), "required key is missing")
             expanded[model_id] = expand_model(model_id, model, global_macros, doc)
-        assign_ports(expanded, settings.start_port, doc)
+        previous = self.previous
+        keep = previous.ports if previous and previous.start_port == settings.start_port else None
+        ports = assign_ports(expanded, settings.start_port, doc, keep=keep)
 
         models: dict[str, ModelConfig] = {}
         for model_id, model in expanded.items():
@@ -155,8 +171,12 @@ class _Loader:
             preload=preload,
             api_keys=settings.api_keys,
             include_aliases_in_list=settings.include_aliases_in_list,
+            metrics_max_in_memory=in_memory,
+            store_path=store_path,
+            store_max_rows=store_rows,
             peers=peers,
             warnings=tuple(text for _, text in sorted(self.warnings, key=lambda w: w[0])),
+            ports=ports,
         )
 
     def _models(self, value: object) -> dict[str, dict[str, object]]:

@@ -14,7 +14,8 @@ is kept exactly (reference §1.3):
    the same name in place, otherwise it is appended). Comment lines in ``cmd``
    and ``cmdStop`` are removed first.
 4. :func:`assign_ports` hands out ``${PORT}`` in byte-sorted model-ID order,
-   only to models whose ``cmd`` contains it.
+   only to models whose ``cmd`` contains it (on a reload, models keep the
+   port they had).
 5. :func:`check_leftovers` rejects any ``${...}`` still present, except
    ``${PID}`` inside ``cmdStop`` (the process supervisor fills it in).
 
@@ -291,19 +292,30 @@ def go_float(value: float) -> str:
 # --- 4. ${PORT} ----------------------------------------------------------------------
 
 
-def assign_ports(models: dict[str, dict[str, object]], start_port: int, doc: Document) -> None:
-    """Give each model whose ``cmd`` uses ``${PORT}`` the next port, in place.
+def assign_ports(
+    models: dict[str, dict[str, object]],
+    start_port: int,
+    doc: Document,
+    *,
+    keep: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """Give each model whose ``cmd`` uses ``${PORT}`` a port, in place; return them by id.
 
     Models are visited in byte-sorted ID order (as llama-swap does, so ports
     stay stable when the file is reordered); models without ``${PORT}`` in
     ``cmd`` consume no number. A model without ``proxy`` gets
     ``http://localhost:${PORT}``, which is why its ``cmd`` then needs ``${PORT}``.
 
+    ``keep`` is a reload's previous assignment: a model listed there keeps its
+    port (when still at or above ``start_port``), and the others take the lowest
+    free numbers, so adding or removing a model never renumbers (and restarts)
+    the models that stay. Without it, numbering is llama-swap's.
+
     Raises:
         ConfigError: ``${PORT}`` in ``proxy`` (explicit or default) but not in
             ``cmd``, or a port beyond 65535.
     """
-    port = start_port
+    users: list[str] = []
     for model_id in sorted(models, key=lambda name: name.encode()):
         model = models[model_id]
         path: KeyPath = ("models", model_id)
@@ -313,14 +325,7 @@ def assign_ports(models: dict[str, dict[str, object]], start_port: int, doc: Doc
         explicit_proxy = "proxy" in model
         proxy = model.setdefault("proxy", DEFAULT_PROXY)
         if PORT_PLACEHOLDER in cmd:
-            if port > _HIGHEST_PORT:
-                raise doc.error(
-                    (*path, "cmd"), f"${{PORT}} would be {port}, beyond {_HIGHEST_PORT}"
-                )
-            table: dict[str, MacroValue] = {"PORT": port}
-            for key, value in model.items():
-                model[key] = _expand(value, table)
-            port += 1
+            users.append(model_id)
         elif isinstance(proxy, str) and PORT_PLACEHOLDER in proxy:
             if not explicit_proxy:
                 raise doc.error(
@@ -329,6 +334,31 @@ def assign_ports(models: dict[str, dict[str, object]], start_port: int, doc: Doc
                     "http://localhost:${PORT} needs it",
                 )
             raise doc.error((*path, "proxy"), "proxy uses ${PORT} but cmd does not")
+    previous = keep or {}
+    ports = {
+        model_id: previous[model_id]
+        for model_id in users
+        if model_id in previous and start_port <= previous[model_id] <= _HIGHEST_PORT
+    }
+    taken = set(ports.values())
+    port = start_port
+    for model_id in users:
+        if model_id in ports:
+            continue
+        while port in taken:
+            port += 1
+        if port > _HIGHEST_PORT:
+            raise doc.error(
+                ("models", model_id, "cmd"), f"${{PORT}} would be {port}, beyond {_HIGHEST_PORT}"
+            )
+        ports[model_id] = port
+        port += 1
+    for model_id in users:
+        model = models[model_id]
+        table: dict[str, MacroValue] = {"PORT": ports[model_id]}
+        for key, value in model.items():
+            model[key] = _expand(value, table)
+    return {model_id: ports[model_id] for model_id in users}
 
 
 # --- 5. leftovers ------------------------------------------------------------------

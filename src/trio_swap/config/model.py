@@ -17,6 +17,8 @@ DEFAULT_UNLOAD_TIMEOUT: Final = 10.0
 DEFAULT_START_PORT: Final = 5800
 #: Seconds to wait for a TCP (and TLS) connection to a peer.
 DEFAULT_PEER_CONNECT_TIMEOUT: Final = 30.0
+#: Rows the in-memory activity log keeps (llama-swap's default).
+DEFAULT_METRICS_MAX_IN_MEMORY: Final = 1000
 
 #: The literal placeholder kept in ``cmd_stop`` argv items, replaced by the PID at stop time.
 PID_PLACEHOLDER: Final = "${PID}"
@@ -200,6 +202,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     api_keys: tuple[str, ...] = ()
     #: List every alias as its own /v1/models entry.
     include_aliases_in_list: bool = False
+    #: Rows the in-memory activity log keeps (``metricsMaxInMemory``).
+    metrics_max_in_memory: int = DEFAULT_METRICS_MAX_IN_MEMORY
+    #: SQLite file of the activity log (``store.path``); None keeps it in memory.
+    store_path: str | None = None
+    #: Rows the activity file keeps (``store.maxRows``); 0 keeps them all.
+    store_max_rows: int = 0
     #: Remote servers by peer id, in config order.
     peers: dict[str, PeerConfig] = msgspec.field(default_factory=dict)
     #: Computed from ``models`` and ``peers`` on construction (a value passed in is
@@ -207,6 +215,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     peer_names: dict[str, tuple[str, str]] = msgspec.field(default_factory=dict)
     #: Human-readable notes about keys trio-swap read but does not support yet.
     warnings: tuple[str, ...] = ()
+    #: Model id -> the ``${PORT}`` its ``cmd`` was given (only models whose cmd uses
+    #: it). A reload passes these back to the loader so surviving models keep them.
+    ports: dict[str, int] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = build_peer_names(self.models, self.peers) if self.peers else {}

@@ -16,6 +16,7 @@ import msgspec
 
 from trio_swap.config.model import (
     DEFAULT_HEALTH_CHECK_TIMEOUT,
+    DEFAULT_METRICS_MAX_IN_MEMORY,
     DEFAULT_PEER_CONNECT_TIMEOUT,
     DEFAULT_START_PORT,
     DEFAULT_UNLOAD_TIMEOUT,
@@ -84,6 +85,14 @@ class RawPeer(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     timeouts: RawPeerTimeouts = msgspec.field(default_factory=RawPeerTimeouts)
 
 
+class RawStore(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``store:`` as written: where the activity log is kept."""
+
+    path: str = ""
+    #: trio-swap's own: rows the file keeps (0, llama-swap's behaviour: all).
+    max_rows: int = msgspec.field(default=0, name="maxRows")
+
+
 class RawConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The top level of a config file, as written."""
 
@@ -101,6 +110,10 @@ class RawConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     api_keys: list[str] = msgspec.field(default_factory=list, name="apiKeys")
     include_aliases_in_list: bool = msgspec.field(default=False, name="includeAliasesInList")
     peers: dict[str, RawPeer] = msgspec.field(default_factory=dict)
+    metrics_max_in_memory: int = msgspec.field(
+        default=DEFAULT_METRICS_MAX_IN_MEMORY, name="metricsMaxInMemory"
+    )
+    store: RawStore | None = None
 
 
 def _keys(struct: type[msgspec.Struct]) -> frozenset[str]:
@@ -122,11 +135,9 @@ LLAMA_SWAP_ONLY_TOP_KEYS: Final[dict[str, str]] = {
     "captureBuffer": "",
     "logRequests": "",
     "logTimeFormat": "",
-    "metricsMaxInMemory": "",
     "performance": "",
     "profiles": "",
     "selectors": "",
-    "store": "",
     "ui": "",
     "upstream": "",
 }

@@ -17,10 +17,19 @@ through):
   after the request body is drained so the connection stays usable; a
   websocket is refused before the handshake completes. The key headers are
   passed on (and so upstream) unchanged.
-* A request that carries ``Origin`` gets ``Access-Control-Allow-Origin: *``
-  and ``Access-Control-Expose-Headers: Retry-After`` on its response, 401s
-  included, so a browser app can read answers and errors (llama-swap adds
-  them to ``/v1/models`` only). A header the inner app already set wins.
+* ``GET``/``HEAD /ui...``, the web UI's static files, need no key either: the
+  page must load to ask for one. Its data comes from ``/api``, which needs it.
+* A request that carries ``Origin`` to a model route or ``/v1/models`` gets
+  ``Access-Control-Allow-Origin: *`` and ``Access-Control-Expose-Headers:
+  Retry-After`` on its response, 401s included, so a browser chat app can read
+  answers and errors (llama-swap adds them to ``/v1/models`` only). The admin
+  and log routes never get them: another site's page must not read logs,
+  commands or model lists. A header the inner app already set wins.
+* A browser request another site's page made (``Sec-Fetch-Site:
+  cross-site``) to anything but a model route, ``/v1/models``, ``/health`` or
+  the web UI's files (a link may open the UI) is refused with 403: it could
+  otherwise unload models or reach an upstream's own admin endpoints through
+  ``/upstream/`` without being read.
 
 The key comparison does not depend on which key matched, or where two keys
 differ: the presented key and every configured key are hashed to SHA-256
@@ -51,7 +60,8 @@ from hypercorn.typing import (
     WebsocketScope,
 )
 
-from trio_swap.errors import Unauthorized, error_style
+from trio_swap.errors import Forbidden, Unauthorized, error_style
+from trio_swap.http.routes import JSON_PATHS, MULTIPART_PATHS, QUERY_PATHS, VERSIONLESS_PATHS
 
 __all__ = ["CORS_ALLOW_METHODS", "DEFAULT_ALLOW_HEADERS", "AccessControl"]
 
@@ -59,6 +69,15 @@ AsgiApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[Non
 
 #: Paths anyone may read, whatever the method (health probes).
 _OPEN_PATHS: Final = frozenset({"/health", "/wol-health"})
+#: What another site's page may call and read: inference, the model list, health.
+_CROSS_SITE_PATHS: Final = (
+    JSON_PATHS
+    | MULTIPART_PATHS
+    | QUERY_PATHS
+    | VERSIONLESS_PATHS
+    | _OPEN_PATHS
+    | {"/v1/models", "/models"}
+)
 #: Methods that may read ``/`` without a key.
 _OPEN_ROOT_METHODS: Final = frozenset({"GET", "HEAD"})
 
@@ -95,6 +114,10 @@ class AccessControl:
             hashlib.sha256(key.encode()).digest() for key in api_keys
         )
 
+    def set_api_keys(self, api_keys: Sequence[str]) -> None:
+        """A reload: the next request is checked against these keys (one assignment)."""
+        self._digests = tuple(hashlib.sha256(key.encode()).digest() for key in api_keys)
+
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
@@ -111,14 +134,19 @@ class AccessControl:
         if scope["method"] == "OPTIONS":
             await _preflight(scope, send)
             return
-        has_origin = False
+        has_origin = cross_site = False
         if not self._digests:
-            for name, _ in scope["headers"]:
+            for name, value in scope["headers"]:
                 if name == b"origin":
                     has_origin = True
-                    break
-            if has_origin:
-                send = _with_cors(send)
+                elif name == b"sec-fetch-site":
+                    cross_site = value == b"cross-site"
+            if has_origin or cross_site:
+                if scope["path"] in _CROSS_SITE_PATHS:
+                    send = _with_cors(send)
+                elif cross_site and not _is_page(scope):
+                    await _send_forbidden(send, scope, receive)
+                    return
             await self._app(scope, receive, send)
             return
         authorization: bytes | None = None
@@ -132,8 +160,14 @@ class AccessControl:
                     x_api_key = value
             elif name == b"origin":
                 has_origin = True
-        if has_origin:
-            send = _with_cors(send)
+            elif name == b"sec-fetch-site":
+                cross_site = value == b"cross-site"
+        if has_origin or cross_site:
+            if scope["path"] in _CROSS_SITE_PATHS:
+                send = _with_cors(send)
+            elif cross_site and not _is_page(scope):
+                await _send_forbidden(send, scope, receive)
+                return
         if not _is_open(scope):
             denied = self._deny(authorization, x_api_key)
             if denied is not None:
@@ -173,7 +207,24 @@ class AccessControl:
 
 def _is_open(scope: HTTPScope) -> bool:
     path = scope["path"]
+    if scope["method"] in _OPEN_ROOT_METHODS and _is_ui_file(path):
+        return True  # the web UI's static files: the page must load to ask for the key
     return path in _OPEN_PATHS or (path == "/" and scope["method"] in _OPEN_ROOT_METHODS)
+
+
+def _is_page(scope: HTTPScope) -> bool:
+    """The web UI's files (and ``/``): a link from another site may open them."""
+    path = scope["path"]
+    return scope["method"] in _OPEN_ROOT_METHODS and (path == "/" or _is_ui_file(path))
+
+
+def _is_ui_file(path: str) -> bool:
+    """``/ui`` and ``/ui/...`` without ``.``/``..`` segments (docs/ui.md); no data behind them."""
+    if path == "/ui":
+        return True
+    return path.startswith("/ui/") and not any(
+        segment in (".", "..") for segment in path.split("/")
+    )
 
 
 def _presented_key(authorization: bytes | None, x_api_key: bytes | None) -> bytes | None:
@@ -269,6 +320,22 @@ def _unauthorized_response(message: str, path: str) -> tuple[list[tuple[bytes, b
         *((name.lower().encode(), value.encode()) for name, value in error.headers().items()),
     ]
     return headers, body
+
+
+async def _send_forbidden(
+    send: ASGISendCallable, scope: HTTPScope, receive: ASGIReceiveCallable
+) -> None:
+    error = Forbidden(
+        f"{scope['path']} cannot be called from another site's page "
+        "(Sec-Fetch-Site: cross-site); only model routes and /v1/models can"
+    )
+    keep_alive = await _drain(receive)
+    headers = [(b"content-type", b"application/json")]
+    if not keep_alive:
+        headers.append((b"connection", b"close"))
+    body = msgspec.json.encode(error.body(error_style(scope["path"])))
+    await send({"type": "http.response.start", "status": 403, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def _send_unauthorized(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Final, final
 
 import httpx
@@ -20,7 +21,10 @@ from trio_swap.config.model import Config
 from trio_swap.errors import BodyTooLarge, ModelNotFound, SwapError
 from trio_swap.http.errors import error_response, json_response, plain_error
 from trio_swap.http.logs import register_log_routes
+from trio_swap.http.observe import register_observe_routes
+from trio_swap.http.ui import register_ui_routes
 from trio_swap.http.upstream_client import UpstreamClient
+from trio_swap.observe.record import Observer
 from trio_swap.router import Router
 from trio_swap.upstream.logs import LogBook
 from trio_swap.upstream.process import ModelProcess
@@ -34,20 +38,27 @@ DEFAULT_MAX_BODY_BYTES: Final = 64 * 1024 * 1024
 
 @final
 class AppState:
-    """What the handlers need, built once by :func:`trio_swap.server.serve`."""
+    """What the handlers need, built once by :func:`trio_swap.server.serve`.
+
+    A reload replaces ``config`` and changes ``processes`` (the router's live
+    table): read them per request, never keep them across an ``await``.
+    """
 
     def __init__(
         self,
         *,
         config: Config,
         router: Router,
-        processes: dict[str, ModelProcess],
+        processes: Mapping[str, ModelProcess],
         upstream_client: UpstreamClient,
+        observer: Observer | None = None,
     ) -> None:
         self.config = config
         self.router = router
         self.processes = processes
         self.upstream_client = upstream_client
+        #: Metrics and the activity log (``/metrics``, ``/api/activity``).
+        self.observer = observer
         self.started_at = int(time.time())
 
 
@@ -95,6 +106,7 @@ def build_app(
         )
 
     @app.get("/health")
+    @app.get("/wol-health")  # llama-swap's spelling, polled by wake-on-LAN proxies
     async def health() -> Response:
         return Response("OK", content_type="text/plain")
 
@@ -172,7 +184,10 @@ def build_app(
         return json_response({"msg": "ok", "model": model_id})
 
     if logs is not None:
-        register_log_routes(app, logs, state.config)
+        register_log_routes(app, logs, lambda name: state.config.resolve(name))
+    if state.observer is not None:
+        register_observe_routes(app, state.observer, state)
+    register_ui_routes(app, state, logs)  # /, /ui, /api/events, /api/models/load
 
     return app
 

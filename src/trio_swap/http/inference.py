@@ -58,9 +58,11 @@ from trio_swap.http.loading import CHAT_COMPLETIONS, LoadingProgress
 from trio_swap.http.multipart import boundary_of, find_field
 from trio_swap.http.passthrough import split_passthrough
 from trio_swap.http.peers import PeerForwarder
-from trio_swap.http.relay import forward_header_bytes, response_header_bytes
+from trio_swap.http.quart_shim import shield_last_send
+from trio_swap.http.relay import forward_header_bytes, response_header_bytes, sse_error_event
 from trio_swap.http.routes import ModelSource, Route, WrongMethod, classify
 from trio_swap.http.upstream_client import Upstream, UpstreamClient, UpstreamResponse
+from trio_swap.observe.record import Observer, RequestRecord
 from trio_swap.router import Lease, Router
 
 __all__ = ["InferenceRoutes"]
@@ -76,7 +78,8 @@ class _Envelope(msgspec.Struct):
 
     model: str | None = None
     #: Only read to decide whether a loading-progress stream applies.
-    stream: bool | None = None
+    #: Any JSON value: servers take ``1`` or ``"true"`` too, so it is only tested for truth.
+    stream: object = None
 
 
 _decode_envelope = msgspec.json.Decoder(_Envelope).decode
@@ -141,18 +144,50 @@ class InferenceRoutes:
         client: UpstreamClient,
         peers: PeerForwarder | None = None,
         max_body_bytes: int,
+        observer: Observer | None = None,
     ) -> None:
         self._fallback = fallback
+        #: Metrics and the activity log (none of either when not given).
+        self._observer = observer if observer is not None else Observer()
         self._peers = peers
         self._config = config
         self._router = router
         self._client = client
         self._max_body_bytes = max_body_bytes
-        self._upstreams = {mid: Upstream(m.proxy) for mid, m in config.models.items()}
+        #: By ``proxy`` URL: a lease names the one its process listens on (after a
+        #: reload, an old process may still serve at the previous URL).
+        self._upstreams = {m.proxy: Upstream(m.proxy) for m in config.models.values()}
         #: Models whose streaming chat clients get loading progress (``sendLoadingState``).
         self._loading_state = frozenset(
             mid for mid, m in config.models.items() if m.send_loading_state
         )
+
+    @property
+    def peers(self) -> PeerForwarder | None:
+        """The peer forwarder, if any config so far had peers (close it at shutdown)."""
+        return self._peers
+
+    def swap_config(self, config: Config) -> None:
+        """A reload: the next request resolves names, filters and peers with ``config``.
+
+        Requests under way keep what they already read. The router must know
+        the new models first (:meth:`Router.reconfigure`).
+        """
+        for model in config.models.values():
+            if model.proxy not in self._upstreams:
+                self._upstreams[model.proxy] = Upstream(model.proxy)
+        if config.peers and self._peers is None:
+            self._peers = PeerForwarder()
+        self._loading_state = frozenset(
+            mid for mid, m in config.models.items() if m.send_loading_state
+        )
+        self._config = config
+
+    def _upstream(self, proxy: str) -> Upstream:
+        upstream = self._upstreams.get(proxy)
+        if upstream is None:  # a process started before the reload that dropped its URL
+            upstream = self._upstreams[proxy] = Upstream(proxy)
+        return upstream
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -167,12 +202,21 @@ class InferenceRoutes:
             await _send_error(send, error, scope)
             return
         if route is None:
-            await self._fallback(scope, receive, send)
+            await self._fallback(scope, receive, shield_last_send(send))
         else:
-            await self._serve(route, scope, receive, send)
+            record = self._observer.begin(scope, send)
+            try:
+                await self._serve(route, scope, receive, record.send, record)
+            finally:
+                self._observer.finish(record)
 
     async def _serve(
-        self, route: Route, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+        self,
+        route: Route,
+        scope: HTTPScope,
+        receive: ASGIReceiveCallable,
+        send: ASGISendCallable,
+        record: RequestRecord,
     ) -> None:
         try:
             body = await self._read_body(scope, receive)
@@ -185,8 +229,9 @@ class InferenceRoutes:
         except SwapError as error:
             await _send_error(send, error, scope)
             return
+        record.routed(outbound.model_id, outbound.peer)
         if outbound.peer is None:
-            await self._exchange(outbound, scope, receive, send)
+            await self._exchange(outbound, scope, receive, send, record)
         else:
             await self._forward_to_peer(outbound, outbound.peer, scope, receive, send)
 
@@ -199,7 +244,8 @@ class InferenceRoutes:
         send: ASGISendCallable,
     ) -> None:
         """No lease and no swap: the peer machine schedules its own models."""
-        assert self._peers is not None, "a config with peers always gets a forwarder"
+        if self._peers is None:
+            raise RuntimeError("a config with peers needs a PeerForwarder")
         body = outbound.body
         async with trio.open_nursery() as nursery:
 
@@ -227,6 +273,7 @@ class InferenceRoutes:
         scope: HTTPScope,
         receive: ASGIReceiveCallable,
         send: ASGISendCallable,
+        record: RequestRecord,
     ) -> None:
         """Wait for the model, send the request, relay the answer; release everything after."""
         model_id = outbound.model_id
@@ -254,7 +301,8 @@ class InferenceRoutes:
                         lease = await self._router.acquire(model_id)
                     else:
                         lease = await progress.acquire()
-                    upstream = self._upstreams[model_id]
+                    record.lease_granted()
+                    upstream = self._upstream(lease.proxy)
                     answer = await self._client.send(
                         upstream,
                         method=scope["method"].encode(),
@@ -263,6 +311,7 @@ class InferenceRoutes:
                         body=outbound.body,
                         model=model_id,
                     )
+                    record.upstream_answered()
                 except SwapError as error:
                     if progress is not None and progress.streaming:
                         await progress.fail(error)
@@ -366,7 +415,7 @@ class InferenceRoutes:
             body=body,
             path=path,
             query=query,
-            stream=bool(envelope.stream),
+            stream=envelope.stream not in (None, False, 0, "", "false"),
             peer=peer,
         )
 
@@ -444,8 +493,8 @@ class InferenceRoutes:
                 # complete; raising makes hypercorn abort the connection instead.
                 raise
             # An SSE client learns it from a last event (the OpenAI SDKs raise it).
-            error = UpstreamFailed(model_id, f"response cut off: {exc.message}")
-            event = b"data: " + msgspec.json.encode(error.body(style)) + b"\n\n"
+            error = UpstreamFailed(model_id, f"response cut off: {exc.detail}")
+            event = sse_error_event(error, style)
             await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

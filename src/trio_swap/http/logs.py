@@ -20,7 +20,6 @@ from typing import final
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from trio_swap.config.model import Config
 from trio_swap.http.errors import plain_error
 from trio_swap.upstream.logs import LogBook, LogRing, follow
 
@@ -40,8 +39,14 @@ def _text(lines: list[str]) -> bytes:
     return ("\n".join(lines) + "\n").encode("utf-8", "replace")
 
 
-def register_log_routes(app: QuartTrio, logs: LogBook, config: Config) -> None:
-    """Add ``/logs`` and ``/logs/stream...`` to the admin app."""
+def register_log_routes(
+    app: QuartTrio, logs: LogBook, resolve: Callable[[str], str | None]
+) -> None:
+    """Add ``/logs`` and ``/logs/stream...`` to the admin app.
+
+    ``resolve`` maps a model id or alias to its id under the config serving
+    now (a reload can change it), or None.
+    """
 
     @app.get("/logs")
     async def logs_history() -> Response:
@@ -59,7 +64,7 @@ def register_log_routes(app: QuartTrio, logs: LogBook, config: Config) -> None:
         elif name == "upstream":
             ring = logs.upstream
         else:
-            model_id = config.resolve(name)
+            model_id = resolve(name)
             ring = logs.models.get(model_id) if model_id is not None else None
         if ring is None:
             return plain_error(

@@ -6,6 +6,7 @@ from trio_swap.scheduling.decisions import (
     Joined,
     Queued,
     Reject,
+    Retire,
     StartSwap,
     StopModels,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "Phase",
     "Queued",
     "Reject",
+    "Retire",
     "StartSwap",
     "StopModels",
 ]

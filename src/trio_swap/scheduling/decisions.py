@@ -6,7 +6,16 @@ import msgspec
 
 from trio_swap.errors import SwapError
 
-__all__ = ["Decision", "Grant", "Joined", "Queued", "Reject", "StartSwap", "StopModels"]
+__all__ = [
+    "Decision",
+    "Grant",
+    "Joined",
+    "Queued",
+    "Reject",
+    "Retire",
+    "StartSwap",
+    "StopModels",
+]
 
 
 class Grant(msgspec.Struct, frozen=True, kw_only=True):
@@ -55,4 +64,10 @@ class Joined(msgspec.Struct, frozen=True, kw_only=True):
     swap_id: int
 
 
-Decision = Grant | Reject | StartSwap | StopModels | Queued | Joined
+class Retire(msgspec.Struct, frozen=True, kw_only=True):
+    """``model`` left the config (a reload) and its process is stopped: end its supervisor."""
+
+    model: str
+
+
+Decision = Grant | Reject | StartSwap | StopModels | Queued | Joined | Retire

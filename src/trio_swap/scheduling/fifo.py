@@ -10,7 +10,9 @@ until :meth:`FifoScheduler.on_finished`), or :class:`Reject`. Placing a
 request (``_place``) follows llama-swap's decision tree:
 
 1. join: a swap for the model is under way: wait for it (one load serves all);
-2. compute the evictions the policy asks for;
+   but first (1b): a stop of the model is under way: queue until it is done;
+2. compute the evictions the policy asks for; (2b) a ready model whose
+   settings a reload changed takes no new request: queue until it restarts;
 3. fast path: the model is ready, nothing to evict, no swap is evicting it: grant;
 4. collision with a swap under way (it evicts this model, or this swap would
    evict its target or one of its victims): queue;
@@ -19,17 +21,23 @@ request (``_place``) follows llama-swap's decision tree:
 6. otherwise start a swap.
 
 Queued requests are placed again, in order, whenever something changes
-(swap done, a model's last request done, a stop done, a crash).
+(swap done, a model's last request done, a stop done, a crash, a reload).
+
+A config reload arrives as :meth:`FifoScheduler.on_reconfigure`: new models,
+limits, settings and policy all at once, between two events. Its rules are
+in that method's docstring and docs/reload.md.
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable, Mapping
-from typing import final
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from typing import Final, final
 
 from trio_swap.errors import (
+    ModelNotFound,
     ModelPinned,
     ModelUnloaded,
     QueueFull,
@@ -44,6 +52,7 @@ from trio_swap.scheduling.decisions import (
     Joined,
     Queued,
     Reject,
+    Retire,
     StartSwap,
     StopModels,
 )
@@ -61,6 +70,9 @@ class Phase(enum.Enum):
 
 
 _RUNNING = (Phase.LOADING, Phase.READY, Phase.STOPPING)
+
+#: The reason of the stops a config reload orders (the reload logs what changed).
+RELOAD: Final = "reload"
 
 #: Once the oldest queued request has waited this long (seconds), new requests may
 #: no longer take the fast path onto a model it needs evicted (llama-swap #612).
@@ -97,7 +109,16 @@ class ModelLimits:
 
 @final
 class _Model:
-    __slots__ = ("idle_since", "in_flight", "limits", "phase", "ready_since", "reserved")
+    __slots__ = (
+        "idle_since",
+        "in_flight",
+        "limits",
+        "phase",
+        "ready_since",
+        "removed",
+        "reserved",
+        "stale",
+    )
 
     def __init__(self, limits: ModelLimits) -> None:
         self.limits = limits
@@ -109,6 +130,13 @@ class _Model:
         self.idle_since = 0.0
         #: When the last load of this model completed (for ``min_resident``).
         self.ready_since = -math.inf
+        #: A reload changed its process settings while it ran: no new grants, and
+        #: it stops once its requests in flight finish. Read only while READY
+        #: (the next successful load clears it).
+        self.stale = False
+        #: A reload removed it: requests are refused; it stops once idle and is
+        #: retired once stopped. Invariant: True exactly for names in ``_removed``.
+        self.removed = False
 
 
 @final
@@ -124,12 +152,15 @@ class _Request:
 
 @final
 class _Swap:
-    __slots__ = ("target", "victims", "waiters")
+    __slots__ = ("requeue", "target", "victims", "waiters")
 
     def __init__(self, target: str, victims: tuple[str, ...]) -> None:
         self.target = target
         self.victims = victims
         self.waiters: list[int] = []
+        #: A reload changed the target's process settings mid-load: the load is
+        #: being stopped, and its waiters go back to the queue for the new process.
+        self.requeue = False
 
 
 @final
@@ -155,6 +186,8 @@ class FifoScheduler:
         self._queue: list[int] = []
         self._swaps: dict[int, _Swap] = {}
         self._stops: dict[int, tuple[str, ...]] = {}
+        #: Models a reload removed that still have a process or requests.
+        self._removed: set[str] = set()
         self._next_swap = 1
         self._next_stop = 1
         self._shutting_down = False
@@ -182,6 +215,10 @@ class FifoScheduler:
     def running(self) -> list[str]:
         return [name for name, m in self._models.items() if m.phase in _RUNNING]
 
+    def models(self) -> list[str]:
+        """Every model with a slot: the config's, plus removed ones not yet retired."""
+        return list(self._models)
+
     def pending_requests(self) -> int:
         return len(self._requests)
 
@@ -191,7 +228,9 @@ class FifoScheduler:
         """A request for ``model`` (already resolved to an id) arrived."""
         if self._shutting_down:
             return [Reject(request_id=request_id, error=ShuttingDown())]
-        slot = self._models[model]
+        slot = self._models.get(model)
+        if slot is None or slot.removed:  # resolved just before a reload removed it
+            return [Reject(request_id=request_id, error=ModelNotFound(model))]
         if slot.reserved >= slot.limits.concurrency_limit:
             return [
                 Reject(
@@ -226,7 +265,10 @@ class FifoScheduler:
             slot.in_flight -= 1
             if slot.in_flight == 0:
                 slot.idle_since = now
-                return self._drain(now)
+                decisions = self._stop_if_outdated(request.model)
+                decisions.extend(self._retire_removed())
+                decisions.extend(self._drain(now))
+                return decisions
         elif request.stage is _Stage.QUEUED:
             self._queue.remove(request_id)
         else:
@@ -247,8 +289,18 @@ class FifoScheduler:
         target = self._models[swap.target]
         decisions: list[Decision] = []
         stopping = any(swap.target in models for models in self._stops.values())
-        if error is None:
+        if swap.requeue or target.removed:
+            # A reload stopped this load (however it ended): nobody is served by it.
+            target.phase = Phase.STOPPING if stopping else Phase.COLD
+            for rid in swap.waiters:
+                if target.removed:
+                    decisions.append(self._reject(rid, ModelNotFound(swap.target)))
+                else:
+                    self._requests[rid].stage = _Stage.QUEUED
+                    self._enqueue(rid)
+        elif error is None:
             target.phase = Phase.STOPPING if stopping else Phase.READY
+            target.stale = False  # this load ran the current settings
             target.idle_since = now
             target.ready_since = now
             for rid in swap.waiters:
@@ -258,6 +310,7 @@ class FifoScheduler:
             target.phase = Phase.STOPPING if stopping else Phase.COLD
             for rid in swap.waiters:
                 decisions.append(self._reject(rid, error))
+        decisions.extend(self._retire_removed())
         decisions.extend(self._drain(now))
         return decisions
 
@@ -268,10 +321,10 @@ class FifoScheduler:
         moved on). Otherwise it crashed, or a stop raced a swap: the model is
         cold, and the next request starts it again.
         """
-        slot = self._models[model]
-        if slot.phase is Phase.READY:
+        slot = self._models.get(model)
+        if slot is not None and slot.phase is Phase.READY:
             slot.phase = Phase.COLD
-            return self._drain(now)
+            return [*self._retire_removed(), *self._drain(now)]
         return []
 
     def on_unload(self, models: Iterable[str], now: float) -> list[Decision]:
@@ -282,7 +335,9 @@ class FifoScheduler:
         decisions: list[Decision] = []
         to_stop: list[str] = []
         for model in models:
-            slot = self._models[model]
+            slot = self._models.get(model)
+            if slot is None:  # retired after a reload removed it
+                continue
             for rid in list(self._queue):
                 if self._requests[rid].model == model:
                     self._queue.remove(rid)
@@ -301,7 +356,7 @@ class FifoScheduler:
             slot = self._models[model]
             if slot.phase is Phase.STOPPING and not self._is_swap_victim(model):
                 slot.phase = Phase.COLD
-        return self._drain(now)
+        return [*self._retire_removed(), *self._drain(now)]
 
     def on_tick(self, now: float) -> list[Decision]:
         """Time passed: unload models idle for longer than their TTL."""
@@ -341,6 +396,80 @@ class FifoScheduler:
             swap.waiters.clear()
         return decisions
 
+    def on_reconfigure(
+        self,
+        models: Mapping[str, ModelLimits],
+        policy: SwapPolicy,
+        *,
+        restart: AbstractSet[str] = frozenset(),
+        max_wait: float = DEFAULT_MAX_WAIT,
+        min_resident: float = 0.0,
+        max_queue: int = 0,
+        now: float,
+    ) -> list[Decision]:
+        """A config reload: the new models, limits, settings and policy, all in one step.
+
+        ``restart`` names the kept models whose process settings changed (their
+        supervisor starts the new settings next time; this decides when the old
+        process goes). Requests already granted are never cut (invariant 3).
+
+        1. A new model starts COLD; a kept one takes its new limits in place.
+        2. A kept model in ``restart`` (or one removed earlier and back before its
+           old process was retired): READY: it is *stale*: no new grants, and it
+           stops as soon as nothing is in flight on it; new requests wait and
+           start the new settings. LOADING: the load is stopped and its waiters
+           are queued again, for the new process. COLD or STOPPING: nothing to do.
+        3. A removed model: its queued requests get ModelNotFound, a load of it
+           is stopped (its waiters get ModelNotFound too), it stops once idle,
+           and is retired (:class:`Retire`) once stopped. While it still runs,
+           every load evicts it (the new policy does not know it).
+        4. The queue is placed again under the new policy.
+        """
+        self._policy = policy
+        self._max_wait = max_wait
+        self._min_resident = min_resident
+        self._max_queue = max_queue
+        decisions: list[Decision] = []
+        cancel_changed: list[str] = []
+        cancel_removed: list[str] = []
+        for name, limits in models.items():  # (1), (2)
+            slot = self._models.get(name)
+            if slot is None:
+                self._models[name] = _Model(limits)
+                continue
+            slot.limits = limits
+            back = slot.removed
+            if back:
+                slot.removed = False
+                self._removed.discard(name)
+            if name not in restart and not back:
+                continue
+            if slot.phase is Phase.READY:
+                slot.stale = True
+            elif slot.phase is Phase.LOADING:
+                for swap in self._swaps.values():
+                    if swap.target == name:
+                        swap.requeue = True
+                cancel_changed.append(name)
+        for name, slot in self._models.items():  # (3)
+            if name in models or slot.removed:
+                continue
+            slot.removed = True
+            self._removed.add(name)
+            for rid in list(self._queue):
+                if self._requests[rid].model == name:
+                    self._queue.remove(rid)
+                    decisions.append(self._reject(rid, ModelNotFound(name)))
+            if slot.phase is Phase.LOADING:
+                cancel_removed.append(name)
+        if cancel_removed or cancel_changed:
+            decisions.append(self._stop((*cancel_removed, *cancel_changed), RELOAD))
+        for name in list(self._models):
+            decisions.extend(self._stop_if_outdated(name))
+        decisions.extend(self._retire_removed())
+        decisions.extend(self._drain(now))  # (4)
+        return decisions
+
     # -- internals --------------------------------------------------------------
 
     def _ttl_deadline(self, name: str, slot: _Model) -> float:
@@ -357,6 +486,45 @@ class FifoScheduler:
 
     def _is_swap_victim(self, model: str) -> bool:
         return any(model in swap.victims for swap in self._swaps.values())
+
+    def _stop_if_outdated(self, name: str) -> list[Decision]:
+        """Stop a stale or removed model once nothing is in flight on it (a reload)."""
+        slot = self._models[name]
+        if slot.phase is not Phase.READY or slot.in_flight or not (slot.stale or slot.removed):
+            return []
+        slot.phase = Phase.STOPPING
+        return [self._stop((name,), RELOAD)]
+
+    def _retire_removed(self) -> list[Decision]:
+        """Forget removed models that are stopped and that nothing refers to any more."""
+        retired: list[Decision] = []
+        for name in sorted(self._removed):
+            slot = self._models[name]
+            if (
+                slot.phase is Phase.COLD
+                and not slot.reserved
+                and not any(name == s.target or name in s.victims for s in self._swaps.values())
+                and not any(name in models for models in self._stops.values())
+            ):
+                del self._models[name]
+                self._removed.discard(name)
+                retired.append(Retire(model=name))
+        return retired
+
+    def _evictions(self, target: str, running: Sequence[str]) -> tuple[str, ...]:
+        """The policy's evictions; a load also evicts every removed model still running.
+
+        A removed model is unknown to the new policy, and nothing says it may
+        share the machine with the model being loaded, so it goes first (once
+        its requests in flight are done, like any victim).
+        """
+        if not self._removed:
+            return self._policy.evictions(target, running)
+        known = [name for name in running if name not in self._removed]
+        evict = self._policy.evictions(target, known)
+        if self._models[target].phase is Phase.READY:
+            return evict
+        return evict + tuple(name for name in running if name in self._removed)
 
     def _stop(self, models: tuple[str, ...], reason: str) -> StopModels:
         stop_id = self._next_stop
@@ -379,6 +547,11 @@ class FifoScheduler:
         """Try to move a request on (branches numbered as in the module docstring)."""
         request = self._requests[request_id]
         target = request.model
+        # (1b) a stop of it is under way (TTL, unload, reload, a load nobody waits
+        # for): load it again once that is done, so its process gets the stop and
+        # the start in that order (and nobody joins a load that is being stopped)
+        if any(target in models for models in self._stops.values()):
+            return None
         # (1) join a swap already loading this model
         for swap_id, swap in self._swaps.items():
             if swap.target == target:
@@ -388,8 +561,11 @@ class FifoScheduler:
                 return [Joined(request_id=request_id, model=target, swap_id=swap_id)]
         # (2) what the policy wants stopped
         running = [name for name in self.running() if name != target]
-        evict = self._policy.evictions(target, running)
+        evict = self._evictions(target, running)
         slot = self._models[target]
+        # (2b) it runs settings a reload replaced: wait until it stops, then load anew
+        if slot.phase is Phase.READY and slot.stale:
+            return None
         # (3) fast path, unless a request queued too long needs this model gone
         if slot.phase is Phase.READY and not evict and not self._is_swap_victim(target):
             if self._starves(target, request, now):
@@ -438,10 +614,10 @@ class FifoScheduler:
     def _grantable(self, target: str, request: _Request, now: float) -> bool:
         """Would this request take the fast path right now (no queue, no load)?"""
         slot = self._models[target]
-        if slot.phase is not Phase.READY or self._is_swap_victim(target):
+        if slot.phase is not Phase.READY or slot.stale or self._is_swap_victim(target):
             return False
         running = [name for name in self.running() if name != target]
-        if self._policy.evictions(target, running):
+        if self._evictions(target, running):
             return False
         return not self._starves(target, request, now)
 
@@ -468,7 +644,7 @@ class FifoScheduler:
             if waiting is request or waiting.model == target:
                 continue
             others = [name for name in running if name != waiting.model]
-            if target in self._policy.evictions(waiting.model, others):
+            if target in self._evictions(waiting.model, others):
                 return True
         return False
 

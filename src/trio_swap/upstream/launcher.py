@@ -31,6 +31,9 @@ import trio
 __all__ = ["Child", "OrphanGuard", "spawn"]
 
 _PR_SET_PDEATHSIG: Final = 1
+#: trio-swap's own line to systemd (sd_notify, watchdog): a model server that
+#: inherited it could report readiness or feed the watchdog in trio-swap's name.
+_SYSTEMD_VARIABLES: Final = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"})
 
 
 def _die_with_parent(parent_pid: int) -> None:  # pragma: no cover - runs in the child
@@ -129,7 +132,7 @@ def spawn(argv: Sequence[str], *, env: Mapping[str, str]) -> Child:
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env=dict(env),
+        env={key: value for key, value in env.items() if key not in _SYSTEMD_VARIABLES},
         process_group=0,
         preexec_fn=functools.partial(_die_with_parent, os.getpid()),
         close_fds=True,

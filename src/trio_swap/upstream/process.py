@@ -20,6 +20,13 @@ when a stop it did not order (a crash), or one that raced a swap, took the
 model down.
     STOPPING --ensure_ready-->  STOPPING, then STARTING once the old process is gone
 
+A config reload sends :meth:`ModelProcess.reconfigure`: settings that leave
+the server process as it is (see :func:`~trio_swap.config.diff.same_process`)
+apply at once; others wait until the process is STOPPED, so a running server
+never has its ``cmdStop`` or health URL changed under it, and every start after
+the message runs the new settings. :meth:`ModelProcess.close` ends a
+supervisor whose model left the config.
+
 Stopping is ``cmdStop`` (if configured) or SIGTERM to the process group, then
 SIGKILL to the group after the grace period. Whatever ends the supervisor,
 cancellation included, the group is stopped before the exception propagates.
@@ -40,8 +47,10 @@ import msgspec
 import trio
 
 from trio_swap._sync import Reply, race
+from trio_swap.config.diff import same_process
 from trio_swap.config.model import PID_PLACEHOLDER, ModelConfig
 from trio_swap.errors import ModelStartFailed
+from trio_swap.observe.hooks import ProcessHooks
 from trio_swap.upstream.launcher import Child, OrphanGuard, spawn
 from trio_swap.upstream.logs import LogRing
 
@@ -85,7 +94,12 @@ class _Stop(msgspec.Struct, frozen=True):
     reply: Reply[None]
 
 
-_Command = _EnsureReady | _Stop
+class _Reconfigure(msgspec.Struct, frozen=True):
+    model: ModelConfig
+    health_check_timeout: float
+
+
+_Command = _EnsureReady | _Stop | _Reconfigure
 
 
 @final
@@ -101,6 +115,7 @@ class ModelProcess:
         log_ring: LogRing | None = None,
         guard: OrphanGuard | None = None,
         on_stopped: Callable[[str], None] | None = None,
+        hooks: ProcessHooks | None = None,
     ) -> None:
         self.model = model
         self.health_check_timeout = health_check_timeout
@@ -108,6 +123,8 @@ class ModelProcess:
         self._http = http
         self._guard = guard
         self._on_stopped = on_stopped
+        #: Told of loads, failed starts, stops and crashes (the metrics).
+        self._hooks = hooks if hooks is not None else ProcessHooks()
         self._send, self._inbox = trio.open_memory_channel[_Command](math.inf)
         self._nursery: trio.Nursery | None = None
 
@@ -127,6 +144,8 @@ class ModelProcess:
         self._life_running = False
         #: Whether the current (or last) process reached READY.
         self._was_ready = False
+        #: Settings from a reload that wait for the running process to stop.
+        self._next_model: ModelConfig | None = None
 
     def __repr__(self) -> str:
         pid = f" pid={self.child.pid}" if self.child else ""
@@ -156,6 +175,18 @@ class ModelProcess:
         )
         await reply.wait()
 
+    def reconfigure(self, model: ModelConfig, *, health_check_timeout: float) -> None:
+        """A reload's settings for this model: used from the next start on. Never blocks.
+
+        The running process (if any) is left alone; stopping it is the router's call.
+        """
+        self._send.send_nowait(_Reconfigure(model, health_check_timeout))
+
+    def close(self) -> None:
+        """The model left the config and is stopped: :meth:`run` returns once its
+        messages are handled. No message may be sent after this."""
+        self._send.close()
+
     # -- the supervisor task -------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -183,10 +214,18 @@ class ModelProcess:
                 self._stop_waiters.append(reply)
                 self._fail_ready_waiters(f"stopped while starting ({reason})")
                 if self.state in (ProcessState.STARTING, ProcessState.READY):  # -> STOPPING
+                    self._hooks.stopping(self.model.id, reason)
                     self.state = ProcessState.STOPPING
                     self._stop_grace = grace
                     self._stop_reason = reason
                     self._stop_requested.set()
+            case _Reconfigure(model=model, health_check_timeout=timeout):
+                self.health_check_timeout = timeout  # read when a start begins
+                if self.state is ProcessState.STOPPED or same_process(self.model, model):
+                    self.model = model
+                    self._next_model = None
+                else:  # applied once the running process is gone (in _life)
+                    self._next_model = model
 
     def _begin_life(self) -> None:
         assert self._nursery is not None, "run() must be started first"
@@ -201,6 +240,8 @@ class ModelProcess:
             while True:
                 await self._run_once()
                 self.state = ProcessState.STOPPED
+                if self._next_model is not None:  # a reload's settings, for the next start
+                    self.model, self._next_model = self._next_model, None
                 if self._was_ready and self._on_stopped is not None:
                     self._on_stopped(self.model.id)
                 for reply in self._stop_waiters:
@@ -237,6 +278,7 @@ class ModelProcess:
             child = spawn(argv, env=self._environment())
         except OSError as exc:
             self.log.append(f"trio-swap: could not run {argv[0]!r}: {exc}")
+            self._hooks.start_failed(self.model.id)
             self._fail_ready_waiters(f"could not run {argv[0]!r}: {exc.strerror or exc}")
             return
         self.child = child
@@ -271,6 +313,7 @@ class ModelProcess:
             self._was_ready = True
             self.last_ready_seconds = trio.current_time() - started
             log.info("model %s: ready in %.3fs", self.model.id, self.last_ready_seconds)
+            self._hooks.ready(self.model.id, self.last_ready_seconds)
             for reply in self._ready_waiters:
                 reply.set(None)
             self._ready_waiters.clear()
@@ -286,8 +329,10 @@ class ModelProcess:
             if crashed:  # READY -> STOPPED: a crash
                 log.warning("model %s: process exited unexpectedly (%s)", self.model.id, child)
                 self.log.append(f"trio-swap: process exited unexpectedly ({_describe(child)})")
+                self._hooks.crashed(self.model.id)
             elif starting:  # STARTING -> STOPPED
                 self.log.flush()
+                self._hooks.start_failed(self.model.id)
                 self._fail_ready_waiters(
                     f"process exited before becoming ready ({_describe(child)})",
                     self.log.tail(ERROR_TAIL_LINES),
@@ -295,6 +340,7 @@ class ModelProcess:
             return
         if outcome == "timeout":  # STARTING -> STOPPED
             tail = self.log.tail(ERROR_TAIL_LINES)
+            self._hooks.start_failed(self.model.id)
             await self._terminate(child, ABANDON_GRACE, "health check timed out")
             self._fail_ready_waiters(
                 f"not ready after {self.health_check_timeout:g}s "

@@ -1,0 +1,30 @@
+"""What the process supervisors report, with no-op defaults.
+
+Plain method calls on the supervisor's own task, so a hook must be quick and
+must not block; :class:`~trio_swap.observe.metrics.Metrics` only increments
+counters. The no-op base class keeps the callers free of ``if``s.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ProcessHooks"]
+
+
+class ProcessHooks:
+    """What a :class:`~trio_swap.upstream.process.ModelProcess` reports about its process."""
+
+    def ready(self, model: str, seconds: float) -> None:
+        """A start succeeded: ``seconds`` from spawn to the first passing health check."""
+
+    def start_failed(self, model: str) -> None:
+        """A start failed: no spawn, exit before ready, or the health check gave up."""
+
+    def stopping(self, model: str, reason: str) -> None:
+        """A starting or ready process is being stopped, for the router's ``reason``.
+
+        Called once per stop, at the transition: a second stop order for a model
+        already stopping (a swap choosing a model that TTL is unloading) is not.
+        """
+
+    def crashed(self, model: str) -> None:
+        """A ready process exited without being asked to."""

@@ -1,0 +1,262 @@
+"""Live config reload: load the file again and apply only what changed (docs/reload.md).
+
+Three triggers end up in :meth:`Reloader.reload`: ``SIGHUP`` and
+``--watch-config`` through :meth:`Reloader.request` (queued, coalesced, run
+by :meth:`Reloader.run`), and ``POST /api/config/reload``, which awaits the
+answer. A reload runs in two steps, one reload at a time:
+
+1. load and validate the file (in a worker thread), passing the running
+   config so surviving models keep their ``${PORT}``; any
+   :class:`~trio_swap.config.ConfigError` ends the reload there, and the
+   running config is untouched;
+2. send it to the router (:meth:`~trio_swap.router.Router.reconfigure`): in
+   one router step the process table, the scheduler's limits and settings,
+   the swap policy and the HTTP layer's config (names, aliases, filters,
+   peers, API keys) all switch, so the next request sees all of it and no
+   decision sees half of it. Models the diff calls unchanged are not touched,
+   and no request in flight is ever cut.
+
+llama-swap instead builds a whole new server and stops every model on any
+change; here a reload that adds one model costs the others nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Final, NoReturn, final
+
+import msgspec
+import trio
+
+from trio_swap.config import Config, ConfigError, ModelConfig, load_config
+from trio_swap.config.diff import NOT_RELOADED, ConfigDiff, diff_configs
+from trio_swap.http.access import AccessControl
+from trio_swap.http.app import AppState
+from trio_swap.http.inference import InferenceRoutes
+from trio_swap.policy import build_policy
+from trio_swap.router import Router
+from trio_swap.systemd import Notifier
+from trio_swap.upstream.process import ModelProcess
+
+__all__ = [
+    "WATCH_INTERVAL",
+    "ReloadReport",
+    "ReloadUnavailable",
+    "Reloader",
+    "watch_config_file",
+]
+
+log = logging.getLogger("trio_swap.reload")
+
+#: Seconds between two looks at the config file under ``--watch-config``.
+WATCH_INTERVAL: Final = 1.0
+
+Spawn = Callable[[ModelConfig, float], ModelProcess]
+
+
+class ReloadUnavailable(Exception):
+    """There is no file to reload from: the built-in demo, or a config given in code."""
+
+
+@final
+class ReloadReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What a reload did (the body of ``POST /api/config/reload``'s answer).
+
+    Model ids by what happened to them; see :class:`~trio_swap.config.diff.ConfigDiff`.
+    """
+
+    msg: str = "ok"
+    #: The file the new config came from.
+    source: str
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
+    restart: tuple[str, ...]
+    unchanged: tuple[str, ...]
+    #: Top-level keys that changed (``apiKeys``, ``peers``, ``groups``, ...).
+    settings: tuple[str, ...]
+    #: The new config's warnings (unknown keys) and settings a reload cannot apply.
+    warnings: tuple[str, ...]
+
+    @classmethod
+    def of(cls, diff: ConfigDiff, config: Config) -> ReloadReport:
+        notes = (NOT_RELOADED[key] for key in diff.settings if key in NOT_RELOADED)
+        return cls(
+            source=config.source,
+            added=diff.added,
+            removed=diff.removed,
+            changed=diff.changed,
+            restart=diff.restart,
+            unchanged=diff.unchanged,
+            settings=diff.settings,
+            warnings=(*config.warnings, *notes),
+        )
+
+
+@final
+class Reloader:
+    """Applies new configs to one running trio-swap, and owns "the config serving now"."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        path: str | os.PathLike[str] | None,
+        router: Router,
+        routes: InferenceRoutes,
+        state: AppState,
+        access: AccessControl,
+        spawn: Spawn,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self._config = config
+        self._path = None if path is None else os.fspath(path)
+        self._router = router
+        self._routes = routes
+        self._state = state
+        self._access = access
+        self._spawn = spawn
+        self._notifier = notifier if notifier is not None else Notifier(None)
+        # Not the routing path: a reload may wait for the one before it.
+        self._lock = trio.Lock()
+        self._send, self._receive = trio.open_memory_channel[str](math.inf)
+
+    @property
+    def config(self) -> Config:
+        """The config serving now."""
+        return self._config
+
+    def request(self, reason: str) -> None:
+        """Reload soon (SIGHUP, the file watcher). Never blocks; :meth:`run` does the work."""
+        self._send.send_nowait(reason)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Carry out requested reloads: one reload for all requests that queued up meanwhile."""
+        task_status.started()
+        async for reason in self._receive:
+            with contextlib.suppress(trio.WouldBlock):
+                while True:
+                    self._receive.receive_nowait()
+            log.info("reloading the config (%s)", reason)
+            with contextlib.suppress(ConfigError, ReloadUnavailable):  # reload() logged it
+                await self.reload()
+
+    async def reload(self, config: Config | None = None) -> ReloadReport:
+        """Load the config file again (or take ``config``) and apply what changed.
+
+        Returns once the new config is in effect: requests arriving after it
+        see it. Models it stops go when their requests in flight are done, in
+        the background.
+
+        Raises:
+            ConfigError: the file does not load; the running config is untouched.
+            ReloadUnavailable: no file to reload from (and no ``config`` given).
+        """
+        async with self._lock:
+            self._notifier.reloading()
+            status = "config reload failed; serving the previous config"
+            try:
+                new = config if config is not None else await self._load()
+                diff = await self._apply(new)
+                status = f"config reloaded ({diff.describe()})"
+            finally:
+                self._notifier.ready(status)
+        return ReloadReport.of(diff, new)
+
+    async def _load(self) -> Config:
+        if self._path is None:
+            log.warning(
+                "cannot reload: trio-swap was not started from a config file (serve --config FILE)"
+            )
+            raise ReloadUnavailable(
+                "trio-swap was not started from a config file: start it with --config FILE"
+            )
+        load = partial(load_config, self._path, previous=self._config)
+        try:
+            return await trio.to_thread.run_sync(load)
+        except ConfigError as exc:
+            log.error("config reload failed; still serving the previous config: %s", exc)
+            raise
+
+    async def _apply(self, new: Config) -> ConfigDiff:
+        diff = diff_configs(self._config, new)
+
+        def switch_http() -> None:
+            """In the router's step: names resolve to new models exactly when it knows them."""
+            self._routes.swap_config(new)
+            self._state.config = new
+            self._access.set_api_keys(new.api_keys)
+            self._config = new
+
+        await self._router.reconfigure(
+            new.models,
+            build_policy(new),
+            new.routing.scheduler,
+            health_check_timeout=new.health_check_timeout,
+            restart=frozenset(diff.restart),
+            spawn=self._spawn,
+            applied=switch_http,
+        )
+        log.info("config reloaded from %s: %s", new.source, diff.describe())
+        for warning in new.warnings:
+            log.warning("%s", warning)
+        for key in diff.settings:
+            if key in NOT_RELOADED:
+                log.warning("%s", NOT_RELOADED[key])
+        return diff
+
+
+async def watch_config_file(
+    path: str | os.PathLike[str],
+    request: Callable[[str], None],
+    *,
+    interval: float = WATCH_INTERVAL,
+) -> NoReturn:
+    """``--watch-config``: poll ``path``; ask for a reload once an edit has settled.
+
+    A change is noticed by the file's mtime, size or inode (polling, not
+    inotify, so it works on bind mounts and Kubernetes ConfigMaps, which swap
+    the file by rename). It counts once the file has stayed the same for one
+    whole interval, so a file half-way through being written is never read,
+    and only if its content (SHA-256) differs from what was last seen: a
+    ``touch`` reloads nothing. A missing file is waited for.
+    """
+    source = os.fspath(path)
+    seen = await trio.to_thread.run_sync(_stat_key, source)
+    loaded = await trio.to_thread.run_sync(_digest, source)
+    settling = False
+    while True:
+        await trio.sleep(interval)
+        key = await trio.to_thread.run_sync(_stat_key, source)
+        if key != seen:  # (still) changing: look again after one more interval
+            seen, settling = key, key is not None
+            continue
+        if not settling:
+            continue
+        settling = False
+        digest = await trio.to_thread.run_sync(_digest, source)
+        if digest is not None and digest != loaded:
+            loaded = digest
+            request(f"{source} changed")
+
+
+def _stat_key(path: str) -> tuple[int, int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
+def _digest(path: str) -> bytes | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).digest()
+    except OSError:
+        return None
