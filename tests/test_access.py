@@ -374,6 +374,9 @@ async def test_another_sites_page_cannot_call_admin_routes(keys: tuple[str, ...]
             assert refused.status_code == 403, path
             assert refused.json()["error"]["code"] == "forbidden"
             assert "access-control-allow-origin" not in refused.headers
+        # another port of the same host is another origin too
+        same_site = {**cross, "Sec-Fetch-Site": "same-site"}
+        assert (await client.post("/api/config/reload", headers=same_site)).status_code == 403
         assert echo.seen == []
         # a link from another site may open the web UI (its files hold no data)
         assert (await client.get("/ui/", headers=cross)).status_code == 200

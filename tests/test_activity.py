@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from tests.test_cli import write_config
 from trio_swap.config import ConfigError
 from trio_swap.config.load import load_config_text
 from trio_swap.config.model import Config, PeerConfig
+from trio_swap.observe import activity as activity_module
+from trio_swap.observe.activity import ActivityLog, ActivityRow
 
 CHAT = "/v1/chat/completions"
 Row = dict[str, Any]
@@ -238,3 +241,66 @@ def test_config_keys_for_the_activity_store(tmp_path: Path) -> None:
         load(f"store: {{path: {tmp_path}}}\n")
     with pytest.raises(ConfigError, match="maxRows"):
         load("store: {path: x.db, maxRows: -1}\n")
+
+
+def _row(n: int) -> ActivityRow:
+    return ActivityRow(
+        time=float(n), model="m", endpoint="/v1/x", method="POST", status=200, duration_ms=1.0
+    )
+
+
+async def test_a_reader_cancelled_while_the_database_is_busy_loses_no_rows(
+    tmp_path: Path,
+) -> None:
+    store = ActivityLog(str(tmp_path / "a.db"))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            release = trio.Event()
+
+            async def busy(task_status: trio.TaskStatus[None]) -> None:
+                async with store._lock:  # another write, a slow disk
+                    task_status.started()
+                    await release.wait()
+
+            await nursery.start(busy)
+            for n in range(5):
+                store.add(_row(n))
+            with trio.move_on_after(0.05):  # an /api/events client leaves meanwhile
+                await store.page(limit=10)
+            release.set()
+            page = await store.page(limit=10)
+            assert [row.time for row in page.data] == [4.0, 3.0, 2.0, 1.0, 0.0]
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_hung_disk_does_not_hang_shutdown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time as clock
+
+    monkeypatch.setattr(activity_module, "SHUTDOWN_SECONDS", 0.2)
+    store = ActivityLog(str(tmp_path / "a.db"))
+    hung = threading.Event()
+
+    def write_forever(rows: list[ActivityRow]) -> None:
+        hung.set()
+        clock.sleep(60)  # an NFS mount gone away
+
+    with trio.fail_after(20):  # the disk would hold shutdown for 60 s
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            monkeypatch.setattr(store, "_write", write_forever)
+            store.add(_row(1))
+            nursery.cancel_scope.cancel()
+    assert hung.is_set()
+
+
+def test_nonsense_token_counts_from_an_upstream_count_as_not_reported() -> None:
+    from trio_swap.observe import usage
+
+    parsed = usage.from_json(b'{"usage": {"prompt_tokens": -1, "completion_tokens": 3}}')
+    assert parsed is not None
+    assert (parsed.prompt_tokens, parsed.completion_tokens) == (None, 3)
+    parsed = usage.from_json(b'{"usage": {"prompt_tokens": 1e30, "completion_tokens": 2}}')
+    assert parsed is not None and parsed.prompt_tokens is None

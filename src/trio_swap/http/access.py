@@ -25,8 +25,8 @@ through):
   answers and errors (llama-swap adds them to ``/v1/models`` only). The admin
   and log routes never get them: another site's page must not read logs,
   commands or model lists. A header the inner app already set wins.
-* A browser request another site's page made (``Sec-Fetch-Site:
-  cross-site``) to anything but a model route, ``/v1/models``, ``/health`` or
+* A browser request another origin's page made (``Sec-Fetch-Site:
+  cross-site`` or ``same-site``) to anything but a model route, ``/v1/models``, ``/health`` or
   the web UI's files (a link may open the UI) is refused with 403: it could
   otherwise unload models or reach an upstream's own admin endpoints through
   ``/upstream/`` without being read.
@@ -69,6 +69,9 @@ AsgiApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[Non
 
 #: Paths anyone may read, whatever the method (health probes).
 _OPEN_PATHS: Final = frozenset({"/health", "/wol-health"})
+#: ``Sec-Fetch-Site`` values of a request another origin's page made (another
+#: port of the same host is ``same-site``: a different origin all the same).
+_OTHER_ORIGIN: Final = (b"cross-site", b"same-site")
 #: What another site's page may call and read: inference, the model list, health.
 _CROSS_SITE_PATHS: Final = (
     JSON_PATHS
@@ -140,7 +143,7 @@ class AccessControl:
                 if name == b"origin":
                     has_origin = True
                 elif name == b"sec-fetch-site":
-                    cross_site = value == b"cross-site"
+                    cross_site = value in _OTHER_ORIGIN
             if has_origin or cross_site:
                 if scope["path"] in _CROSS_SITE_PATHS:
                     send = _with_cors(send)
@@ -161,7 +164,7 @@ class AccessControl:
             elif name == b"origin":
                 has_origin = True
             elif name == b"sec-fetch-site":
-                cross_site = value == b"cross-site"
+                cross_site = value in _OTHER_ORIGIN
         if has_origin or cross_site:
             if scope["path"] in _CROSS_SITE_PATHS:
                 send = _with_cors(send)
@@ -326,8 +329,8 @@ async def _send_forbidden(
     send: ASGISendCallable, scope: HTTPScope, receive: ASGIReceiveCallable
 ) -> None:
     error = Forbidden(
-        f"{scope['path']} cannot be called from another site's page "
-        "(Sec-Fetch-Site: cross-site); only model routes and /v1/models can"
+        f"{scope['path']} cannot be called from another origin's page "
+        "(Sec-Fetch-Site: cross-site or same-site); only model routes and /v1/models can"
     )
     keep_alive = await _drain(receive)
     headers = [(b"content-type", b"application/json")]

@@ -144,18 +144,44 @@ class ActivityLog:
                     await self._batch_full.wait()
                 await self.flush()
         finally:
+            # A hung disk must not hang shutdown: past the deadline the worker
+            # thread is abandoned (it finishes or dies with the process).
             with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_SECONDS):
-                await self.flush()
-                await self._call(self._close)
+                await self.flush(abandon_on_cancel=True)
+                await self._call(self._close, abandon_on_cancel=True)
 
-    async def flush(self) -> None:
-        """Write the rows waiting now (a failed write is logged and its rows dropped)."""
+    async def flush(self, *, abandon_on_cancel: bool = False) -> None:
+        """Write the rows waiting now (a failed write is logged and its rows dropped).
+
+        The rows are taken only once the database is free, so a caller cancelled
+        while it waits (a ``page()`` of a client that left) loses none of them.
+        """
+        if self._db is None:
+            return
+        if self.path is None:  # in memory: no thread, no await, nothing to lose
+            self._write_pending()
+            return
+        async with self._lock:
+            rows = self._take_pending()
+            if rows:
+                try:
+                    await trio.to_thread.run_sync(
+                        lambda: self._write(rows), abandon_on_cancel=abandon_on_cancel
+                    )
+                except sqlite3.Error as exc:
+                    log.warning("activity log: could not store %d rows: %s", len(rows), exc)
+
+    def _take_pending(self) -> list[ActivityRow]:
         rows, self._pending = self._pending, []
         self._has_rows = trio.Event()
         self._batch_full = trio.Event()
-        if rows and self._db is not None:
+        return rows
+
+    def _write_pending(self) -> None:
+        rows = self._take_pending()
+        if rows:
             try:
-                await self._call(lambda: self._write(rows))
+                self._write(rows)
             except sqlite3.Error as exc:
                 log.warning("activity log: could not store %d rows: %s", len(rows), exc)
 
@@ -173,11 +199,11 @@ class ActivityLog:
 
     # -- database work (on the trio thread, or a worker thread for a file) ---------------
 
-    async def _call(self, work: Callable[[], T]) -> T:
+    async def _call(self, work: Callable[[], T], *, abandon_on_cancel: bool = False) -> T:
         if self.path is None:
             return work()
         async with self._lock:
-            return await trio.to_thread.run_sync(work)
+            return await trio.to_thread.run_sync(work, abandon_on_cancel=abandon_on_cancel)
 
     def _open(self) -> None:
         if self._db is not None:

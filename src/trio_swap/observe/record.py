@@ -12,6 +12,7 @@ then updates the metrics and queues the activity row.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -25,6 +26,8 @@ from trio_swap.observe.activity import ActivityLog, ActivityRow
 from trio_swap.observe.metrics import Metrics
 
 __all__ = ["Observer", "RequestRecord"]
+
+log = logging.getLogger("trio_swap.observe")
 
 #: Chunks of a stream kept for its final usage event (upstreams send it in the
 #: last one or two; the deque bounds memory by count, chunks by the read size).
@@ -154,7 +157,17 @@ class Observer:
         return RequestRecord(scope, send)
 
     def finish(self, record: RequestRecord) -> None:
-        """The handler returned (however it ended): count and log the request."""
+        """The handler returned (however it ended): count and log the request.
+
+        Runs in the handler's ``finally``: whatever an upstream reported, a
+        failure here is logged, never raised over the request's own outcome.
+        """
+        try:
+            self._account(record)
+        except Exception:
+            log.exception("accounting of %s %s failed", record.method, record.path)
+
+    def _account(self, record: RequestRecord) -> None:
         ended = time.monotonic()
         wait = latency = None
         if record.granted is not None:

@@ -194,4 +194,5 @@ def _error_message(report: _Report) -> str | None:
 
 
 def _int(value: float | None) -> int | None:
-    return None if value is None else int(value)
+    """A token count; a negative one (a confused upstream) counts as not reported."""
+    return None if value is None or not 0 <= value < 2**63 else int(value)
