@@ -306,6 +306,7 @@ def _print_banner(server: object, source: str, models: list[str]) -> None:
     print(
         f"trio-swap {__version__} serving {len(models)} models from {source} on {url}\n"
         f"  models: {', '.join(models)}\n"
+        f"  web UI: {url}/ui/\n"
         f"  try:    curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
         f"""-d '{{"model":"{first}","messages":[{{"role":"user","content":"hello"}}]}}'\n"""
         f"  stop:   Ctrl-C",
