@@ -724,3 +724,197 @@ class ReloadMachine(RuleBasedStateMachine):
 
 ReloadMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 test_reload_state_machine = ReloadMachine.TestCase
+
+
+# -- review fixes: loads cancelled during a swap, retired supervisors, ports, pins ------
+
+
+def with_keys(text: str, model: str, keys: str) -> str:
+    """``text`` with extra YAML ``keys`` (one ``key: value`` a line) under ``model``."""
+    extra = "".join(f"    {line}\n" for line in keys.splitlines())
+    return text.replace(f"  {model}:\n", f"  {model}:\n{extra}")
+
+
+async def test_a_load_cancelled_by_a_reload_while_its_victim_stops_never_starts(
+    tmp_path: Path,
+) -> None:
+    """x's swap first stops v (slowly: it ignores SIGTERM); a reload removes x
+    meanwhile. x must not be started once v is gone (nobody would track it)."""
+    from trio_swap.upstream import ProcessState
+
+    start = free_port()
+    text = with_keys(
+        config_text({"v": "--ignore-sigterm", "x": ""}, start_port=start), "v", "unloadTimeout: 3"
+    )
+    path = write(tmp_path / "c.yaml", text)
+    with trio.fail_after(60):
+        async with serving(path) as h:
+            assert served_by(await h.client.post("/v1/chat/completions", json=chat("v")))
+            x = h.server.processes["x"]
+            v = h.server.processes["v"]
+            answers: list[httpx.Response] = []
+
+            async def ask_x() -> None:
+                answers.append(await h.client.post("/v1/chat/completions", json=chat("x")))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask_x)
+                while v.state is not ProcessState.STOPPING:  # the swap evicts v
+                    await trio.sleep(0.02)
+                write(
+                    path,
+                    with_keys(
+                        config_text({"v": "--ignore-sigterm"}, start_port=start),
+                        "v",
+                        "unloadTimeout: 3",
+                    ),
+                )
+                assert (await reload(h))["removed"] == ["x"]
+            [answer] = answers
+            assert answer.status_code == 404
+            # v loads again once the swap is over: x must not have started meanwhile
+            assert served_by(await h.client.post("/v1/chat/completions", json=chat("v")))
+            assert x.start_count == 0 and x.pid is None
+            while "x" in h.server.processes:
+                await trio.sleep(0.02)
+
+
+async def test_a_load_abandoned_while_its_victim_stops_never_starts(tmp_path: Path) -> None:
+    """Same without a reload: x's only client gives up while v is being evicted.
+    x must stay stopped, or v's next load would run beside it (one at a time)."""
+    from trio_swap.upstream import ProcessState
+
+    start = free_port()
+    text = with_keys(
+        config_text({"v": "--ignore-sigterm", "x": ""}, start_port=start), "v", "unloadTimeout: 5"
+    )
+    path = write(tmp_path / "c.yaml", text)
+    with trio.fail_after(60):
+        async with serving(path) as h:
+            assert served_by(await h.client.post("/v1/chat/completions", json=chat("v")))
+            x = h.server.processes["x"]
+            v = h.server.processes["v"]
+            async with trio.open_nursery() as nursery:
+                give_up = trio.CancelScope()
+
+                async def ask_x() -> None:
+                    with give_up:
+                        await h.client.post("/v1/chat/completions", json=chat("x"))
+
+                nursery.start_soon(ask_x)
+                while v.state is not ProcessState.STOPPING:
+                    await trio.sleep(0.02)
+                give_up.cancel()
+            while h.server.router.scheduler.pending_requests():  # the router saw it go
+                await trio.sleep(0.02)
+            assert served_by(await h.client.post("/v1/chat/completions", json=chat("v")))
+            assert x.start_count == 0 and x.pid is None
+            assert h.server.router.scheduler.running() == ["v"]
+
+
+async def test_closing_a_supervisor_stops_its_running_process() -> None:
+    """A retired model's supervisor never leaves its process behind."""
+    from tests.conftest import responder_model
+    from trio_swap.upstream import ModelProcess, ProcessState
+
+    with trio.fail_after(30):
+        async with httpx.AsyncClient() as client, trio.open_nursery() as nursery:
+            process = ModelProcess(responder_model("m"), health_check_timeout=20, http=client)
+            await nursery.start(process.run)
+            await process.ensure_ready()
+            pid = process.pid
+            assert alive(pid)
+            process.close()
+        # the nursery is over: run() returned, and only after the process was gone
+        assert not alive(pid)
+        assert process.state is ProcessState.STOPPED
+
+
+def test_fifo_a_removed_pinned_model_delays_other_loads_instead_of_refusing_them() -> None:
+    pinned = ModelLimits(concurrency_limit=10, ttl=0, swappable=False)
+    scheduler = FifoScheduler({"a": pinned, "b": limits()}, OneAtATime())
+    [start] = scheduler.on_request(1, "a", 0)
+    assert isinstance(start, StartSwap)
+    assert scheduler.on_swap_done(start.swap_id, None, 0) == [Grant(request_id=1, model="a")]
+    assert scheduler.on_reconfigure({"b": limits()}, OneAtATime(), now=1) == []
+    # a is gone: no "unload a" 409; b waits for a's last request, then replaces it
+    assert scheduler.on_request(2, "b", 1) == [Queued(request_id=2, model="b", position=1)]
+    stop, swap = scheduler.on_finished(1, 2)
+    assert stop == StopModels(stop_id=1, models=("a",), reason="reload")
+    assert swap == StartSwap(swap_id=2, target="b", victims=("a",))
+
+
+async def test_a_reload_whose_caller_is_cancelled_still_reports_success() -> None:
+    """The router applies a reload whether or not its caller still waits: systemd
+    must hear "reloaded", not "failed"."""
+    from trio_swap.systemd import Notifier
+
+    class Recorder(Notifier):
+        def __init__(self, scope: trio.CancelScope) -> None:
+            super().__init__(None)
+            self.scope = scope
+            self.statuses: list[str | None] = []
+
+        def reloading(self, status: str = "") -> None:
+            self.scope.cancel()  # the caller goes away once the reload is under way
+
+        def ready(self, status: str | None = None) -> None:
+            self.statuses.append(status)
+
+    with trio.fail_after(60):
+        m = responder_model("m")
+        async with running(make_config(m)) as h:
+            reloader = h.server._reloader
+            assert reloader is not None
+            with trio.CancelScope() as scope:
+                reloader._notifier = Recorder(scope)
+                await h.server.reload(make_config(m, responder_model("n")))
+            assert scope.cancel_called
+            assert isinstance(reloader._notifier, Recorder)
+            assert reloader._notifier.statuses == ["config reloaded (added: n; unchanged: 1)"]
+            assert "n" in h.server.processes
+
+
+def test_a_port_still_held_by_a_running_process_goes_to_no_other_model() -> None:
+    text = "startPort: 7000\nmodels:\n" + "".join(
+        f"  {m}:\n    cmd: serve --port ${{PORT}}\n" for m in ("a", "b")
+    )
+    before = load_config_text(text, "c.yaml")
+    assert before.ports == {"a": 7000, "b": 7001}
+    # a is removed while it still streams on 7000; a model added meanwhile skips it
+    added = text.replace("  a:\n", "  c:\n")
+    after = load_config_text(added, "c.yaml", previous=before, ports_in_use={7000: "a"})
+    assert after.ports == {"b": 7001, "c": 7002}
+    # a new startPort numbers afresh, but around the ports still held by others
+    moved = load_config_text(
+        text.replace("7000", "6999"), "c.yaml", previous=before, ports_in_use={7000: "a"}
+    )
+    assert moved.ports == {"a": 6999, "b": 7001}
+
+
+async def test_a_reload_never_points_a_model_at_a_port_another_model_still_serves(
+    tmp_path: Path,
+) -> None:
+    """a streams; a reload moves startPort down by one, so llama-swap-style
+    numbering would give b a's old port while a's old process still listens there."""
+    start = free_port()
+    long = "--tokens 400 --token-delay 0.05"
+    group = "groups:\n  both:\n    swap: false\n    members: [a, b]\n"
+    path = write(
+        tmp_path / "c.yaml", config_text({"a": long, "b": ""}, start_port=start, extra=group)
+    )
+    with trio.fail_after(60):
+        async with serving(path) as h:
+            lines: list[str] = []
+            first_token = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream, h, "a", lines, first_token)
+                await first_token.wait()
+                a_pid = h.pid("a")
+                write(path, config_text({"a": long, "b": ""}, start_port=start - 1, extra=group))
+                await reload(h)
+                response = await h.client.post("/v1/chat/completions", json=chat("b"))
+                assert served_by(response) == h.pid("b") != a_pid
+                ports = {m: row["port"] for m, row in (await h.models()).items()}
+                assert ports["b"] != start  # a's old process still listens there
+                nursery.cancel_scope.cancel()

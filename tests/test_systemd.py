@@ -254,6 +254,9 @@ class _Gate:
             await self._open.wait()
         return event
 
+    def receive_nowait(self) -> object:
+        return self._channel.receive_nowait()
+
 
 async def test_a_wedged_router_stops_the_watchdog_pings_until_it_recovers(
     monkeypatch: pytest.MonkeyPatch,

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Final, NoReturn, final
+from urllib.parse import urlsplit
 
 import msgspec
 import trio
@@ -43,7 +44,7 @@ from trio_swap.http.inference import InferenceRoutes
 from trio_swap.policy import build_policy
 from trio_swap.router import Router
 from trio_swap.systemd import Notifier
-from trio_swap.upstream.process import ModelProcess
+from trio_swap.upstream.process import ModelProcess, ProcessState
 
 __all__ = [
     "WATCH_INTERVAL",
@@ -161,13 +162,15 @@ class Reloader:
         """
         async with self._lock:
             self._notifier.reloading()
-            status = "config reload failed; serving the previous config"
+            #: Set by the router's step that switched to the new config: a caller
+            #: cancelled while waiting for it does not undo the switch.
+            outcome: list[str] = []
             try:
                 new = config if config is not None else await self._load()
-                diff = await self._apply(new)
-                status = f"config reloaded ({diff.describe()})"
+                diff = await self._apply(new, outcome)
             finally:
-                self._notifier.ready(status)
+                failed = "config reload failed; serving the previous config"
+                self._notifier.ready(outcome[0] if outcome else failed)
         return ReloadReport.of(diff, new)
 
     async def _load(self) -> Config:
@@ -178,38 +181,63 @@ class Reloader:
             raise ReloadUnavailable(
                 "trio-swap was not started from a config file: start it with --config FILE"
             )
-        load = partial(load_config, self._path, previous=self._config)
+        load = partial(
+            load_config, self._path, previous=self._config, ports_in_use=self._ports_in_use()
+        )
         try:
             return await trio.to_thread.run_sync(load)
         except ConfigError as exc:
             log.error("config reload failed; still serving the previous config: %s", exc)
             raise
 
-    async def _apply(self, new: Config) -> ConfigDiff:
+    def _ports_in_use(self) -> dict[int, str]:
+        """Port -> model for every process still running or stopping (docs/reload.md).
+
+        A new config never hands these to another model: the old process may
+        still be serving its last requests there.
+        """
+        held: dict[int, str] = {}
+        for name, process in self._router.processes.items():
+            if process.state is ProcessState.STOPPED and process.child is None:
+                continue
+            port = urlsplit(process.model.proxy).port
+            if port is not None:
+                held[port] = name
+        return held
+
+    async def _apply(self, new: Config, outcome: list[str]) -> ConfigDiff:
         diff = diff_configs(self._config, new)
 
         def switch_http() -> None:
-            """In the router's step: names resolve to new models exactly when it knows them."""
+            """In the router's step: names resolve to new models exactly when it knows them.
+
+            The reload has succeeded from here on, even if its caller is cancelled
+            before the router's answer reaches it, so the outcome is logged here.
+            """
             self._routes.swap_config(new)
             self._state.config = new
             self._access.set_api_keys(new.api_keys)
             self._config = new
+            outcome.append(f"config reloaded ({diff.describe()})")
+            log.info("config reloaded from %s: %s", new.source, diff.describe())
+            for warning in new.warnings:
+                log.warning("%s", warning)
+            for key in diff.settings:
+                if key in NOT_RELOADED:
+                    log.warning("%s", NOT_RELOADED[key])
 
-        await self._router.reconfigure(
-            new.models,
-            build_policy(new),
-            new.routing.scheduler,
-            health_check_timeout=new.health_check_timeout,
-            restart=frozenset(diff.restart),
-            spawn=self._spawn,
-            applied=switch_http,
-        )
-        log.info("config reloaded from %s: %s", new.source, diff.describe())
-        for warning in new.warnings:
-            log.warning("%s", warning)
-        for key in diff.settings:
-            if key in NOT_RELOADED:
-                log.warning("%s", NOT_RELOADED[key])
+        # Shielded: once sent, the router applies it whether or not we still wait
+        # (and fails the reply if it stops first), so wait for the real outcome.
+        with trio.CancelScope(shield=True):
+            await self._router.reconfigure(
+                new.models,
+                build_policy(new),
+                new.routing.scheduler,
+                health_check_timeout=new.health_check_timeout,
+                restart=frozenset(diff.restart),
+                spawn=self._spawn,
+                applied=switch_http,
+            )
         return diff
 
 

@@ -288,15 +288,29 @@ class Router:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            while True:
-                event: _Event | None = None
-                with trio.move_on_at(self.scheduler.next_deadline()):
-                    event = await self._receive.receive()
-                now = trio.current_time()
-                if event is None:
-                    self._apply(self.scheduler.on_tick(now))
-                else:
-                    self._apply(self._dispatch(event, now))
+            try:
+                while True:
+                    event: _Event | None = None
+                    with trio.move_on_at(self.scheduler.next_deadline()):
+                        event = await self._receive.receive()
+                    now = trio.current_time()
+                    if event is None:
+                        self._apply(self.scheduler.on_tick(now))
+                    else:
+                        self._apply(self._dispatch(event, now))
+            finally:
+                self._fail_unhandled()
+
+    def _fail_unhandled(self) -> None:
+        """The router stops: nobody waits forever for an answer it will never give."""
+        while True:
+            try:
+                event = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            reply = getattr(event, "reply", None)
+            if isinstance(reply, Reply):
+                reply.fail(ShuttingDown())
 
     def _dispatch(self, event: _Event, now: float) -> list[Decision]:
         scheduler = self.scheduler
@@ -412,9 +426,11 @@ class Router:
     async def _run_swap(self, swap: StartSwap, scope: trio.CancelScope) -> None:
         """Stop the victims, then make the target ready; report ``SwapDone`` either way.
 
-        Only the target's load can be cancelled (by an unload of the target, or
-        shutdown): the victims' stops always run to the end, so the scheduler
-        never believes a model gone while its process still holds the GPU.
+        Only the target's load can be cancelled (by an unload or removal of the
+        target, a load nobody waits for, or shutdown): the victims' stops always
+        run to the end, so the scheduler never believes a model gone while its
+        process still holds the GPU. A load cancelled before it began is never
+        sent to the process.
         """
         started = trio.current_time()
         error: SwapError | None = None
@@ -424,6 +440,11 @@ class Router:
                 nursery.start_soon(self._stop_one, victim, reason)
         with scope:
             try:
+                # Cancelled while the victims stopped (the target was unloaded or
+                # removed, or nobody waits for it any more): its stop has already
+                # reached the process (a no-op, it was stopped), so a start sent
+                # now would run a model nobody wants, untracked. Send none.
+                await trio.lowlevel.checkpoint_if_cancelled()
                 await self._processes[swap.target].ensure_ready()
             except ModelStartFailed as exc:
                 error = exc

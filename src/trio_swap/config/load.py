@@ -63,11 +63,18 @@ from trio_swap.config.yamlsource import Document, KeyPath, format_path, parse_do
 _YAML11_BOOLS = {"yes": True, "on": True, "y": True, "no": False, "off": False, "n": False}
 
 
-def load_config(path: str | os.PathLike[str], *, previous: Config | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str],
+    *,
+    previous: Config | None = None,
+    ports_in_use: Mapping[int, str] | None = None,
+) -> Config:
     """Read and load a config file; errors name the path as given.
 
     ``previous`` is the config being replaced by a reload: its models keep
-    their ``${PORT}`` (see :func:`~trio_swap.config.macros.assign_ports`).
+    their ``${PORT}``; ``ports_in_use`` maps the ports that running processes
+    still hold to their model, and none goes to another model (see
+    :func:`~trio_swap.config.macros.assign_ports`).
 
     Raises:
         ConfigError: unreadable file (``line`` is None), or anything
@@ -84,7 +91,7 @@ def load_config(path: str | os.PathLike[str], *, previous: Config | None = None)
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigError("is not valid UTF-8", source=source, line=line) from exc
-    return load_config_text(text, source, previous=previous)
+    return load_config_text(text, source, previous=previous, ports_in_use=ports_in_use)
 
 
 def load_config_text(
@@ -93,6 +100,7 @@ def load_config_text(
     *,
     environ: Mapping[str, str] | None = None,
     previous: Config | None = None,
+    ports_in_use: Mapping[int, str] | None = None,
 ) -> Config:
     """Load a config from text; ``source`` is only used in messages.
 
@@ -102,21 +110,29 @@ def load_config_text(
         environ: Variables for ``${env.NAME}``; ``os.environ`` when None.
         previous: On a reload, the running config: models keep its ``${PORT}``
             numbers, unless ``startPort`` changed (then all are numbered afresh).
+        ports_in_use: On a reload, port -> model of every process still running
+            (or stopping): no such port is given to a different model.
 
     Raises:
         ConfigError: the first problem found, located by key path and line.
     """
     text = substitute_env(text.removeprefix("\ufeff"), source, environ)
-    return _Loader(parse_document(text, source), previous).load()
+    return _Loader(parse_document(text, source), previous, ports_in_use).load()
 
 
 @final
 class _Loader:
     """One load: the parsed document plus the warnings collected on the way."""
 
-    def __init__(self, doc: Document, previous: Config | None = None) -> None:
+    def __init__(
+        self,
+        doc: Document,
+        previous: Config | None = None,
+        ports_in_use: Mapping[int, str] | None = None,
+    ) -> None:
         self.doc = doc
         self.previous = previous
+        self.ports_in_use = ports_in_use
         #: (line, message): sorted by line when the load succeeds.
         self.warnings: list[tuple[int, str]] = []
 
@@ -144,7 +160,9 @@ class _Loader:
             expanded[model_id] = expand_model(model_id, model, global_macros, doc)
         previous = self.previous
         keep = previous.ports if previous and previous.start_port == settings.start_port else None
-        ports = assign_ports(expanded, settings.start_port, doc, keep=keep)
+        ports = assign_ports(
+            expanded, settings.start_port, doc, keep=keep, in_use=self.ports_in_use
+        )
 
         models: dict[str, ModelConfig] = {}
         for model_id, model in expanded.items():

@@ -298,6 +298,7 @@ def assign_ports(
     doc: Document,
     *,
     keep: Mapping[str, int] | None = None,
+    in_use: Mapping[int, str] | None = None,
 ) -> dict[str, int]:
     """Give each model whose ``cmd`` uses ``${PORT}`` a port, in place; return them by id.
 
@@ -310,6 +311,11 @@ def assign_ports(
     port (when still at or above ``start_port``), and the others take the lowest
     free numbers, so adding or removing a model never renumbers (and restarts)
     the models that stay. Without it, numbering is llama-swap's.
+
+    ``in_use`` maps each port a running (or stopping) process still holds to
+    its model: such a port never goes to a different model, kept or new, so a
+    health check or request for one model can never reach another model's
+    server while that one finishes its last requests.
 
     Raises:
         ConfigError: ``${PORT}`` in ``proxy`` (explicit or default) but not in
@@ -335,17 +341,24 @@ def assign_ports(
                 )
             raise doc.error((*path, "proxy"), "proxy uses ${PORT} but cmd does not")
     previous = keep or {}
+    held = in_use or {}
+
+    def free_for(model_id: str, port: int) -> bool:
+        return held.get(port, model_id) == model_id
+
     ports = {
         model_id: previous[model_id]
         for model_id in users
-        if model_id in previous and start_port <= previous[model_id] <= _HIGHEST_PORT
+        if model_id in previous
+        and start_port <= previous[model_id] <= _HIGHEST_PORT
+        and free_for(model_id, previous[model_id])
     }
     taken = set(ports.values())
     port = start_port
     for model_id in users:
         if model_id in ports:
             continue
-        while port in taken:
+        while port in taken or not free_for(model_id, port):
             port += 1
         if port > _HIGHEST_PORT:
             raise doc.error(

@@ -571,8 +571,11 @@ class FifoScheduler:
             if self._starves(target, request, now):
                 return None  # queue behind it
             return [self._grant(request_id)]
-        # (3b) a pinned model (swappable: false) is never evicted: say so at once
-        pinned = [m for m in evict if not self._models[m].limits.swappable]
+        # (3b) a pinned model (swappable: false) is never evicted: say so at once;
+        # a removed one is no longer pinned (it goes once idle: queue until then)
+        pinned = [
+            m for m in evict if not self._models[m].limits.swappable and not self._models[m].removed
+        ]
         if pinned and self._models[pinned[0]].phase is not Phase.STOPPING:
             return [self._reject(request_id, ModelPinned(target, pinned[0]))]
         # (3c) a freshly loaded victim stays for min_resident seconds

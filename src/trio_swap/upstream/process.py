@@ -183,8 +183,9 @@ class ModelProcess:
         self._send.send_nowait(_Reconfigure(model, health_check_timeout))
 
     def close(self) -> None:
-        """The model left the config and is stopped: :meth:`run` returns once its
-        messages are handled. No message may be sent after this."""
+        """The model left the config: :meth:`run` returns once its messages are
+        handled and no process is left (one still running is stopped, with its
+        ``unloadTimeout`` as the grace period). No message may be sent after this."""
         self._send.close()
 
     # -- the supervisor task -------------------------------------------------
@@ -196,6 +197,10 @@ class ModelProcess:
             task_status.started()
             async for command in self._inbox:
                 self._handle(command)
+            # Closed (the model left the config): never leave a process behind,
+            # whatever the last messages asked for (invariant: no orphaned process).
+            if self.state is not ProcessState.STOPPED:
+                self._handle(_Stop(self.model.unload_timeout, "left the config", Reply()))
 
     def _handle(self, command: _Command) -> None:
         match command:
