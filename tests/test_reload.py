@@ -918,3 +918,38 @@ async def test_a_reload_never_points_a_model_at_a_port_another_model_still_serve
                 ports = {m: row["port"] for m, row in (await h.models()).items()}
                 assert ports["b"] != start  # a's old process still listens there
                 nursery.cancel_scope.cancel()
+
+
+def test_fifo_a_reload_that_undoes_a_change_keeps_the_running_process() -> None:
+    scheduler = loaded("a", "b")
+    models = {"a": limits(), "b": limits()}
+    assert scheduler.on_reconfigure(models, OneAtATime(), restart={"a"}, now=1) == []
+    assert scheduler.on_request(2, "a", 1) == [Queued(request_id=2, model="a", position=1)]
+    # the second reload puts back what the process runs: it is current again, the
+    # waiting request is served by it, and nothing is stopped when the stream ends
+    decisions = scheduler.on_reconfigure(models, OneAtATime(), restart=frozenset(), now=2)
+    assert decisions == [Grant(request_id=2, model="a")]
+    assert scheduler.on_finished(1, 3) == []
+    assert scheduler.on_request(3, "a", 4) == [Grant(request_id=3, model="a")]
+
+
+async def test_a_reload_that_undoes_a_change_keeps_the_running_process(tmp_path: Path) -> None:
+    start = free_port()
+    original = config_text({"m": "--tokens 30 --token-delay 0.05"}, start_port=start)
+    path = write(tmp_path / "c.yaml", original)
+    with trio.fail_after(60):
+        async with serving(path) as h:
+            lines: list[str] = []
+            first_token = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream, h, "m", lines, first_token)
+                await first_token.wait()
+                pid = h.pid("m")
+                write(path, original.replace("--tokens 30", "--tokens 31"))
+                assert (await reload(h))["restart"] == ["m"]
+                write(path, original)  # changed my mind before the stream ended
+                await reload(h)
+            assert content_tokens(lines) == 30
+            # the process the file describes again is still the one running
+            assert served_by(await h.client.post("/v1/chat/completions", json=chat("m"))) == pid
+            assert h.server.processes["m"].start_count == 1

@@ -31,6 +31,7 @@ import msgspec
 import trio
 
 from trio_swap._sync import Reply
+from trio_swap.config.diff import same_process
 from trio_swap.config.model import ModelConfig, SchedulerConfig
 from trio_swap.errors import ModelStartFailed, ModelUnloaded, ShuttingDown, SwapError
 from trio_swap.policy.base import SwapPolicy
@@ -47,7 +48,7 @@ from trio_swap.scheduling import (
     StartSwap,
     StopModels,
 )
-from trio_swap.upstream.process import ModelProcess
+from trio_swap.upstream.process import ModelProcess, ProcessState
 
 __all__ = ["Lease", "Router"]
 
@@ -404,6 +405,16 @@ class Router:
     def _reconfigure(self, event: _Reconfigured, now: float) -> list[Decision]:
         """The process table first (so decisions can use new models), then the scheduler."""
         timeout = event.health_check_timeout
+        # Compared with what each process runs now, not with the previous config:
+        # a second reload that undoes the first must not restart anything.
+        restart = set(event.restart)
+        for name, model in event.models.items():
+            process = self._processes.get(name)
+            if process is not None and process.state is not ProcessState.STOPPED:
+                if same_process(process.model, model):
+                    restart.discard(name)
+                else:
+                    restart.add(name)
         for name, model in event.models.items():
             process = self._processes.get(name)
             if process is None:
@@ -413,7 +424,7 @@ class Router:
         decisions = self.scheduler.on_reconfigure(
             {name: _limits(model, event.settings) for name, model in event.models.items()},
             event.policy,
-            restart=event.restart,
+            restart=restart,
             max_wait=event.settings.max_wait,
             min_resident=event.settings.min_resident,
             max_queue=event.settings.max_queue,

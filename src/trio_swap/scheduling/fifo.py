@@ -409,9 +409,11 @@ class FifoScheduler:
     ) -> list[Decision]:
         """A config reload: the new models, limits, settings and policy, all in one step.
 
-        ``restart`` names the kept models whose process settings changed (their
-        supervisor starts the new settings next time; this decides when the old
-        process goes). Requests already granted are never cut (invariant 3).
+        ``restart`` names the kept models whose running process no longer matches
+        the new settings (their supervisor starts the new settings next time; this
+        decides when the old process goes). A READY model not in it is current:
+        if an earlier reload had marked it stale, that is undone. Requests already
+        granted are never cut (invariant 3).
 
         1. A new model starts COLD; a kept one takes its new limits in place.
         2. A kept model in ``restart`` (or one removed earlier and back before its
@@ -443,6 +445,10 @@ class FifoScheduler:
                 slot.removed = False
                 self._removed.discard(name)
             if name not in restart and not back:
+                # A second reload put back what the running process was started
+                # with: it is current again, no restart needed.
+                if slot.phase is Phase.READY:
+                    slot.stale = False
                 continue
             if slot.phase is Phase.READY:
                 slot.stale = True
