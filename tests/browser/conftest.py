@@ -50,8 +50,17 @@ def page(browser: Browser) -> Iterator[Page]:
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
+    # A Content-Security-Policy violation is only a console message, not a page error.
+    page.on(
+        "console",
+        lambda message: (
+            errors.append(message.text)
+            if message.type == "error" and "Content Security Policy" in message.text
+            else None
+        ),
+    )
     try:
         yield page
     finally:
         context.close()
-    assert errors == [], f"uncaught errors in the page: {errors}"
+    assert errors == [], f"uncaught errors or CSP violations in the page: {errors}"
