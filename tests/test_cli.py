@@ -162,3 +162,23 @@ def test_schema_prints_a_json_schema_of_the_config() -> None:
     assert result.returncode == 0
     schema = json.loads(result.stdout)
     assert "$defs" in schema and "RawModel" in json.dumps(schema)
+
+
+async def test_max_body_mib_limits_request_bodies(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    big = {"model": "alpha", "messages": [], "pad": "x" * 20_000}
+    with trio.fail_after(60):
+        async with (
+            trio_swap("--config", str(config), "--max-body-mib", "0.01") as (_, url),
+            httpx.AsyncClient(base_url=url, timeout=30) as client,
+        ):
+            response = await client.post("/v1/chat/completions", json=big)
+            assert response.status_code == 413
+            assert "10485 byte limit" in response.json()["error"]["message"]
+        refused = await trio.run_process(
+            [sys.executable, "-m", "trio_swap", "serve", "--max-body-mib", "0"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert refused.returncode == 2 and b"must be greater than 0" in refused.stderr

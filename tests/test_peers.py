@@ -15,7 +15,6 @@ process has an absolute limit (``fail_after``); no assert depends on timing.
 from __future__ import annotations
 
 import json
-import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -31,8 +30,9 @@ from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
 
 from tests.conftest import free_port
+from tests.test_config import assert_error, fails, load
 from tests.test_responder import Responder, run_responder
-from trio_swap.config import Config, ConfigError, load_config, load_config_text
+from trio_swap.config import Config, load_config_text
 from trio_swap.config.model import FilterConfig, ModelConfig, PeerConfig
 from trio_swap.errors import PeerFailed, error_style
 from trio_swap.http.peers import PeerForwarder
@@ -44,29 +44,7 @@ CHAT: Final = b"/v1/chat/completions"
 # --- config helpers ----------------------------------------------------------------------
 
 
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "config.yaml"
-    path.write_text(textwrap.dedent(text), encoding="utf-8")
-    return path
-
-
-def load(tmp_path: Path, text: str) -> Config:
-    return load_config(write(tmp_path, text))
-
-
-def fails(tmp_path: Path, text: str) -> ConfigError:
-    path = write(tmp_path, text)
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert info.value.source == str(path)
-    return info.value
-
-
-def assert_error(err: ConfigError, key_path: str, line: int, *fragments: str) -> None:
-    assert (err.key_path, err.line) == (key_path, line), str(err)
-    for fragment in fragments:
-        assert fragment in err.message, str(err)
-    assert str(err).startswith(f"{err.source}:{line}: {key_path}: ")
+# write, load, fails and assert_error: shared with tests/test_config.py (imported above).
 
 
 # --- config: good files ------------------------------------------------------------------

@@ -137,23 +137,9 @@ class AccessControl:
         if scope["method"] == "OPTIONS":
             await _preflight(scope, send)
             return
-        has_origin = cross_site = False
-        if not self._digests:
-            for name, value in scope["headers"]:
-                if name == b"origin":
-                    has_origin = True
-                elif name == b"sec-fetch-site":
-                    cross_site = value in _OTHER_ORIGIN
-            if has_origin or cross_site:
-                if scope["path"] in _CROSS_SITE_PATHS:
-                    send = _with_cors(send)
-                elif cross_site and not _is_page(scope):
-                    await _send_forbidden(send, scope, receive)
-                    return
-            await self._app(scope, receive, send)
-            return
         authorization: bytes | None = None
         x_api_key: bytes | None = None
+        has_origin = cross_site = False
         for name, value in scope["headers"]:
             if name == b"authorization":
                 if authorization is None:
@@ -171,6 +157,9 @@ class AccessControl:
             elif cross_site and not _is_page(scope):
                 await _send_forbidden(send, scope, receive)
                 return
+        if not self._digests:
+            await self._app(scope, receive, send)
+            return
         if not _is_open(scope):
             denied = self._deny(authorization, x_api_key)
             if denied is not None:

@@ -11,7 +11,6 @@ import time
 from collections.abc import Mapping
 from typing import Final, final
 
-import httpx
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -22,7 +21,7 @@ from trio_swap.errors import BodyTooLarge, ModelNotFound, SwapError
 from trio_swap.http.errors import error_response, json_response, plain_error
 from trio_swap.http.logs import register_log_routes
 from trio_swap.http.observe import register_observe_routes
-from trio_swap.http.ui import register_ui_routes
+from trio_swap.http.ui import model_rows, register_ui_routes
 from trio_swap.http.upstream_client import UpstreamClient
 from trio_swap.observe.record import Observer
 from trio_swap.router import Router
@@ -139,28 +138,7 @@ def build_app(
 
     @app.get("/api/models")
     async def api_models() -> Response:
-        scheduler = state.router.scheduler
-        rows = []
-        for model_id, process in state.processes.items():
-            model = process.model
-            rows.append(
-                {
-                    "id": model_id,
-                    "name": model.name,
-                    "description": model.description,
-                    "aliases": list(model.aliases),
-                    "unlisted": model.unlisted,
-                    "state": process.state.value,
-                    "pid": process.pid,
-                    "proxy": model.proxy,
-                    "port": httpx.URL(model.proxy).port,
-                    "start_count": process.start_count,
-                    "last_ready_seconds": process.last_ready_seconds,
-                    "in_flight": scheduler.in_flight(model_id),
-                    "queued": scheduler.queued(model_id),
-                    "ttl": model.ttl,
-                }
-            )
+        rows = model_rows(state)  # the web UI's live feed sends the same rows
         return json_response(
             {"models": rows, "swaps": state.router.swap_count, "version": __version__}
         )
