@@ -20,6 +20,7 @@ way, so nothing leaks whatever the client does (invariant 4).
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 import math
@@ -31,6 +32,7 @@ import msgspec
 import trio
 
 from trio_swap._sync import Reply
+from trio_swap.config.address import Upstream
 from trio_swap.config.diff import same_process
 from trio_swap.config.model import ModelConfig, SchedulerConfig
 from trio_swap.errors import ModelStartFailed, ModelUnloaded, ShuttingDown, SwapError
@@ -50,7 +52,7 @@ from trio_swap.scheduling import (
 )
 from trio_swap.upstream.process import ModelProcess, ProcessState
 
-__all__ = ["Lease", "Router"]
+__all__ = ["Admission", "Lease", "Router"]
 
 log = logging.getLogger("trio_swap.router")
 
@@ -61,9 +63,16 @@ class Lease(msgspec.Struct, frozen=True):
 
     request_id: int
     model: str
-    #: Where the granted process listens: its ``proxy`` when the grant was made
-    #: (a reload may already have given the model a new one for its next start).
-    proxy: str
+    #: Where the granted process listens, as it was when the grant was made
+    #: (a reload may already have given the model a new ``proxy`` for its next start).
+    upstream: Upstream
+
+
+class Admission(enum.Enum):
+    """Why an admitted request is not granted at once: what it waits for."""
+
+    QUEUED = "queued"  # behind other requests (a busy victim, a swap under way, collation)
+    LOADING = "loading"  # its model is loading (it started the load or joined it)
 
 
 # -- events (facts, past tense) ------------------------------------------------
@@ -72,8 +81,10 @@ class Lease(msgspec.Struct, frozen=True):
 class _RequestArrived(msgspec.Struct, frozen=True):
     request_id: int
     model: str
-    #: Set to the granted process's proxy URL.
-    reply: Reply[str]
+    #: Set to where the granted process listens.
+    reply: Reply[Upstream]
+    #: Told, in the router task, when the request is admitted but must wait.
+    on_wait: Callable[[Admission], None] | None
 
 
 class _RequestFinished(msgspec.Struct, frozen=True):
@@ -160,7 +171,7 @@ class Router:
         )
         self._send, self._receive = trio.open_memory_channel[_Event](math.inf)
         self._ids = itertools.count(1)
-        self._waiting: dict[int, Reply[str]] = {}
+        self._waiting: dict[int, Reply[Upstream]] = {}
         self._unload_replies: dict[int, Reply[None]] = {}
         #: Swap id -> (target, the scope around its ensure_ready, the error if cancelled).
         self._swap_scopes: dict[int, tuple[str, trio.CancelScope]] = {}
@@ -191,24 +202,35 @@ class Router:
         """Whether requests for ``model`` are being granted without a load right now."""
         return model in self._processes and self.scheduler.phase(model) is Phase.READY
 
-    async def acquire(self, model: str, *, request_id: int | None = None) -> Lease:
+    async def acquire(
+        self,
+        model: str,
+        *,
+        request_id: int | None = None,
+        on_wait: Callable[[Admission], None] | None = None,
+    ) -> Lease:
         """Wait until ``model`` is ready and this request may be forwarded to it.
+
+        ``on_wait`` is called (once, from the router task: it must not block)
+        when the scheduler admits the request but cannot grant it at once; a
+        request granted or rejected straight away never calls it. So a caller
+        knows, from the router's own decision, that it passed admission.
 
         Raises:
             SwapError: rate limited, the model failed to start, was unloaded, or shutdown.
         """
         if request_id is None:
             request_id = next(self._ids)
-        reply: Reply[str] = Reply()
-        self._send.send_nowait(_RequestArrived(request_id, model, reply))
+        reply: Reply[Upstream] = Reply()
+        self._send.send_nowait(_RequestArrived(request_id, model, reply, on_wait))
         try:
-            proxy = await reply.wait()
+            upstream = await reply.wait()
         except SwapError:
             raise  # rejected: the scheduler already released the slot
         except BaseException:
             self._send.send_nowait(_RequestFinished(request_id))
             raise
-        return Lease(request_id, model, proxy)
+        return Lease(request_id, model, upstream)
 
     def release(self, lease: Lease) -> None:
         """The request is over (served, failed or disconnected). Safe to call under cancellation."""
@@ -316,9 +338,14 @@ class Router:
     def _dispatch(self, event: _Event, now: float) -> list[Decision]:
         scheduler = self.scheduler
         match event:
-            case _RequestArrived(request_id=rid, model=model, reply=reply):
+            case _RequestArrived(request_id=rid, model=model, reply=reply, on_wait=on_wait):
                 self._waiting[rid] = reply
-                return scheduler.on_request(rid, model, now)
+                decisions = scheduler.on_request(rid, model, now)
+                if on_wait is not None:
+                    waits = _admission(rid, decisions)
+                    if waits is not None:
+                        on_wait(waits)
+                return decisions
             case _RequestFinished(request_id=rid):
                 self._waiting.pop(rid, None)
                 return scheduler.on_finished(rid, now)
@@ -366,8 +393,8 @@ class Router:
                 case Grant(request_id=rid, model=model):
                     reply = self._waiting.pop(rid, None)
                     if reply is not None:
-                        # READY, so its settings are those of the running process.
-                        reply.set(self._processes[model].model.proxy)
+                        # READY, so this is where the running process listens.
+                        reply.set(self._processes[model].upstream)
                 case Reject(request_id=rid, error=error):
                     reply = self._waiting.pop(rid, None)
                     if reply is not None:
@@ -485,6 +512,25 @@ class Router:
             for model in self._processes:
                 nursery.start_soon(self._stop_one, model, "trio-swap is shutting down")
         reply.set(None)
+
+
+def _admission(request_id: int, decisions: Sequence[Decision]) -> Admission | None:
+    """What a just-arrived request waits for, from the scheduler's decisions on it.
+
+    None when it was granted or rejected at once (no wait to announce).
+    """
+    for decision in decisions:
+        match decision:
+            case Grant(request_id=rid) | Reject(request_id=rid) if rid == request_id:
+                return None
+            case Queued(request_id=rid) if rid == request_id:
+                return Admission.QUEUED
+            case Joined(request_id=rid) if rid == request_id:
+                return Admission.LOADING
+            case StartSwap():
+                return Admission.LOADING  # the request's own load (no Joined for the starter)
+    log.error("scheduler bug: no decision about request %d in %s", request_id, decisions)
+    return Admission.QUEUED
 
 
 def _limits(model: ModelConfig, settings: SchedulerConfig) -> ModelLimits:

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from trio_swap.config.address import Upstream
 from trio_swap.config.command import split_command
 from trio_swap.config.model import (
     DEFAULT_CONCURRENCY_LIMIT,
@@ -336,13 +337,13 @@ def _command(text: str, path: KeyPath, doc: Document) -> tuple[str, ...]:
 def _proxy(url: str, path: KeyPath, doc: Document) -> str:
     if url != url.strip() or not url:
         raise doc.error(path, f"must be an http(s) URL without surrounding blanks (got {url!r})")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise doc.error(path, f"must be an http:// or https:// URL with a host (got {url!r})")
     try:
-        parts.port  # noqa: B018 - parsing the port is the check
+        Upstream(url)
+        parts = urlsplit(url)
     except ValueError as exc:
-        raise doc.error(path, f"has an invalid port (got {url!r})") from exc
+        raise doc.error(
+            path, f"must be an http:// or https:// URL with a host and a valid port (got {url!r})"
+        ) from exc
     if parts.query or parts.fragment:
         raise doc.error(path, f"must not have a query or fragment (got {url!r})")
     return url.rstrip("/")

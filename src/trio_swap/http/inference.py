@@ -302,7 +302,7 @@ class InferenceRoutes:
                     else:
                         lease = await progress.acquire()
                     record.lease_granted()
-                    upstream = self._upstream(lease.proxy)
+                    upstream = lease.upstream
                     answer = await self._client.send(
                         upstream,
                         method=scope["method"].encode(),

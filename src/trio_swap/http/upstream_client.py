@@ -22,11 +22,11 @@ import ssl
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from typing import Final, final
-from urllib.parse import urlsplit
 
 import h11
 import trio
 
+from trio_swap.config.address import Upstream
 from trio_swap.errors import UpstreamFailed
 
 __all__ = ["Upstream", "UpstreamClient", "UpstreamResponse"]
@@ -39,27 +39,6 @@ _COALESCE_LIMIT: Final = 64 * 1024
 _MAX_IDLE_PER_UPSTREAM: Final = 128
 #: An idle connection older than this is closed instead of reused.
 _IDLE_EXPIRY: Final = 30.0
-
-
-@final
-class Upstream:
-    """Where one model's server listens, parsed once from its ``proxy`` URL."""
-
-    __slots__ = ("authority", "base_path", "host", "port", "tls")
-
-    def __init__(self, proxy: str) -> None:
-        parts = urlsplit(proxy)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {proxy!r}")
-        self.tls = parts.scheme == "https"
-        self.host = parts.hostname
-        self.port = parts.port or (443 if self.tls else 80)
-        self.authority = parts.netloc.rsplit("@", 1)[-1].encode()
-        self.base_path = parts.path.rstrip("/").encode()
-
-    def target(self, raw_path: bytes, query: bytes) -> bytes:
-        target = self.base_path + raw_path
-        return target + b"?" + query if query else target
 
 
 @final

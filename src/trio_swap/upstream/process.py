@@ -47,6 +47,7 @@ import msgspec
 import trio
 
 from trio_swap._sync import Reply, race
+from trio_swap.config.address import Upstream
 from trio_swap.config.diff import same_process
 from trio_swap.config.model import PID_PLACEHOLDER, ModelConfig
 from trio_swap.errors import ModelStartFailed
@@ -118,6 +119,7 @@ class ModelProcess:
         hooks: ProcessHooks | None = None,
     ) -> None:
         self.model = model
+        self._upstream: Upstream | None = None
         self.health_check_timeout = health_check_timeout
         self.log = log_ring if log_ring is not None else LogRing(model.id)
         self._http = http
@@ -150,6 +152,13 @@ class ModelProcess:
     def __repr__(self) -> str:
         pid = f" pid={self.child.pid}" if self.child else ""
         return f"<ModelProcess {self.model.id}: {self.state.value}{pid}>"
+
+    @property
+    def upstream(self) -> Upstream:
+        """Where the current (or next) process listens: ``model.proxy``, parsed."""
+        if self._upstream is None or self._upstream.url != self.model.proxy:
+            self._upstream = Upstream(self.model.proxy)
+        return self._upstream
 
     @property
     def pid(self) -> int | None:
