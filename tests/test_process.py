@@ -5,27 +5,33 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
 import trio
 
 from tests.conftest import alive, free_port, group_alive, responder_model
 from trio_swap.config.model import ModelConfig
+from trio_swap.reasons import StopReason
 from trio_swap.upstream import ModelProcess, ProcessState
 
 
 @asynccontextmanager
 async def supervised(model: ModelConfig, timeout: float = 20) -> AsyncIterator[ModelProcess]:
-    async with httpx.AsyncClient() as client, trio.open_nursery() as nursery:
-        process = ModelProcess(model, health_check_timeout=timeout, http=client)
+    async with trio.open_nursery() as nursery:
+        process = ModelProcess(model, health_check_timeout=timeout)
         await nursery.start(process.run)
         try:
             yield process
         finally:
             nursery.cancel_scope.cancel()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` (the caller bounds the wait with ``fail_after``)."""
+    while not condition():
+        await trio.sleep(0.005)
 
 
 async def test_child_leads_its_own_process_group() -> None:
@@ -79,8 +85,8 @@ async def test_ensure_ready_during_a_stop_restarts_after_the_old_process_is_gone
             first_pid = p.pid
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(p.stop)
-                await trio.sleep(0.05)  # the stop is under way (SIGTERM ignored: grace runs)
-                assert p.state is ProcessState.STOPPING
+                # the stop is under way (SIGTERM ignored: the grace period runs)
+                await until(lambda: p.state is ProcessState.STOPPING)
                 nursery.start_soon(p.ensure_ready)
             assert p.state is ProcessState.READY
             assert p.start_count == 2
@@ -101,9 +107,9 @@ async def test_stop_while_starting_aborts_the_start_with_a_clear_error() -> None
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(want_ready)
-                await trio.sleep(0.3)
+                await until(lambda: process.child is not None)  # spawned, loading for 5 s
                 assert process.state is ProcessState.STARTING
-                await process.stop(reason="unload")
+                await process.stop(reason=StopReason.UNLOAD)
             assert process.state is ProcessState.STOPPED
             assert errors and "stopped while starting (unload)" in errors[0]
 
@@ -159,17 +165,14 @@ async def test_a_crashed_process_is_never_reported_ready_while_its_output_drains
     stopped: list[str] = []
     try:
         with trio.fail_after(20):
-            async with httpx.AsyncClient() as client, trio.open_nursery() as nursery:
-                process = ModelProcess(
-                    model, health_check_timeout=20, http=client, on_stopped=stopped.append
-                )
+            async with trio.open_nursery() as nursery:
+                process = ModelProcess(model, health_check_timeout=20, on_stopped=stopped.append)
                 await nursery.start(process.run)
                 await process.ensure_ready()
                 first = process.pid
-                while alive(first):
-                    await trio.sleep(0.01)
-                await trio.sleep(0.05)  # the supervisor has seen the exit; the pipe is held
-                assert process.state is not ProcessState.READY
+                # the supervisor has seen the exit; the escaped helper holds the pipe
+                await until(lambda: process.state is ProcessState.STOPPING)
+                assert not alive(first)
                 await process.ensure_ready()
                 assert process.start_count == 2
                 assert process.pid != first

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Generic, TypeVar, final
 
 import trio
@@ -10,6 +10,7 @@ import trio
 __all__ = ["Reply", "race"]
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 
 @final
@@ -47,17 +48,21 @@ class Reply(Generic[T]):
         return self._value  # type: ignore[return-value]  # set() stored a T
 
 
-async def race(contenders: dict[str, Callable[[], Awaitable[object]]]) -> str:
-    """Run the contenders together; return the name of the first to finish, cancel the rest."""
-    winner: list[str] = []
+async def race(contenders: Mapping[K, Callable[[], Awaitable[object]]]) -> K:
+    """Run the contenders together; return the key of the first to finish, cancel the rest.
+
+    Keys are meant to be members of one enum (the outcomes), so callers
+    ``match`` on them and a type checker sees every case.
+    """
+    winner: list[K] = []
     async with trio.open_nursery() as nursery:
 
-        async def run(name: str, fn: Callable[[], Awaitable[object]]) -> None:
+        async def run(key: K, fn: Callable[[], Awaitable[object]]) -> None:
             await fn()
             if not winner:
-                winner.append(name)
-            nursery.cancel_scope.cancel(reason=f"{name} finished first")
+                winner.append(key)
+            nursery.cancel_scope.cancel(reason=f"{key} finished first")
 
-        for name, fn in contenders.items():
-            nursery.start_soon(run, name, fn)
+        for key, fn in contenders.items():
+            nursery.start_soon(run, key, fn)
     return winner[0]

@@ -37,6 +37,7 @@ from trio_swap.config.diff import same_process
 from trio_swap.config.model import ModelConfig, SchedulerConfig
 from trio_swap.errors import ModelStartFailed, ModelUnloaded, ShuttingDown, SwapError
 from trio_swap.policy.base import SwapPolicy
+from trio_swap.reasons import StopReason
 from trio_swap.scheduling import (
     Decision,
     FifoScheduler,
@@ -411,11 +412,11 @@ class Router:
                     self._nursery.start_soon(self._run_swap, decision, scope)
                 case StopModels(stop_id=stop_id, models=models, reason=reason):
                     if models:
-                        log.info("stopping %s (%s)", ", ".join(models), reason)
+                        log.info("stopping %s (%s)", ", ".join(models), reason.description)
                     for swap_id, (target, scope) in self._swap_scopes.items():
                         if target in models:  # never finish loading what is being stopped
                             self._swap_cancel_errors.setdefault(swap_id, ModelUnloaded(target))
-                            scope.cancel(reason=f"{target}: {reason}")
+                            scope.cancel(reason=f"{target}: {reason.description}")
                     self._nursery.start_soon(self._run_stops, stop_id, models, reason)
                 case Queued(request_id=rid, model=model, position=position):
                     log.info("request %d for %s queued at #%d", rid, model, position)
@@ -474,8 +475,7 @@ class Router:
         error: SwapError | None = None
         async with trio.open_nursery() as nursery:
             for victim in swap.victims:
-                reason = f"evicted by swap to {swap.target}"
-                nursery.start_soon(self._stop_one, victim, reason)
+                nursery.start_soon(self._stop_one, victim, StopReason.SWAP)
         with scope:
             try:
                 # Cancelled while the victims stopped (the target was unloaded or
@@ -496,12 +496,12 @@ class Router:
             log.warning("swap %d: %s failed: %s", swap.swap_id, swap.target, error.message)
         self._send.send_nowait(_SwapDone(swap.swap_id, error))
 
-    async def _stop_one(self, model: str, reason: str) -> None:
+    async def _stop_one(self, model: str, reason: StopReason) -> None:
         process = self._processes.get(model)
         if process is not None:  # None: retired meanwhile (it was stopped already)
             await process.stop(reason=reason)
 
-    async def _run_stops(self, stop_id: int, models: tuple[str, ...], reason: str) -> None:
+    async def _run_stops(self, stop_id: int, models: tuple[str, ...], reason: StopReason) -> None:
         async with trio.open_nursery() as nursery:
             for model in models:
                 nursery.start_soon(self._stop_one, model, reason)
@@ -510,7 +510,7 @@ class Router:
     async def _stop_all(self, reply: Reply[None]) -> None:
         async with trio.open_nursery() as nursery:
             for model in self._processes:
-                nursery.start_soon(self._stop_one, model, "trio-swap is shutting down")
+                nursery.start_soon(self._stop_one, model, StopReason.SHUTDOWN)
         reply.set(None)
 
 

@@ -7,6 +7,8 @@ counters. The no-op base class keeps the callers free of ``if``s.
 
 from __future__ import annotations
 
+from trio_swap.reasons import StopReason
+
 __all__ = ["ProcessHooks"]
 
 
@@ -19,7 +21,7 @@ class ProcessHooks:
     def start_failed(self, model: str) -> None:
         """A start failed: no spawn, exit before ready, or the health check gave up."""
 
-    def stopping(self, model: str, reason: str) -> None:
+    def stopping(self, model: str, reason: StopReason) -> None:
         """A starting or ready process is being stopped, for the router's ``reason``.
 
         Called once per stop, at the transition: a second stop order for a model

@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 
 from trio_swap import __version__
 from trio_swap.observe.hooks import ProcessHooks
+from trio_swap.reasons import StopReason
 
 if TYPE_CHECKING:
     from trio_swap.router import Router
@@ -46,18 +47,9 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 
-#: ``reason`` label values of ``trio_swap_model_evictions_total``.
-EVICTION_REASONS: Final = ("swap", "ttl", "unload", "crash", "abandoned", "reload", "other")
-#: The router's stop reasons (:mod:`trio_swap.scheduling`) -> the label; a swap's
-#: reason names its target (``evicted by swap to X``). Shutdown is no eviction.
-_STOP_REASONS: Final = {
-    "ttl": "ttl",
-    "unload": "unload",
-    "no request waits for it any more": "abandoned",
-    "reload": "reload",  # scheduling.fifo.RELOAD: removed or changed by a config reload
-}
-_SWAP_PREFIX: Final = "evicted by swap"
-_SHUTDOWN: Final = "trio-swap is shutting down"
+#: ``reason`` label values of ``trio_swap_model_evictions_total``: the stop reasons
+#: that are evictions (:class:`~trio_swap.reasons.StopReason`), and crashes.
+EVICTION_REASONS: Final = (*(r.value for r in StopReason if r.is_eviction), "crash")
 #: ``state`` label values of ``trio_swap_model_state`` (:class:`ProcessState` values).
 PROCESS_STATES: Final = ("stopped", "starting", "ready", "stopping")
 
@@ -175,12 +167,9 @@ class Metrics(ProcessHooks):
     def start_failed(self, model: str) -> None:
         self.load_failures.labels(model).inc()
 
-    def stopping(self, model: str, reason: str) -> None:
-        if reason == _SHUTDOWN:
-            return
-        swap = reason.startswith(_SWAP_PREFIX)
-        label = "swap" if swap else _STOP_REASONS.get(reason, "other")
-        self.evictions.labels(model, label).inc()
+    def stopping(self, model: str, reason: StopReason) -> None:
+        if reason.is_eviction:
+            self.evictions.labels(model, reason.value).inc()
 
     def crashed(self, model: str) -> None:
         self.evictions.labels(model, "crash").inc()

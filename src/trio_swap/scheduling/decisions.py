@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from trio_swap.errors import SwapError
+from trio_swap.reasons import StopReason
 
 __all__ = [
     "Decision",
@@ -45,7 +46,7 @@ class StopModels(msgspec.Struct, frozen=True, kw_only=True):
 
     stop_id: int
     models: tuple[str, ...]
-    reason: str
+    reason: StopReason
 
 
 class Queued(msgspec.Struct, frozen=True, kw_only=True):

@@ -34,7 +34,7 @@ import enum
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from typing import Final, final
+from typing import final
 
 from trio_swap.errors import (
     ModelNotFound,
@@ -46,6 +46,7 @@ from trio_swap.errors import (
     SwapError,
 )
 from trio_swap.policy.base import SwapPolicy
+from trio_swap.reasons import StopReason
 from trio_swap.scheduling.decisions import (
     Decision,
     Grant,
@@ -70,9 +71,6 @@ class Phase(enum.Enum):
 
 
 _RUNNING = (Phase.LOADING, Phase.READY, Phase.STOPPING)
-
-#: The reason of the stops a config reload orders (the reload logs what changed).
-RELOAD: Final = "reload"
 
 #: Once the oldest queued request has waited this long (seconds), new requests may
 #: no longer take the fast path onto a model it needs evicted (llama-swap #612).
@@ -277,7 +275,7 @@ class FifoScheduler:
             if not swap.waiters and not self.queued(swap.target):
                 # Nobody wants this load any more (llama-swap #727): stop it instead
                 # of finishing a load of minutes for no one.
-                return [self._stop((swap.target,), "no request waits for it any more")]
+                return [self._stop((swap.target,), StopReason.ABANDONED)]
         return []
 
     def on_swap_done(self, swap_id: int, error: SwapError | None, now: float) -> list[Decision]:
@@ -347,7 +345,7 @@ class FifoScheduler:
             if slot.phase is Phase.READY:
                 slot.phase = Phase.STOPPING
             # LOADING: stopping its process aborts the start; the swap then reports an error.
-        stop = self._stop(tuple(to_stop), "unload")
+        stop = self._stop(tuple(to_stop), StopReason.UNLOAD)
         decisions.append(stop)
         return decisions
 
@@ -367,7 +365,7 @@ class FifoScheduler:
         if expired:
             for name in expired:
                 self._models[name].phase = Phase.STOPPING
-            decisions.append(self._stop(expired, "ttl"))
+            decisions.append(self._stop(expired, StopReason.TTL))
         decisions.extend(self._drain(now))  # a minResident protection may have ended
         return decisions
 
@@ -469,7 +467,7 @@ class FifoScheduler:
             if slot.phase is Phase.LOADING:
                 cancel_removed.append(name)
         if cancel_removed or cancel_changed:
-            decisions.append(self._stop((*cancel_removed, *cancel_changed), RELOAD))
+            decisions.append(self._stop((*cancel_removed, *cancel_changed), StopReason.RELOAD))
         for name in list(self._models):
             decisions.extend(self._stop_if_outdated(name))
         decisions.extend(self._retire_removed())
@@ -499,7 +497,7 @@ class FifoScheduler:
         if slot.phase is not Phase.READY or slot.in_flight or not (slot.stale or slot.removed):
             return []
         slot.phase = Phase.STOPPING
-        return [self._stop((name,), RELOAD)]
+        return [self._stop((name,), StopReason.RELOAD)]
 
     def _retire_removed(self) -> list[Decision]:
         """Forget removed models that are stopped and that nothing refers to any more."""
@@ -532,7 +530,7 @@ class FifoScheduler:
             return evict
         return evict + tuple(name for name in running if name in self._removed)
 
-    def _stop(self, models: tuple[str, ...], reason: str) -> StopModels:
+    def _stop(self, models: tuple[str, ...], reason: StopReason) -> StopModels:
         stop_id = self._next_stop
         self._next_stop += 1
         self._stops[stop_id] = models

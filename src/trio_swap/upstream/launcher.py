@@ -24,16 +24,56 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Final, final
+from typing import IO, Final, Protocol, final
 
 import trio
 
-__all__ = ["Child", "OrphanGuard", "spawn"]
+__all__ = ["Child", "ChildProcess", "Launcher", "OrphanGuard", "spawn"]
 
 _PR_SET_PDEATHSIG: Final = 1
 #: trio-swap's own line to systemd (sd_notify, watchdog): a model server that
 #: inherited it could report readiness or feed the watchdog in trio-swap's name.
 _SYSTEMD_VARIABLES: Final = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"})
+
+
+class ChildProcess(Protocol):
+    """What a supervisor needs of one started server: :class:`Child`, or a fake in tests."""
+
+    pid: int
+    pgid: int
+    #: Set by :meth:`watch` once the process has exited and been reaped.
+    exited: trio.Event
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def output_stream(self) -> trio.abc.ReceiveStream:
+        """Its merged stdout/stderr; callable once, the caller closes it."""
+        ...
+
+    async def watch(self) -> None:
+        """Run once in a task: returns (and sets :attr:`exited`) when the process is gone."""
+        ...
+
+    async def wait(self) -> None:
+        """Wait for exit, whether or not :meth:`watch` is running."""
+        ...
+
+    def signal_group(self, sig: int) -> bool:
+        """Signal its whole process group; False if nothing was left to signal."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Launcher(Protocol):
+    """Starts a server process: :func:`spawn` in production, a fake in tests (the seam).
+
+    Raises:
+        OSError: the executable is missing or not runnable.
+    """
+
+    def __call__(self, argv: Sequence[str], *, env: Mapping[str, str]) -> ChildProcess: ...
 
 
 def _die_with_parent(parent_pid: int) -> None:  # pragma: no cover - runs in the child
@@ -177,10 +217,10 @@ class OrphanGuard:
         except (BrokenPipeError, ValueError):
             self._stdin = None
 
-    def add(self, child: Child, stop_argv: Sequence[str] = ()) -> None:
+    def add(self, child: ChildProcess, stop_argv: Sequence[str] = ()) -> None:
         self._send({"add": child.pgid, "stop": list(stop_argv)})
 
-    def remove(self, child: Child) -> None:
+    def remove(self, child: ChildProcess) -> None:
         self._send({"del": child.pgid})
 
     async def aclose(self) -> None:

@@ -42,7 +42,6 @@ import signal
 from collections.abc import Callable
 from typing import Final, final
 
-import httpx
 import msgspec
 import trio
 
@@ -52,8 +51,10 @@ from trio_swap.config.diff import same_process
 from trio_swap.config.model import PID_PLACEHOLDER, ModelConfig
 from trio_swap.errors import ModelStartFailed
 from trio_swap.observe.hooks import ProcessHooks
-from trio_swap.upstream.launcher import Child, OrphanGuard, spawn
+from trio_swap.reasons import StopReason
+from trio_swap.upstream.launcher import ChildProcess, Launcher, OrphanGuard, spawn
 from trio_swap.upstream.logs import LogRing
+from trio_swap.upstream.probe import HealthProbe, http_health_probe
 
 __all__ = ["ModelProcess", "ProcessState"]
 
@@ -79,10 +80,37 @@ ERROR_TAIL_LINES: Final = 10
 
 
 class ProcessState(enum.Enum):
+    """The one source of truth for where a model's process is in its life.
+
+    Invariant: the life task runs exactly while the state is not STOPPED.
+    """
+
     STOPPED = "stopped"  # no child process
     STARTING = "starting"  # spawned; readiness check running
     READY = "ready"  # health check passed; requests may be forwarded
     STOPPING = "stopping"  # graceful stop sent; SIGKILL follows after the grace period
+
+
+class _Waited(enum.Enum):
+    """What ended a wait in :meth:`ModelProcess._supervise` (the keys of its races)."""
+
+    READY = "ready"  # the health check answered 200
+    EXITED = "exited"  # the process exited by itself
+    STOP = "stop"  # a stop was ordered
+    TIMEOUT = "timeout"  # healthCheckTimeout passed
+
+
+class _LifeEnd(enum.Enum):
+    """How one spawn ended (:meth:`ModelProcess._run_once`)."""
+
+    NOT_STARTED = "not started"  # stopped before the spawn, or the spawn failed
+    FAILED = "failed"  # exited or timed out before it was ready
+    STOPPED = "stopped"  # it was ready and a stop ended it
+    CRASHED = "crashed"  # it was ready and exited by itself
+
+    @property
+    def was_ready(self) -> bool:
+        return self in (_LifeEnd.STOPPED, _LifeEnd.CRASHED)
 
 
 class _EnsureReady(msgspec.Struct, frozen=True):
@@ -91,8 +119,25 @@ class _EnsureReady(msgspec.Struct, frozen=True):
 
 class _Stop(msgspec.Struct, frozen=True):
     grace: float
-    reason: str
+    reason: StopReason
     reply: Reply[None]
+
+
+@final
+class _StopOrder:
+    """The stop ordered for the current life, if any: set once per life."""
+
+    __slots__ = ("given", "grace", "reason")
+
+    def __init__(self) -> None:
+        self.given = trio.Event()
+        self.grace = 0.0
+        self.reason = StopReason.UNLOAD
+
+    def give(self, grace: float, reason: StopReason) -> None:
+        self.grace = grace
+        self.reason = reason
+        self.given.set()
 
 
 class _Reconfigure(msgspec.Struct, frozen=True):
@@ -112,7 +157,8 @@ class ModelProcess:
         model: ModelConfig,
         *,
         health_check_timeout: float,
-        http: httpx.AsyncClient,
+        launcher: Launcher = spawn,
+        probe: HealthProbe = http_health_probe,
         log_ring: LogRing | None = None,
         guard: OrphanGuard | None = None,
         on_stopped: Callable[[str], None] | None = None,
@@ -122,7 +168,9 @@ class ModelProcess:
         self._upstream: Upstream | None = None
         self.health_check_timeout = health_check_timeout
         self.log = log_ring if log_ring is not None else LogRing(model.id)
-        self._http = http
+        #: The seams: how a server starts and how its readiness is checked.
+        self._launch = launcher
+        self._probe = probe
         self._guard = guard
         self._on_stopped = on_stopped
         #: Told of loads, failed starts, stops and crashes (the metrics).
@@ -131,7 +179,7 @@ class ModelProcess:
         self._nursery: trio.Nursery | None = None
 
         self.state = ProcessState.STOPPED
-        self.child: Child | None = None
+        self.child: ChildProcess | None = None
         #: How many times a process was spawned for this model.
         self.start_count = 0
         #: Seconds from spawn to the first passing health check, for the last start.
@@ -140,12 +188,8 @@ class ModelProcess:
         self._ready_waiters: list[Reply[None]] = []
         # Invariant: non-empty only while STOPPING.
         self._stop_waiters: list[Reply[None]] = []
-        self._stop_requested = trio.Event()
-        self._stop_grace = model.unload_timeout
-        self._stop_reason = ""
-        self._life_running = False
-        #: Whether the current (or last) process reached READY.
-        self._was_ready = False
+        #: Replaced at each (re)start, so a stop given to one life never reaches the next.
+        self._stop_order = _StopOrder()
         #: Settings from a reload that wait for the running process to stop.
         self._next_model: ModelConfig | None = None
 
@@ -176,7 +220,9 @@ class ModelProcess:
         self._send.send_nowait(_EnsureReady(reply))
         await reply.wait()
 
-    async def stop(self, *, grace: float | None = None, reason: str = "stop requested") -> None:
+    async def stop(
+        self, *, grace: float | None = None, reason: StopReason = StopReason.UNLOAD
+    ) -> None:
         """Stop the server (a no-op when stopped) and wait until its process group is gone."""
         reply: Reply[None] = Reply()
         self._send.send_nowait(
@@ -209,7 +255,7 @@ class ModelProcess:
             # Closed (the model left the config): never leave a process behind,
             # whatever the last messages asked for (invariant: no orphaned process).
             if self.state is not ProcessState.STOPPED:
-                self._handle(_Stop(self.model.unload_timeout, "left the config", Reply()))
+                self._handle(_Stop(self.model.unload_timeout, StopReason.LEFT_CONFIG, Reply()))
 
     def _handle(self, command: _Command) -> None:
         match command:
@@ -226,13 +272,11 @@ class ModelProcess:
                     reply.set(None)
                     return
                 self._stop_waiters.append(reply)
-                self._fail_ready_waiters(f"stopped while starting ({reason})")
+                self._fail_ready_waiters(f"stopped while starting ({reason.description})")
                 if self.state in (ProcessState.STARTING, ProcessState.READY):  # -> STOPPING
                     self._hooks.stopping(self.model.id, reason)
                     self.state = ProcessState.STOPPING
-                    self._stop_grace = grace
-                    self._stop_reason = reason
-                    self._stop_requested.set()
+                    self._stop_order.give(grace, reason)
             case _Reconfigure(model=model, health_check_timeout=timeout):
                 self.health_check_timeout = timeout  # read when a start begins
                 if self.state is ProcessState.STOPPED or same_process(self.model, model):
@@ -242,21 +286,21 @@ class ModelProcess:
                     self._next_model = model
 
     def _begin_life(self) -> None:
+        """STOPPED -> STARTING, and the life task that owns the process from here on."""
         assert self._nursery is not None, "run() must be started first"
+        assert self.state is ProcessState.STOPPED
         self.state = ProcessState.STARTING
-        self._stop_requested = trio.Event()
-        if not self._life_running:
-            self._life_running = True
-            self._nursery.start_soon(self._life)
+        self._stop_order = _StopOrder()
+        self._nursery.start_soon(self._life)
 
     async def _life(self) -> None:
         try:
             while True:
-                await self._run_once()
+                end = await self._run_once()
                 self.state = ProcessState.STOPPED
                 if self._next_model is not None:  # a reload's settings, for the next start
                     self.model, self._next_model = self._next_model, None
-                if self._was_ready and self._on_stopped is not None:
+                if end.was_ready and self._on_stopped is not None:
                     self._on_stopped(self.model.id)
                 for reply in self._stop_waiters:
                     reply.set(None)
@@ -265,9 +309,9 @@ class ModelProcess:
                     return
                 # Someone asked for the model while it was stopping: start it again.
                 self.state = ProcessState.STARTING
-                self._stop_requested = trio.Event()
+                self._stop_order = _StopOrder()
         finally:
-            self._life_running = False
+            self.state = ProcessState.STOPPED  # cancelled: the process is gone by now
 
     def _fail_ready_waiters(self, reason: str, tail: list[str] | None = None) -> None:
         error = ModelStartFailed(self.model.id, reason, tail or [])
@@ -280,21 +324,20 @@ class ModelProcess:
         env.update(self.model.env)
         return env
 
-    async def _run_once(self) -> None:
+    async def _run_once(self) -> _LifeEnd:
         """Spawn the server, supervise it until it is gone, and leave no process behind."""
-        self._was_ready = False
-        if self._stop_requested.is_set():  # stopped before it was even spawned
-            return
+        if self._stop_order.given.is_set():  # stopped before it was even spawned
+            return _LifeEnd.NOT_STARTED
         self.start_count += 1
         started = trio.current_time()
         argv = self.model.cmd
         try:
-            child = spawn(argv, env=self._environment())
+            child = self._launch(argv, env=self._environment())
         except OSError as exc:
             self.log.append(f"trio-swap: could not run {argv[0]!r}: {exc}")
             self._hooks.start_failed(self.model.id)
             self._fail_ready_waiters(f"could not run {argv[0]!r}: {exc.strerror or exc}")
-            return
+            return _LifeEnd.NOT_STARTED
         self.child = child
         stop_argv = self._stop_argv(child)
         if self._guard is not None:
@@ -305,7 +348,7 @@ class ModelProcess:
                 pumped = trio.Event()
                 nursery.start_soon(child.watch)
                 nursery.start_soon(self._pump, child, pumped)
-                await self._supervise(child, started)
+                end = await self._supervise(child, started)
                 with trio.move_on_after(0.5):  # let the pump store the last lines
                     await pumped.wait()
                 nursery.cancel_scope.cancel(reason="process exited")
@@ -319,20 +362,23 @@ class ModelProcess:
                 self._guard.remove(child)
             child.close()
             self.child = None
+        return end
 
-    async def _supervise(self, child: Child, started: float) -> None:
+    async def _supervise(self, child: ChildProcess, started: float) -> _LifeEnd:
         outcome = await self._wait_ready(child, started)
-        if outcome == "ready":  # STARTING -> READY
+        reached_ready = outcome is _Waited.READY
+        if reached_ready:  # STARTING -> READY
             self.state = ProcessState.READY
-            self._was_ready = True
             self.last_ready_seconds = trio.current_time() - started
             log.info("model %s: ready in %.3fs", self.model.id, self.last_ready_seconds)
             self._hooks.ready(self.model.id, self.last_ready_seconds)
             for reply in self._ready_waiters:
                 reply.set(None)
             self._ready_waiters.clear()
-            outcome = await race({"exited": child.exited.wait, "stop": self._stop_requested.wait})
-        if outcome == "exited":
+            outcome = await race(
+                {_Waited.EXITED: child.exited.wait, _Waited.STOP: self._stop_order.given.wait}
+            )
+        if outcome is _Waited.EXITED:
             crashed = self.state is ProcessState.READY
             starting = self.state is ProcessState.STARTING
             # Not ready from this instant: an ensure_ready arriving while the pipe
@@ -344,15 +390,18 @@ class ModelProcess:
                 log.warning("model %s: process exited unexpectedly (%s)", self.model.id, child)
                 self.log.append(f"trio-swap: process exited unexpectedly ({_describe(child)})")
                 self._hooks.crashed(self.model.id)
-            elif starting:  # STARTING -> STOPPED
+                return _LifeEnd.CRASHED
+            if starting:  # STARTING -> STOPPED
                 self.log.flush()
                 self._hooks.start_failed(self.model.id)
                 self._fail_ready_waiters(
                     f"process exited before becoming ready ({_describe(child)})",
                     self.log.tail(ERROR_TAIL_LINES),
                 )
-            return
-        if outcome == "timeout":  # STARTING -> STOPPED
+                return _LifeEnd.FAILED
+            # STOPPING (a stop was ordered as it exited by itself): it ended as ordered
+            return _LifeEnd.STOPPED if reached_ready else _LifeEnd.FAILED
+        if outcome is _Waited.TIMEOUT:  # STARTING -> STOPPED
             tail = self.log.tail(ERROR_TAIL_LINES)
             self._hooks.start_failed(self.model.id)
             await self._terminate(child, ABANDON_GRACE, "health check timed out")
@@ -361,12 +410,14 @@ class ModelProcess:
                 f"(healthCheckTimeout; GET {self._health_url()} never returned 200)",
                 tail,
             )
-            return
-        await self._terminate(child, self._stop_grace, self._stop_reason)
+            return _LifeEnd.FAILED
+        # _Waited.STOP: STARTING or READY -> STOPPING
+        await self._terminate(child, self._stop_order.grace, self._stop_order.reason.description)
+        return _LifeEnd.STOPPED if reached_ready else _LifeEnd.FAILED
 
-    async def _wait_ready(self, child: Child, started: float) -> str:
+    async def _wait_ready(self, child: ChildProcess, started: float) -> _Waited:
         if self.model.check_endpoint is None:
-            return "ready"
+            return _Waited.READY
         deadline = started + self.health_check_timeout
 
         async def timeout() -> None:
@@ -374,10 +425,10 @@ class ModelProcess:
 
         return await race(
             {
-                "ready": self._probe_until_healthy,
-                "exited": child.exited.wait,
-                "stop": self._stop_requested.wait,
-                "timeout": timeout,
+                _Waited.READY: self._probe_until_healthy,
+                _Waited.EXITED: child.exited.wait,
+                _Waited.STOP: self._stop_order.given.wait,
+                _Waited.TIMEOUT: timeout,
             }
         )
 
@@ -385,44 +436,41 @@ class ModelProcess:
         return self.model.proxy + (self.model.check_endpoint or "")
 
     async def _probe_until_healthy(self) -> None:
-        url = self._health_url()
+        upstream = self.upstream
+        path = self.model.check_endpoint or "/"
         fast_until = trio.current_time() + FAST_PROBE_PERIOD
         while True:
-            try:
-                response = await self._http.get(url, timeout=PROBE_TIMEOUT)
-                if response.status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            if await self._probe(upstream, path, timeout=PROBE_TIMEOUT):
+                return
             fast = trio.current_time() < fast_until
             await trio.sleep(PROBE_INTERVAL if fast else SLOW_PROBE_INTERVAL)
 
-    async def _pump(self, child: Child, done: trio.Event) -> None:
+    async def _pump(self, child: ChildProcess, done: trio.Event) -> None:
         stream = child.output_stream()
         try:
             async with stream:
                 while data := await stream.receive_some(65536):
-                    self.log.feed(data)
+                    self.log.feed(bytes(data))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             self.log.flush()
             done.set()
 
-    def _stop_argv(self, child: Child) -> list[str]:
+    def _stop_argv(self, child: ChildProcess) -> list[str]:
         return [part.replace(PID_PLACEHOLDER, str(child.pid)) for part in self.model.cmd_stop]
 
-    async def _terminate(self, child: Child, grace: float, reason: str) -> None:
+    async def _terminate(self, child: ChildProcess, grace: float, reason: str) -> None:
         """Graceful stop, then SIGKILL to the group after ``grace`` seconds; waits for exit."""
         if self.state is not ProcessState.STOPPED:
             self.state = ProcessState.STOPPING
         if child.returncode is None:
             log.info("model %s: stopping pid %d (%s)", self.model.id, child.pid, reason)
-        stopper: Child | None = None
+        stopper: ChildProcess | None = None
         stop_argv = self._stop_argv(child)
         if stop_argv and child.returncode is None:
             try:
-                stopper = spawn(stop_argv, env=self._environment())
+                stopper = self._launch(stop_argv, env=self._environment())
             except OSError as exc:
                 self.log.append(f"trio-swap: cmdStop failed ({exc}); sending SIGTERM")
         if stopper is None:
@@ -449,7 +497,7 @@ class ModelProcess:
             stopper.close()
 
 
-def _describe(child: Child) -> str:
+def _describe(child: ChildProcess) -> str:
     code = child.returncode
     if code is None:
         return "still running"
