@@ -1,0 +1,400 @@
+"""The router and the process supervisors together, with fake children on trio's virtual clock.
+
+Between the pure scheduler tests (numbers for time, no tasks) and the
+end-to-end tests (real processes, real sockets, real time), this layer runs
+the real :class:`~trio_swap.router.Router` and real
+:class:`~trio_swap.upstream.process.ModelProcess` supervisors against the
+fakes of ``tests/fakes.py``. Every test uses the ``autojump_clock`` fixture:
+when all tasks wait, trio jumps to the next deadline, so a 30 s load costs no
+real time and virtual times are exact. Each test states what a user would
+see (who was signalled, what started, what the waiting request got) and when.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import msgspec
+import pytest
+import trio
+import trio.testing
+
+from tests.fakes import Behaviour, FakeLauncher, fake_model
+from trio_swap.config.model import ModelConfig, SchedulerConfig
+from trio_swap.errors import (
+    ModelStartFailed,
+    ModelUnloaded,
+    RateLimited,
+    ShuttingDown,
+    SwapError,
+)
+from trio_swap.observe.hooks import ProcessHooks
+from trio_swap.policy.base import SwapPolicy
+from trio_swap.policy.exclusive import OneAtATime
+from trio_swap.reasons import StopReason
+from trio_swap.router import Admission, Router
+from trio_swap.upstream.process import PROBE_INTERVAL, ModelProcess, ProcessState
+
+#: A readiness probe runs every PROBE_INTERVAL: readiness is seen within one interval.
+SLACK = PROBE_INTERVAL * 1.5
+
+
+class _Stops(ProcessHooks):
+    """Records each stop with its typed reason, as the metrics see it."""
+
+    def __init__(self) -> None:
+        self.stops: list[tuple[str, StopReason]] = []
+        self.crashes: list[str] = []
+
+    def stopping(self, model: str, reason: StopReason) -> None:
+        self.stops.append((model, reason))
+
+    def crashed(self, model: str) -> None:
+        self.crashes.append(model)
+
+
+@dataclass
+class Box:
+    router: Router
+    launcher: FakeLauncher
+    processes: Mapping[str, ModelProcess]
+    hooks: _Stops
+    nursery: trio.Nursery
+    results: dict[str, list[object]] = field(default_factory=dict)
+
+    def now(self) -> float:
+        return trio.current_time()
+
+    def spawn_model(self, model: ModelConfig, health_check_timeout: float) -> ModelProcess:
+        """What server.py's ``spawn`` does, for models a reload adds."""
+        process = _process(model, self.launcher, self.hooks, self.router, health_check_timeout)
+        self.nursery.start_soon(process.run)
+        return process
+
+    def request(self, model: str, *, hold: trio.Event | None = None) -> None:
+        """A client in the background: acquire, hold the lease until ``hold``, release.
+
+        Its outcome lands in ``results[model]``: the grant time, or the error.
+        """
+
+        async def client() -> None:
+            try:
+                lease = await self.router.acquire(model)
+            except SwapError as error:
+                self.results.setdefault(model, []).append(error)
+                return
+            self.results.setdefault(model, []).append(trio.current_time())
+            try:
+                if hold is not None:
+                    await hold.wait()
+            finally:
+                self.router.release(lease)
+
+        self.nursery.start_soon(client)
+
+
+def _process(
+    model: ModelConfig,
+    launcher: FakeLauncher,
+    hooks: _Stops,
+    router: Router | None,
+    timeout: float,
+    box: list[Router] | None = None,
+) -> ModelProcess:
+    def on_stopped(name: str) -> None:
+        (router or (box or [])[0]).model_stopped(name)
+
+    return ModelProcess(
+        model,
+        health_check_timeout=timeout,
+        launcher=launcher,
+        probe=launcher.probe,
+        on_stopped=on_stopped,
+        hooks=hooks,
+    )
+
+
+@asynccontextmanager
+async def running(
+    behaviours: Mapping[str, Behaviour],
+    *,
+    settings: Mapping[str, Mapping[str, object]] | None = None,
+    policy: SwapPolicy | None = None,
+    scheduler: SchedulerConfig | None = None,
+    health_check_timeout: float = 60.0,
+) -> AsyncIterator[Box]:
+    """A router over fake models named by ``behaviours`` (in that order)."""
+    settings = settings or {}
+    async with trio.open_nursery() as timers:  # outlives the supervisors: children can exit
+        launcher = FakeLauncher(timers, dict(behaviours))
+        models = [
+            fake_model(name, index, **settings.get(name, {}))
+            for index, name in enumerate(behaviours)
+        ]
+        launcher.register(models)
+        hooks = _Stops()
+        box: list[Router] = []
+        processes = {
+            m.id: _process(m, launcher, hooks, None, health_check_timeout, box) for m in models
+        }
+        router = Router(processes, policy or OneAtATime(), scheduler)
+        box.append(router)
+        async with trio.open_nursery() as supervisors:
+            for process in processes.values():
+                await supervisors.start(process.run)
+            await supervisors.start(router.run)
+            yield Box(router, launcher, router.processes, hooks, supervisors)
+            supervisors.cancel_scope.cancel()
+        timers.cancel_scope.cancel()
+
+
+async def until(condition: object) -> None:
+    """Wait (in virtual time) until ``condition()`` holds."""
+    assert callable(condition)
+    with trio.fail_after(3600):
+        while not condition():
+            await trio.sleep(PROBE_INTERVAL / 2)
+
+
+async def test_a_cold_model_is_granted_once_its_health_check_passes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running({"A": Behaviour(ready_after=2.5)}) as box:
+        t0 = box.now()
+        lease = await box.router.acquire("A")
+        assert 2.5 <= box.now() - t0 <= 2.5 + SLACK
+        assert lease.upstream.port == box.processes["A"].upstream.port
+        assert box.launcher.what("A") == ["spawn"]
+        box.router.release(lease)
+
+
+async def test_a_swap_stops_the_victim_before_the_target_starts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(
+        {"A": Behaviour(ready_after=1, term_delay=0.5), "B": Behaviour(ready_after=2)}
+    ) as box:
+        box.router.release(await box.router.acquire("A"))
+        t1 = box.now()
+        lease = await box.router.acquire("B")
+        (a_exit,) = box.launcher.when("A", "exit -15")
+        (b_spawn,) = box.launcher.when("B", "spawn")
+        assert box.launcher.when("A", "SIGTERM") == [t1]
+        assert b_spawn == a_exit == t1 + 0.5  # never both at once
+        assert 2 <= box.now() - b_spawn <= 2 + SLACK
+        assert box.launcher.running() == ["B"]
+        assert box.hooks.stops == [("A", StopReason.SWAP)]
+        assert box.router.swap_count == 2
+        box.router.release(lease)
+
+
+async def test_concurrent_requests_for_a_cold_model_share_one_load(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running({"A": Behaviour(ready_after=3)}) as box:
+        for _ in range(5):
+            box.request("A")
+        await until(lambda: len(box.results.get("A", [])) == 5)
+        assert box.launcher.what("A") == ["spawn"]
+        assert len(set(box.results["A"])) == 1  # all granted in the same instant
+
+
+async def test_a_swap_waits_for_the_request_in_flight_on_its_victim(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Invariant 3: the victim is signalled only once its last request is over."""
+    async with running({"A": Behaviour(), "B": Behaviour()}) as box:
+        done = trio.Event()
+        box.request("A", hold=done)
+        await until(lambda: "A" in box.results)
+        box.request("B")
+        await trio.sleep(300)  # a five-minute generation on A
+        assert box.launcher.what("A") == ["spawn"]
+        assert box.launcher.what("B") == []
+        released = box.now()
+        done.set()
+        await until(lambda: "B" in box.results)
+        assert box.launcher.when("A", "SIGTERM") == [released]
+
+
+async def test_a_crash_during_the_load_fails_the_waiters_with_the_log_tail(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    crashing = Behaviour(
+        ready_after=5, crash_after=1, lines=("loading weights", "CUDA error: out of memory")
+    )
+    async with running({"A": crashing}) as box:
+        with pytest.raises(ModelStartFailed) as failed:
+            await box.router.acquire("A")
+        assert "exited before becoming ready (exit status 1)" in failed.value.message
+        assert "CUDA error: out of memory" in failed.value.message
+        assert not box.router.is_ready("A")
+        with pytest.raises(ModelStartFailed):  # the next request tries again
+            await box.router.acquire("A")
+        assert box.launcher.what("A") == ["spawn", "exit 1", "spawn", "exit 1"]
+
+
+async def test_a_failed_spawn_is_reported_and_nothing_runs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running({"A": Behaviour(spawn_error=True)}) as box:
+        with pytest.raises(ModelStartFailed, match="could not run 'fake'"):
+            await box.router.acquire("A")
+        assert box.processes["A"].state is ProcessState.STOPPED
+
+
+async def test_a_health_check_that_never_passes_gives_up_after_the_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running({"A": Behaviour(ready_after=1e9)}, health_check_timeout=45) as box:
+        t0 = box.now()
+        with pytest.raises(ModelStartFailed, match="not ready after 45s"):
+            await box.router.acquire("A")
+        assert box.launcher.when("A", "SIGTERM") == [t0 + 45]
+        assert box.launcher.running() == []
+
+
+async def test_unloading_a_model_cancels_its_load_in_flight(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running({"A": Behaviour(ready_after=30)}) as box:
+        box.request("A")
+        await until(lambda: box.launcher.running() == ["A"])
+        t_unload = box.now()
+        await box.router.unload(["A"])
+        assert box.launcher.running() == []
+        assert box.launcher.when("A", "SIGTERM") == [t_unload]
+        await until(lambda: "A" in box.results)
+        (outcome,) = box.results["A"]
+        assert isinstance(outcome, ModelUnloaded)
+        assert box.now() - t_unload < 30  # the load was cut, not waited out
+        assert box.hooks.stops == [("A", StopReason.UNLOAD)]
+
+
+async def test_a_target_unloaded_while_its_victim_stops_never_starts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Invariant 5: a swap cancelled while its victims stop sends no start."""
+    async with running({"A": Behaviour(term_delay=5), "B": Behaviour()}) as box:
+        box.router.release(await box.router.acquire("A"))
+        box.request("B")
+        await until(lambda: box.launcher.what("A")[-1:] == ["SIGTERM"])
+        await box.router.unload(["B"])
+        await until(lambda: "B" in box.results)
+        assert isinstance(box.results["B"][0], ModelUnloaded)
+        await until(lambda: box.launcher.running() == [])
+        await trio.sleep(60)
+        assert box.launcher.what("B") == []
+
+
+async def test_an_idle_model_stops_exactly_when_its_ttl_runs_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running({"A": Behaviour()}, settings={"A": {"ttl": 60.0}}) as box:
+        box.router.release(await box.router.acquire("A"))
+        await trio.sleep(59)
+        box.router.release(await box.router.acquire("A"))  # used again: the ttl restarts
+        last_use = box.now()
+        await until(lambda: box.launcher.running() == [])
+        assert box.launcher.when("A", "SIGTERM") == [last_use + 60]
+        assert box.hooks.stops == [("A", StopReason.TTL)]
+
+
+async def test_a_server_ignoring_sigterm_is_killed_after_its_unload_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(
+        {"A": Behaviour(ignore_sigterm=True)}, settings={"A": {"unload_timeout": 7.0}}
+    ) as box:
+        box.router.release(await box.router.acquire("A"))
+        t_unload = box.now()
+        await box.router.unload(["A"])
+        assert box.launcher.when("A", "SIGTERM") == [t_unload]
+        assert box.launcher.when("A", "SIGKILL")[0] == t_unload + 7
+        assert box.processes["A"].state is ProcessState.STOPPED
+
+
+async def test_a_crash_of_a_ready_model_is_noticed_and_the_next_request_restarts_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running({"A": Behaviour(ready_after=1, crash_after=10)}) as box:
+        box.router.release(await box.router.acquire("A"))
+        await until(lambda: not box.router.is_ready("A"))
+        assert box.launcher.when("A", "exit 1") == [10]
+        assert box.hooks.crashes == ["A"]
+        lease = await box.router.acquire("A")
+        assert box.launcher.what("A")[-1] == "spawn"
+        assert box.launcher.what("A").count("spawn") == 2
+        box.router.release(lease)
+
+
+async def test_a_reload_restarts_a_changed_model_once_its_request_finishes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running({"A": Behaviour(), "B": Behaviour()}) as box:
+        done = trio.Event()
+        box.request("A", hold=done)
+        await until(lambda: "A" in box.results)
+        changed = msgspec.structs.replace(box.processes["A"].model, cmd=("fake", "A", "--new-flag"))
+        models = {"A": changed, "B": box.processes["B"].model}
+        await box.router.reconfigure(
+            models,
+            OneAtATime(),
+            SchedulerConfig(),
+            health_check_timeout=60,
+            restart={"A"},
+            spawn=box.spawn_model,
+        )
+        await trio.sleep(100)
+        assert box.launcher.what("A") == ["spawn"]  # its stream goes on
+        released = box.now()
+        done.set()
+        await until(lambda: box.launcher.running() == [])
+        assert box.launcher.when("A", "SIGTERM") == [released]
+        assert box.hooks.stops == [("A", StopReason.RELOAD)]
+        lease = await box.router.acquire("A")
+        assert box.launcher.children[-1].name == "A"
+        assert box.processes["A"].model.cmd == ("fake", "A", "--new-flag")
+        box.router.release(lease)
+
+
+async def test_shutdown_rejects_the_waiters_and_cancels_the_load(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running({"A": Behaviour(ready_after=30)}) as box:
+        box.request("A")
+        await until(lambda: box.launcher.running() == ["A"])
+        await box.router.shutdown()
+        await until(lambda: "A" in box.results)
+        assert isinstance(box.results["A"][0], ShuttingDown)
+        with pytest.raises(ShuttingDown):
+            await box.router.acquire("A")
+        await box.router.stop_all()
+        assert box.launcher.running() == []
+
+
+async def test_admission_is_the_routers_answer(autojump_clock: trio.testing.MockClock) -> None:
+    """``on_wait`` says why an admitted request waits; grants and rejections never call it."""
+    async with running(
+        {"A": Behaviour(), "B": Behaviour()}, settings={"B": {"concurrency_limit": 1}}
+    ) as box:
+        seen: list[Admission] = []
+        lease_a = await box.router.acquire("A", on_wait=seen.append)
+        assert seen == [Admission.LOADING]  # cold: it started the load
+        seen.clear()
+        lease_a2 = await box.router.acquire("A", on_wait=seen.append)
+        assert seen == []  # ready: granted at once
+        box.router.release(lease_a2)
+
+        async def want_b() -> None:
+            box.router.release(await box.router.acquire("B", on_wait=seen.append))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(want_b)
+            await until(lambda: seen == [Admission.QUEUED])  # behind A's request in flight
+            with pytest.raises(RateLimited):  # over B's concurrencyLimit of 1
+                await box.router.acquire("B", on_wait=seen.append)
+            assert seen == [Admission.QUEUED]
+            box.router.release(lease_a)
