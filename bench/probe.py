@@ -27,10 +27,9 @@ import httpx
 import trio
 
 sys.path.insert(0, os.path.dirname(__file__))
-from procs import free_ports, responder_argv  # noqa: E402
-
-from trio_swap.config.address import Upstream  # noqa: E402
-from trio_swap.upstream.probe import http_health_probe  # noqa: E402
+from procs import free_ports, responder_argv
+from trio_swap.config.address import Upstream
+from trio_swap.upstream.probe import http_health_probe
 
 
 def _cpu() -> float:
