@@ -24,6 +24,7 @@ import trio.testing
 from tests.fakes import Behaviour, FakeLauncher, fake_model
 from trio_swap.config.model import ModelConfig, SchedulerConfig
 from trio_swap.errors import (
+    ModelNotFound,
     ModelStartFailed,
     ModelUnloaded,
     RateLimited,
@@ -398,3 +399,57 @@ async def test_admission_is_the_routers_answer(autojump_clock: trio.testing.Mock
                 await box.router.acquire("B", on_wait=seen.append)
             assert seen == [Admission.QUEUED]
             box.router.release(lease_a)
+
+
+async def test_a_load_cancelled_by_a_reload_while_its_victim_stops_never_starts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """B's swap first stops A (slowly: it ignores SIGTERM); a reload removes B
+    meanwhile. B must never start once A is gone (nobody would track it)."""
+    async with running(
+        {"A": Behaviour(ignore_sigterm=True), "B": Behaviour()},
+        settings={"A": {"unload_timeout": 3.0}},
+    ) as box:
+        box.router.release(await box.router.acquire("A"))
+        box.request("B")
+        await until(lambda: box.processes["A"].state is ProcessState.STOPPING)
+        await box.router.reconfigure(
+            {"A": box.processes["A"].model},
+            OneAtATime(),
+            SchedulerConfig(),
+            health_check_timeout=60,
+            restart=set(),
+            spawn=box.spawn_model,
+        )
+        await until(lambda: "B" in box.results)
+        assert isinstance(box.results["B"][0], ModelNotFound)
+        box.router.release(await box.router.acquire("A"))  # A loads again after the swap
+        await until(lambda: "B" not in box.processes)  # B's supervisor retired
+        assert box.launcher.what("B") == []
+        assert box.launcher.running() == ["A"]
+
+
+async def test_a_load_abandoned_while_its_victim_stops_never_starts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """B's only client gives up while A is being evicted: B stays stopped, or A's
+    next load would run beside it."""
+    async with running(
+        {"A": Behaviour(ignore_sigterm=True), "B": Behaviour()},
+        settings={"A": {"unload_timeout": 5.0}},
+    ) as box:
+        box.router.release(await box.router.acquire("A"))
+        async with trio.open_nursery() as nursery:
+            give_up = trio.CancelScope()
+
+            async def want_b() -> None:
+                with give_up:
+                    await box.router.acquire("B")
+
+            nursery.start_soon(want_b)
+            await until(lambda: box.processes["A"].state is ProcessState.STOPPING)
+            give_up.cancel()
+        await until(lambda: not box.router.scheduler.pending_requests())
+        box.router.release(await box.router.acquire("A"))
+        assert box.launcher.what("B") == []
+        assert box.router.scheduler.running() == ["A"]
