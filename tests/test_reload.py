@@ -818,8 +818,8 @@ async def test_closing_a_supervisor_stops_its_running_process() -> None:
     from trio_swap.upstream import ModelProcess, ProcessState
 
     with trio.fail_after(30):
-        async with httpx.AsyncClient() as client, trio.open_nursery() as nursery:
-            process = ModelProcess(responder_model("m"), health_check_timeout=20, http=client)
+        async with trio.open_nursery() as nursery:
+            process = ModelProcess(responder_model("m"), health_check_timeout=20)
             await nursery.start(process.run)
             await process.ensure_ready()
             pid = process.pid
