@@ -235,7 +235,7 @@ def test_json_schema_names_peer_keys() -> None:
             """,
             "peers.gpu2.proxy",
             3,
-            "invalid port",
+            "a valid port",
             id="proxy-bad-port",
         ),
         pytest.param(

@@ -16,16 +16,15 @@ then the upstream's own SSE body follows on the same response. The chunks are
 written to the response in the order they are produced; nothing is buffered.
 
 Admission comes first (llama-swap §5.6: rate-limit rejections are proper
-429s, not errors inside a 200 stream). The router decides a rejection (429
-``concurrencyLimit``, 503 ``maxQueue`` or shutdown, a 409 for a pinned model
-already in the way) in the same step that admits the request, so
-:meth:`LoadingProgress.acquire` waits :data:`ADMISSION_WINDOW` for the
-router's answer before it commits the 200: a rejection (or a grant) in that
-window is answered the ordinary way. Only a router lagging more than that
-behind its event queue can turn a rejection into an error event inside the
-stream, which the OpenAI SDKs still raise. The router exposes no "admitted"
-signal to wait on instead, and a fixed window costs a waiting client nothing
-it would notice; a load shorter than the window shows no progress at all.
+429s, not errors inside a 200 stream), and the router says when it is over:
+:meth:`Router.acquire` calls ``on_wait`` when the scheduler admits the
+request but cannot grant it at once (it queues, or waits for a load). Only
+then does :meth:`LoadingProgress.acquire` send the 200 and start the
+progress. A request granted at once, or rejected at once (429
+``concurrencyLimit``, 503 ``maxQueue`` or shutdown, 409 for a pinned model in
+the way), never gets that call and is answered the ordinary way, however far
+the router lags behind its event queue. A request that waited does get
+progress, however short the wait.
 
 Once the 200 is sent, the upstream's status and headers can no longer reach
 the client: a non-2xx upstream answer becomes an SSE error event, as does a
@@ -45,17 +44,16 @@ import trio
 from hypercorn.typing import ASGISendCallable
 
 from trio_swap.errors import SwapError, UpstreamFailed
+from trio_swap.http.relay import relay_body, sse_error_event, upstream_cut_off
 from trio_swap.http.upstream_client import UpstreamResponse
-from trio_swap.router import Lease, Router
+from trio_swap.router import Admission, Lease, Router
 
-__all__ = ["ADMISSION_WINDOW", "CHAT_COMPLETIONS", "PROGRESS_INTERVAL", "LoadingProgress"]
+__all__ = ["CHAT_COMPLETIONS", "PROGRESS_INTERVAL", "LoadingProgress"]
 
 log = logging.getLogger("trio_swap.http")
 
 #: The only route whose stream format carries progress (OpenAI chat ``reasoning_content``).
 CHAT_COMPLETIONS: Final = "/v1/chat/completions"
-#: Seconds to wait for the router's admission decision before committing the 200.
-ADMISSION_WINDOW: Final = 0.05
 #: Seconds between two progress updates.
 PROGRESS_INTERVAL: Final = 1.0
 #: Most bytes of a non-2xx upstream body quoted in the error event.
@@ -124,6 +122,11 @@ class LoadingProgress:
         #: True once the ``200 text/event-stream`` head has been sent.
         self.streaming = False
         self._error: SwapError | None = None
+        #: What the router said the request waits for; None until (unless) it says so.
+        self._waits_for: Admission | None = None
+        #: Set when the router said the request waits, or when the acquire ended.
+        self._answered = trio.Event()
+        #: Set when the acquire ended (a lease or an error).
         self._done = trio.Event()
         self._chunk_id = ""
 
@@ -132,7 +135,7 @@ class LoadingProgress:
         return f"<LoadingProgress {self._model}: {state} lease={self.lease}>"
 
     async def acquire(self) -> Lease:
-        """Wait for the router's grant, streaming progress if it is not admitted at once.
+        """Wait for the router's grant, streaming progress once the router says the request waits.
 
         Runs in the request handler's task; cancelling it (client disconnect)
         cancels the wait, which gives the request's place back to the router.
@@ -146,9 +149,10 @@ class LoadingProgress:
         self._chunk_id = f"trio-swap-loading-{request_id}"
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._acquire, request_id)
-            with trio.move_on_after(ADMISSION_WINDOW):
-                await self._done.wait()
-            if not self._done.is_set():
+            await self._answered.wait()
+            # 1. the router said it waits (even if the grant has come since): stream
+            # 2. granted or rejected at once: nothing sent, answered the ordinary way
+            if self._waits_for is not None:
                 await self._start_stream()
                 await self._report(request_id, started)
         if self._error is not None:
@@ -163,35 +167,44 @@ class LoadingProgress:
 
         The body is relayed as it arrives, unparsed, like every other response;
         an upstream that answers a streaming request with plain JSON is relayed
-        as is.
+        as is. A body cut off ends with an error event: the client was
+        promised an event stream.
         """
         if not 200 <= answer.status < 300:
             await self._relay_failure(answer)
             return
-        try:
-            async for chunk in answer.iter_raw():
-                await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except UpstreamFailed as exc:
-            log.warning("model %s: upstream broke the response: %s", self._model, exc.message)
-            await self.fail(UpstreamFailed(self._model, f"response cut off: {exc.message}"))
-            return
-        await self._end()
+        await relay_body(
+            answer.iter_raw(),
+            self._send,
+            sse=True,
+            style="openai",
+            broken=UpstreamFailed,
+            cut_off=upstream_cut_off,
+        )
 
     async def fail(self, error: SwapError) -> None:
         """Finish the stream with an OpenAI error event (which the OpenAI SDKs raise)."""
-        body = _sse_event(error.body())
+        body = sse_error_event(error, "openai")
         await self._send({"type": "http.response.body", "body": body, "more_body": True})
         await self._end()
 
     # -- internals --------------------------------------------------------------------
 
+    def _on_wait(self, admission: Admission) -> None:
+        """Called by the router task (must not block): admitted, but not granted at once."""
+        self._waits_for = admission
+        self._answered.set()
+
     async def _acquire(self, request_id: int) -> None:
         try:
-            self.lease = await self._router.acquire(self._model, request_id=request_id)
+            self.lease = await self._router.acquire(
+                self._model, request_id=request_id, on_wait=self._on_wait
+            )
         except SwapError as error:
             self._error = error
         finally:
             self._done.set()
+            self._answered.set()
 
     async def _report(self, request_id: int, started: float) -> None:
         """Say what the request waits for, every :data:`PROGRESS_INTERVAL`, until it is decided."""

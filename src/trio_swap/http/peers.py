@@ -33,7 +33,7 @@ from hypercorn.typing import ASGISendCallable
 
 from trio_swap.config.model import PeerConfig
 from trio_swap.errors import ErrorStyle, PeerFailed
-from trio_swap.http.relay import forward_header_bytes, sse_error_event
+from trio_swap.http.relay import forward_header_bytes, relay_body
 
 __all__ = ["PeerForwarder"]
 
@@ -167,22 +167,18 @@ class PeerForwarder:
                 "trailers": False,
             }
         )
-        try:
-            async for chunk in response.aiter_raw():
-                if chunk:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.HTTPError as exc:
-            error = PeerFailed(peer.id, f"response cut off: {_describe(exc)}")
-            log.warning("%s", error.message)
-            if not is_sse:
-                # Ending cleanly would hand the client a truncated body that looks
-                # complete (or break the declared Content-Length); raising makes
-                # the ASGI server abort the connection instead.
-                raise error from exc
-            # An SSE client learns it from a last event (the OpenAI SDKs raise it).
-            event = sse_error_event(error, style)
-            await send({"type": "http.response.body", "body": event, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        def cut_off(exc: httpx.HTTPError) -> PeerFailed:
+            return PeerFailed(peer.id, f"response cut off: {_describe(exc)}")
+
+        await relay_body(
+            response.aiter_raw(),
+            send,
+            sse=is_sse,
+            style=style,
+            broken=httpx.HTTPError,
+            cut_off=cut_off,
+        )
 
 
 def _request_headers(
