@@ -834,7 +834,7 @@ def test_not_utf8(tmp_path: Path) -> None:
             """,
             "models.m.proxy",
             4,
-            "invalid port",
+            "a valid port",
             id="proxy-bad-port",
         ),
         pytest.param(

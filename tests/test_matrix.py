@@ -15,10 +15,19 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from trio_swap.config.model import MatrixConfig
+from trio_swap.config.matrix_dsl import (
+    And,
+    MatrixError,
+    Model,
+    Node,
+    Or,
+    Ref,
+    compile_matrix,
+    compile_sets,
+    parse_set,
+)
 from trio_swap.policy import SwapPolicy
-from trio_swap.policy.matrix import MatrixError, MatrixPolicy, Plan, parse_matrix
-from trio_swap.policy.matrix.dsl import And, Model, Node, Or, Ref, compile_sets, parse_set
+from trio_swap.policy.matrix import MatrixPolicy, Plan, parse_matrix
 
 # --- the seeds: llama-swap's config.example.yaml matrix ----------------------
 
@@ -399,11 +408,22 @@ def test_detail_adds_the_column_once() -> None:
     assert build_error({"s": ""}).detail == "empty expression"
 
 
-def test_from_config() -> None:
-    config = MatrixConfig(vars=SEED_VARS, evict_costs=SEED_COSTS, sets=SEED_SETS)
-    policy = MatrixPolicy.from_config(config, SEED_MODELS)
+def test_policy_from_a_compiled_matrix() -> None:
+    matrix = compile_matrix(SEED_SETS, SEED_VARS, SEED_COSTS, SEED_MODELS)
+    # Costs are keyed by model id once compiled, whatever name the file used.
+    assert matrix.evict_costs == {"voxtral-model": 50, "llama-70B": 30}
+    policy = MatrixPolicy(matrix)
     assert policy.set_names == tuple(SEED_SETS)
     assert policy.evict_cost("voxtral-model") == 50
+    assert policy.evict_cost("gemma-model") == 1
+
+
+def test_compiled_matrices_compare_by_content() -> None:
+    # A reload compares configs: the same sets compile to equal configs.
+    one = compile_matrix(SEED_SETS, SEED_VARS, SEED_COSTS, SEED_MODELS)
+    assert one == compile_matrix(dict(SEED_SETS), dict(SEED_VARS), SEED_COSTS, SEED_MODELS)
+    changed = {**SEED_SETS, "full": "L | g"}
+    assert one != compile_matrix(changed, SEED_VARS, SEED_COSTS, SEED_MODELS)
 
 
 def test_parse_matrix_is_build() -> None:

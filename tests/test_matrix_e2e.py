@@ -11,7 +11,8 @@ import trio
 from tests.conftest import chat, make_config, responder_model, running
 from trio_swap.cli import main
 from trio_swap.config import ConfigError, load_config_text
-from trio_swap.config.model import MatrixConfig, RoutingConfig
+from trio_swap.config.matrix_dsl import compile_matrix
+from trio_swap.config.model import RoutingConfig
 
 SEED = """\
 models:
@@ -119,9 +120,8 @@ async def test_matrix_sequence_with_real_processes() -> None:
         log_to_stdout="none",
         routing=RoutingConfig(
             router="matrix",
-            matrix=MatrixConfig(
-                evict_costs={"tts": 50},
-                sets={"speech": "(llm-a | llm-b) & tts"},
+            matrix=compile_matrix(
+                {"speech": "(llm-a | llm-b) & tts"}, evict_costs={"tts": 50}, models=base.models
             ),
         ),
     )

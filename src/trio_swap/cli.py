@@ -175,8 +175,8 @@ def _check(path: str, output: str = "text") -> int:
     if output == "json":
         import msgspec
 
+        from trio_swap.config.matrix_dsl import MatrixError
         from trio_swap.explain import describe
-        from trio_swap.policy.matrix import MatrixError
 
         try:
             document = describe(config)

@@ -1,37 +1,60 @@
-"""The matrix set DSL: parse each set's string, resolve names and ``+refs``, expand.
+"""The ``matrix`` block: its set DSL parsed, names resolved, checked once, at load.
+
+The matrix is the config file's own syntax, so it is compiled here, by the
+loader, and nowhere else: :func:`compile_matrix` turns ``vars``,
+``evict_costs`` and ``sets`` into a :class:`MatrixConfig` whose sets are
+already syntax trees over model ids. The solver (``policy/matrix/``) builds
+its bit masks from that and never sees a string.
 
 Pipeline, one set at a time in definition order (so the first bad set is the
-one reported): lark parses the string (``grammar.lark``), lark's errors become
-plain words (:func:`_syntax_error`), the tree becomes an AST whose leaves are
-already resolved to model ids, and every ``+ref`` must name a set. Then, over
-all sets, a depth-first walk finds reference cycles and fixes the *visiting
-order* the solver breaks ties with.
+one reported): lark parses the string (``matrix_dsl.lark``), lark's errors
+become plain words (:func:`_syntax_error`), the tree becomes an AST whose
+leaves are already resolved to model ids, and every ``+ref`` must name a set.
+Then, over all sets, a depth-first walk finds reference cycles and fixes the
+*visiting order* the solver breaks ties with, and no set may nest deeper than
+:data:`MAX_DEPTH`, counting the sets it ``+ref``-s: the solver and
+:meth:`SetTable.expand` recurse over the tree, and a request must never meet
+Python's recursion limit.
 
 Expansion (:meth:`SetTable.expand`) is for showing sets to people (``trio-swap
-check``); the solver works on the AST and never expands (see ``solver.py``).
+check``); the solver works on the AST and never expands (see
+``policy/matrix/solver.py``).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Mapping
+import re
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final, final
 
 import lark
+import msgspec
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken
 
 __all__ = [
+    "DEFAULT_EVICT_COST",
+    "MAX_DEPTH",
     "And",
+    "MatrixConfig",
     "MatrixError",
     "Model",
     "Node",
     "Or",
     "Ref",
     "SetTable",
+    "compile_matrix",
     "compile_sets",
     "parse_set",
 ]
+
+#: What evicting a model costs when ``evict_costs`` does not say.
+DEFAULT_EVICT_COST: Final = 1
+#: How deep a set may nest, counting through its ``+refs`` (real sets nest 2 or 3).
+MAX_DEPTH: Final = 100
+
+_VAR_NAME: Final = re.compile(r"[A-Za-z0-9.-]{1,32}")
 
 
 class MatrixError(Exception):
@@ -123,7 +146,7 @@ Node = Model | Ref | And | Or
 
 # --- parsing -----------------------------------------------------------------
 
-#: Terminal names in grammar.lark that error messages depend on.
+#: Terminal names in matrix_dsl.lark that error messages depend on.
 _NAME: Final = "NAME"
 _REF: Final = "REF"
 _OPERATORS: Final = {"_AND": "&", "_OR": "|"}
@@ -136,8 +159,8 @@ _END: Final = "$END"
 def _parser() -> lark.Lark:
     """The LALR parser, built once per process (building it costs tens of ms)."""
     return lark.Lark.open_from_package(
-        "trio_swap.policy.matrix",
-        "grammar.lark",
+        "trio_swap.config",
+        "matrix_dsl.lark",
         parser="lalr",
         lexer="basic",
         maybe_placeholders=False,
@@ -163,15 +186,17 @@ def parse_set(set_name: str, text: str, resolve: Callable[[str], str | None]) ->
     except (UnexpectedCharacters, UnexpectedToken, UnexpectedEOF) as exc:
         position, message = _syntax_error(text, exc)
         raise MatrixError(message, set_name=set_name, position=position) from None
-    try:
-        return _to_ast(tree, set_name, resolve)
-    except RecursionError:
-        raise MatrixError("expression is nested too deeply", set_name=set_name) from None
+    return _to_ast(tree, set_name, resolve, 1)
 
 
 def _to_ast(
-    tree: lark.Tree[lark.Token] | lark.Token, set_name: str, resolve: Callable[[str], str | None]
+    tree: lark.Tree[lark.Token] | lark.Token,
+    set_name: str,
+    resolve: Callable[[str], str | None],
+    depth: int,
 ) -> Node:
+    if depth > MAX_DEPTH:  # before Python's recursion limit, wherever the caller's stack is
+        raise MatrixError(_too_deep(), set_name=set_name)
     if isinstance(tree, lark.Token):
         position = tree.start_pos or 0
         if tree.type == _REF:
@@ -184,7 +209,7 @@ def _to_ast(
                 position=position,
             )
         return Model(model, tree.value, position)
-    children = tuple(_to_ast(child, set_name, resolve) for child in tree.children)
+    children = tuple(_to_ast(child, set_name, resolve, depth + 1) for child in tree.children)
     if tree.data == "and_expr":
         return And(children)
     return Or(children)
@@ -286,24 +311,24 @@ def _unclosed_parenthesis(tokens: list[_Tok]) -> int | None:
 
 
 @final
-class SetTable:
-    """The parsed sets of one matrix, references checked and cycle-free.
+class SetTable(msgspec.Struct, frozen=True, kw_only=True):
+    """The parsed sets of one matrix, references checked, cycle-free, depth-limited.
 
     ``definition_order`` is the config's order. ``visiting_order`` is the
     solver's tie-break order: sets in definition order, each one after the sets
     it references (a depth-first topological order, as llama-swap).
+    Two tables are equal when their sets are written the same way.
     """
 
-    def __init__(
-        self,
-        roots: Mapping[str, Node],
-        texts: Mapping[str, str],
-        visiting_order: tuple[str, ...],
-    ) -> None:
-        self.roots: Mapping[str, Node] = dict(roots)
-        self.texts: Mapping[str, str] = dict(texts)
-        self.definition_order: tuple[str, ...] = tuple(roots)
-        self.visiting_order = visiting_order
+    #: Set name -> its syntax tree (leaves are model ids), in definition order.
+    roots: dict[str, Node]
+    #: Set name -> its DSL string as configured.
+    texts: dict[str, str]
+    visiting_order: tuple[str, ...]
+
+    @property
+    def definition_order(self) -> tuple[str, ...]:
+        return tuple(self.roots)
 
     def __repr__(self) -> str:
         return f"<SetTable {len(self.roots)} sets: {', '.join(self.visiting_order)}>"
@@ -311,8 +336,8 @@ class SetTable:
     def models(self) -> tuple[str, ...]:
         """Every model some set mentions, in order of first mention."""
         found: dict[str, None] = {}
-        for name in self.definition_order:
-            stack: list[Node] = [self.roots[name]]
+        for root in self.roots.values():
+            stack: list[Node] = [root]
             while stack:
                 match stack.pop():
                     case Model(model=model):
@@ -379,7 +404,8 @@ def compile_sets(sets: Mapping[str, str], resolve: Callable[[str], str | None]) 
 
     Raises:
         MatrixError: no sets, a syntax error, an unknown name, a ``+ref`` to a
-            set that does not exist, or a reference cycle.
+            set that does not exist, a reference cycle, or a set nesting
+            deeper than :data:`MAX_DEPTH` through its ``+refs``.
     """
     if not sets:
         raise MatrixError("the matrix must define at least one set")
@@ -397,7 +423,9 @@ def compile_sets(sets: Mapping[str, str], resolve: Callable[[str], str | None]) 
                 )
         roots[set_name] = root
         refs[set_name] = found
-    return SetTable(roots, sets, _visiting_order(refs))
+    order = _visiting_order(refs)
+    _check_depth(roots, order)
+    return SetTable(roots=roots, texts=dict(sets), visiting_order=order)
 
 
 def _refs(node: Node) -> dict[str, int]:
@@ -445,3 +473,130 @@ def _visiting_order(refs: Mapping[str, Mapping[str, int]]) -> tuple[str, ...]:
                 path.append(ref)
                 pending.append(iter(refs[ref]))
     return tuple(order)
+
+
+def _check_depth(roots: Mapping[str, Node], visiting_order: tuple[str, ...]) -> None:
+    """No set nests deeper than :data:`MAX_DEPTH`, a ``+ref`` counting as the set it names.
+
+    A chain of sets each ``+ref``-ing the next is as deep as one set written
+    out, and the solver recurses through it the same way. Each set's own tree
+    is already at most :data:`MAX_DEPTH` deep, so this recursion is bounded.
+    """
+    depths: dict[str, int] = {}
+
+    def depth(node: Node) -> int:
+        match node:
+            case Model():
+                return 1
+            case Ref(set_name=ref):
+                return depths[ref]
+            case And(children=children) | Or(children=children):
+                return 1 + max(depth(child) for child in children)
+
+    for name in visiting_order:  # referenced sets come first
+        depths[name] = depth(roots[name])
+        if depths[name] > MAX_DEPTH:
+            raise MatrixError(_too_deep(), set_name=name)
+
+
+def _too_deep() -> str:
+    return f"nests more than {MAX_DEPTH} levels deep (counting the sets it +refs); write it flatter"
+
+
+# --- the whole block ---------------------------------------------------------
+
+
+@final
+class MatrixConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """llama-swap's ``matrix``, checked and compiled: which models may run together,
+    and what evicting each one costs.
+
+    Built by :func:`compile_matrix` (the loader calls it once per load); the
+    swap policy (:class:`~trio_swap.policy.matrix.MatrixPolicy`) is built from
+    it and never parses anything.
+    """
+
+    #: Short name -> model id, as written.
+    vars: dict[str, str] = msgspec.field(default_factory=dict)
+    #: Model id -> positive eviction cost; a model not listed costs
+    #: :data:`DEFAULT_EVICT_COST`. (The file may key a cost by var; resolved here.)
+    evict_costs: dict[str, int] = msgspec.field(default_factory=dict)
+    #: The sets, parsed.
+    sets: SetTable
+
+    def evict_cost(self, model: str) -> int:
+        """What evicting ``model`` costs."""
+        return self.evict_costs.get(model, DEFAULT_EVICT_COST)
+
+
+def compile_matrix(
+    sets: Mapping[str, str],
+    vars: Mapping[str, str] | None = None,
+    evict_costs: Mapping[str, int] | None = None,
+    models: Collection[str] = (),
+) -> MatrixConfig:
+    """Validate a matrix block and compile its sets.
+
+    Args:
+        sets: set name → DSL string, in definition order (at least one).
+        vars: short name → model id. Names are 1 to 32 characters of
+            ``A-Z a-z 0-9 . -``; targets must be model ids (not aliases).
+        evict_costs: var or model id → positive int (default 1 per model).
+        models: every configured model id.
+
+    Raises:
+        MatrixError: the first problem found: no sets, a bad var, a bad
+            cost, then the first bad set in definition order. ``key_path``
+            locates it in the block.
+    """
+    known = frozenset(models)
+    if not sets:
+        raise MatrixError("the matrix must define at least one set")
+    var_map = dict(vars or {})
+    for name, target in var_map.items():
+        if not _VAR_NAME.fullmatch(name):
+            raise MatrixError(
+                f"var name '{name}' must be 1 to 32 characters, each a letter, a digit, '.' or '-'",
+                key_path=("vars", name),
+            )
+        if target not in known:
+            raise MatrixError(
+                f"var '{name}' points to '{target}', which is not a model id"
+                " (aliases are not accepted)",
+                key_path=("vars", name),
+            )
+
+    def resolve(name: str) -> str | None:
+        if name in var_map:
+            return var_map[name]
+        return name if name in known else None
+
+    costs = _resolve_costs(evict_costs or {}, resolve)
+    return MatrixConfig(vars=var_map, evict_costs=costs, sets=compile_sets(sets, resolve))
+
+
+def _resolve_costs(
+    evict_costs: Mapping[str, int], resolve: Callable[[str], str | None]
+) -> dict[str, int]:
+    """Key eviction costs by model id; each model may be priced once."""
+    costs: dict[str, int] = {}
+    priced_as: dict[str, str] = {}
+    for key, value in evict_costs.items():
+        model = resolve(key)
+        if model is None:
+            raise MatrixError(
+                f"evict cost key '{key}' is not a var or a model id", key_path=("evict_costs", key)
+            )
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise MatrixError(
+                f"evict cost of '{key}' must be a positive integer, got {value!r}",
+                key_path=("evict_costs", key),
+            )
+        if model in priced_as:
+            raise MatrixError(
+                f"model '{model}' has two evict costs (as '{priced_as[model]}' and as '{key}')",
+                key_path=("evict_costs", key),
+            )
+        priced_as[model] = key
+        costs[model] = value
+    return costs

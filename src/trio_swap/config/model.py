@@ -11,6 +11,9 @@ from typing import Final, final
 
 import msgspec
 
+# Compiled where the DSL is parsed; re-exported for RoutingConfig's readers.
+from trio_swap.config.matrix_dsl import MatrixConfig as MatrixConfig
+
 DEFAULT_CONCURRENCY_LIMIT: Final = 10
 DEFAULT_HEALTH_CHECK_TIMEOUT: Final = 120.0
 DEFAULT_UNLOAD_TIMEOUT: Final = 10.0
@@ -139,18 +142,6 @@ class GroupConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 #: The implicit group of every model not listed in a group (swap, exclusive).
 DEFAULT_GROUP: Final = "(default)"
-
-
-@final
-class MatrixConfig(msgspec.Struct, frozen=True, kw_only=True):
-    """llama-swap's ``matrix``: which models may run together, and what evicting costs."""
-
-    #: Short name -> model id.
-    vars: dict[str, str] = msgspec.field(default_factory=dict)
-    #: Var or model id -> positive cost (default 1).
-    evict_costs: dict[str, int] = msgspec.field(default_factory=dict)
-    #: Set name -> DSL text, in definition order.
-    sets: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 DEFAULT_MAX_WAIT: Final = 30.0

@@ -5,8 +5,8 @@ llama-swap accepts two spellings: the legacy top-level ``groups:`` or
 with ``settings.groups`` / ``settings.matrix``). Mixing them, or giving both
 legacy keys, is an error that says how to migrate. Group membership is
 checked here (a model in two groups, twice in one group, or not a model at
-all); the matrix DSL is compiled by :mod:`trio_swap.policy.matrix`, whose
-errors are located here at the set's key and line.
+all); the matrix DSL is compiled by :mod:`.matrix_dsl`, whose errors are
+located here at the set's key and line.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Final
 
 import msgspec
 
+from trio_swap.config.matrix_dsl import MatrixConfig, MatrixError, compile_matrix
 from trio_swap.config.model import (
     DEFAULT_GROUP,
     DEFAULT_MAX_WAIT,
     GroupConfig,
-    MatrixConfig,
     ModelConfig,
     RoutingConfig,
     SchedulerConfig,
@@ -224,11 +224,8 @@ def _groups(
 
 
 def _matrix(raw: _RawMatrix, base: KeyPath, models: Collection[str], doc: Document) -> MatrixConfig:
-    from trio_swap.policy.matrix import MatrixError, MatrixPolicy  # policy imports config
-
-    matrix = MatrixConfig(vars=raw.vars, evict_costs=raw.evict_costs, sets=raw.sets)
+    """Compile the matrix (the only place its DSL is parsed), locating its errors."""
     try:
-        MatrixPolicy.from_config(matrix, models)
+        return compile_matrix(raw.sets, raw.vars, raw.evict_costs, models)
     except MatrixError as exc:
         raise doc.error((*base, *exc.key_path), exc.detail) from exc
-    return matrix

@@ -9,6 +9,7 @@ runtime code never has to know about them.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Final, TypeVar, final
@@ -32,9 +33,6 @@ LOG_LEVELS: Final = ("debug", "info", "warn", "error")
 LOG_TO_STDOUT: Final = ("proxy", "upstream", "both", "none")
 _HIGHEST_PORT: Final = 65535
 _ENV_ENTRY = re.compile(r"([^=\s]+)=(.*)", re.DOTALL)
-_MSGSPEC_ERROR = re.compile(r"(?P<message>.*?)(?: - at `\$(?P<at>.*)`)?", re.DOTALL)
-_MSGSPEC_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]|\[\.\.\.\]")
-_MSGSPEC_TYPES: Final = {"str": "string", "array": "list", "object": "mapping"}
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -56,52 +54,136 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def convert(value: object, kind: type[T], path: KeyPath, doc: Document) -> T:
-    """``msgspec.convert`` in strict mode, with errors located by key path and line.
+    """Strict conversion into a raw Struct, with errors located by key path and line.
 
     Strict: ``"5"`` is not an int and ``true`` is not a number; YAML already
     types unquoted scalars, and a typed macro keeps its type.
+
+    The types are checked here, by :func:`_check`, before msgspec converts:
+    msgspec's errors are English sentences with a ``$.a[1]`` path inside (no
+    structured fields), and their wording is not an API, so parsing it broke
+    silently whenever it changed. ``_check`` walks :mod:`msgspec.inspect`'s
+    type descriptions (a documented API) and accepts exactly what
+    ``msgspec.convert(strict=True)`` accepts for the types our Structs use;
+    ``tests/test_config.py::test_every_raw_struct_uses_only_types_the_checker_knows``
+    fails if a Struct gains a type or constraint it does not handle. So msgspec
+    needs no upper bound in pyproject.toml.
     """
+    _check(value, _type_info(kind), path, doc)
     try:
         return msgspec.convert(value, kind, strict=True)
-    except msgspec.ValidationError as exc:
-        where, message = _translate(str(exc), value)
-        raise doc.error((*path, *where), message) from exc
+    except msgspec.ValidationError as exc:  # _check let through what msgspec refuses: a bug
+        raise doc.error(path, f"invalid value: {exc}") from exc
 
 
-def _translate(text: str, value: object) -> tuple[KeyPath, str]:
-    """Turn ``Expected `int`, got `str` - at `$.env[1]``` into a path and a message."""
-    match = _MSGSPEC_ERROR.fullmatch(text)
-    message = match.group("message") if match else text
-    at = (match.group("at") if match else None) or ""
-    where: list[str | int] = []
-    for part in _MSGSPEC_PART.finditer(at):
-        if part.group(1) is not None:
-            where.append(part.group(1))
-        elif part.group(2) is not None:
-            where.append(int(part.group(2)))
-        else:
-            break  # a mapping key msgspec does not name: stop at its parent
-    missing = re.fullmatch(r"Object missing required field `(.+)`", message)
-    if missing:
-        return (*where, missing.group(1)), "required key is missing"
-    expected = re.fullmatch(r"Expected `(.+)`, got `(.+)`", message)
-    if expected:
-        want = " | ".join(_MSGSPEC_TYPES.get(t, t) for t in expected.group(1).split(" | "))
-        got = _lookup(value, where)
-        shown = f" {got!r}" if isinstance(got, str | int | float) else ""
-        return tuple(where), f"expected {want}, got {type_name(got)}{shown}"
-    return tuple(where), message[:1].lower() + message[1:]
+@functools.cache
+def _type_info(kind: type[msgspec.Struct]) -> msgspec.inspect.Type:
+    """``kind``'s type description, once it is known :func:`_check` handles all of it.
+
+    Raises:
+        TypeError: ``kind`` uses a type or a constraint (``Meta(ge=0)``) that
+            ``_check`` does not handle: a programming error, caught by the first
+            test that loads such a key.
+    """
+    info = msgspec.inspect.type_info(kind)
+    stack: list[msgspec.inspect.Type] = [info]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, msgspec.inspect.UnionType):
+            stack.extend(node.types)
+            continue
+        try:
+            _kind(node)
+        except KeyError:
+            raise TypeError(f"config.validate cannot check {node!r} (in {kind.__name__})") from None
+        constraints = ("min_length", "max_length", "pattern", "gt", "ge", "lt", "le", "multiple_of")
+        if any(getattr(node, name, None) is not None for name in constraints):
+            raise TypeError(f"config.validate ignores the constraints of {node!r}")
+        if isinstance(node, msgspec.inspect.ListType):
+            stack.append(node.item_type)
+        elif isinstance(node, msgspec.inspect.DictType):
+            stack.extend((node.key_type, node.value_type))
+        elif isinstance(node, msgspec.inspect.StructType):
+            if not node.forbid_unknown_fields or node.array_like or node.tag_field is not None:
+                raise TypeError(f"config.validate expects plain strict Structs, not {node!r}")
+            stack.extend(field.type for field in node.fields)
+    return info
 
 
-def _lookup(value: object, path: list[str | int]) -> object:
-    for part in path:
-        if isinstance(part, int) and isinstance(value, list) and part < len(value):
-            value = value[part]
-        elif isinstance(part, str) and isinstance(value, dict):
-            value = value.get(part)
-        else:
-            return None
-    return value
+#: Each checked type, with the Python values it takes and its name in messages.
+_KINDS: Final[dict[type[msgspec.inspect.Type], tuple[tuple[type, ...], str]]] = {
+    msgspec.inspect.StrType: ((str,), "string"),
+    msgspec.inspect.IntType: ((int,), "int"),
+    msgspec.inspect.FloatType: ((int, float), "float"),
+    msgspec.inspect.BoolType: ((bool,), "bool"),
+    msgspec.inspect.NoneType: ((type(None),), "null"),
+    msgspec.inspect.ListType: ((list,), "list"),
+    msgspec.inspect.DictType: ((dict,), "mapping"),
+    msgspec.inspect.StructType: ((dict,), "mapping"),
+    msgspec.inspect.AnyType: ((object,), "any value"),
+}
+
+
+def _kind(info: msgspec.inspect.Type) -> tuple[tuple[type, ...], str]:
+    if isinstance(info, msgspec.inspect.CustomType) and info.cls is object:
+        return (object,), "any value"  # ``dict[str, object]``: metadata, setParams
+    return _KINDS[type(info)]
+
+
+def _takes(info: msgspec.inspect.Type, value: object) -> bool:
+    """Whether ``value`` has the right Python type for ``info`` (its contents aside)."""
+    kinds, _ = _kind(info)
+    if isinstance(value, bool) and bool not in kinds and object not in kinds:
+        return False  # bool is an int subclass, but never a number here
+    return isinstance(value, kinds)
+
+
+def _check(value: object, info: msgspec.inspect.Type, path: KeyPath, doc: Document) -> None:
+    """Raise a located error unless ``value`` converts to ``info`` in strict mode.
+
+    Only the type descriptions our raw Structs use are handled (see
+    :func:`convert`); a value fitting none of a union's members is reported
+    with every member's name (``expected mapping | null, got list``).
+    """
+    members = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
+    fitting = next((member for member in members if _takes(member, value)), None)
+    if fitting is None:
+        want = " | ".join(_kind(member)[1] for member in members)
+        scalar = isinstance(value, str | int | float) and not isinstance(value, bool)
+        shown = f" {value!r}" if scalar else ""
+        raise doc.error(path, f"expected {want}, got {type_name(value)}{shown}")
+    if isinstance(fitting, msgspec.inspect.FloatType) and isinstance(value, int):
+        try:
+            float(value)
+        except OverflowError:
+            raise doc.error(path, f"number out of range (got {value})") from None
+    elif isinstance(fitting, msgspec.inspect.ListType):
+        assert isinstance(value, list)
+        for index, item in enumerate(value):
+            _check(item, fitting.item_type, (*path, index), doc)
+    elif isinstance(fitting, msgspec.inspect.DictType):
+        assert isinstance(value, dict)
+        for key, item in value.items():
+            _check(key, fitting.key_type, (*path, key), doc)
+            _check(item, fitting.value_type, (*path, key), doc)
+    elif isinstance(fitting, msgspec.inspect.StructType):
+        assert isinstance(value, dict)
+        _check_struct(value, fitting, path, doc)
+
+
+def _check_struct(
+    value: dict[object, object], info: msgspec.inspect.StructType, path: KeyPath, doc: Document
+) -> None:
+    fields = {field.encode_name: field for field in info.fields}
+    for key in value:
+        if key not in fields:
+            known = ", ".join(fields)
+            raise doc.error(path, f"contains unknown field `{key}` (known: {known})")
+    for name, field in fields.items():
+        if name in value:
+            _check(value[name], field.type, (*path, name), doc)
+        elif field.required:
+            raise doc.error((*path, name), "required key is missing")
 
 
 def check_settings(raw: RawConfig, doc: Document) -> Settings:
@@ -337,13 +419,18 @@ def _command(text: str, path: KeyPath, doc: Document) -> tuple[str, ...]:
 def _proxy(url: str, path: KeyPath, doc: Document) -> str:
     if url != url.strip() or not url:
         raise doc.error(path, f"must be an http(s) URL without surrounding blanks (got {url!r})")
+    if any(char.isspace() or not char.isprintable() for char in url):
+        # urlsplit keeps them in the host ("http://a b"); the connect would fail on every request.
+        raise doc.error(path, f"must not contain blanks or control characters (got {url!r})")
     try:
-        Upstream(url)
+        Upstream(url)  # ValueError for "http://[::1" too (a traceback before 87ace1f)
         parts = urlsplit(url)
     except ValueError as exc:
         raise doc.error(
             path, f"must be an http:// or https:// URL with a host and a valid port (got {url!r})"
         ) from exc
+    if parts.port == 0:  # Upstream would quietly take it for the scheme's default port
+        raise doc.error(path, f"must be an http:// or https:// URL with a valid port (got {url!r})")
     if parts.query or parts.fragment:
         raise doc.error(path, f"must not have a query or fragment (got {url!r})")
     return url.rstrip("/")

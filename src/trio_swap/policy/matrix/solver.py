@@ -38,35 +38,28 @@ A subtree with no relevant model has the empty projection and is skipped.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Final, final
+from typing import Final, final
 
 import msgspec
 
-from trio_swap.policy.matrix.dsl import (
+from trio_swap.config.matrix_dsl import (
     And,
-    MatrixError,
+    MatrixConfig,
     Model,
     Node,
     Or,
     Ref,
     SetTable,
-    compile_sets,
+    compile_matrix,
 )
-
-if TYPE_CHECKING:
-    from trio_swap.config.model import MatrixConfig
 
 __all__ = ["EXPAND_LIMIT", "MatrixPolicy", "Plan"]
 
 #: Most combinations :meth:`MatrixPolicy.expand_set` lists; solving has no limit.
 EXPAND_LIMIT: Final = 100_000
-
-_VAR_NAME: Final = re.compile(r"[A-Za-z0-9.-]{1,32}")
-_DEFAULT_COST: Final = 1
 
 
 class Plan(msgspec.Struct, frozen=True, kw_only=True):
@@ -256,22 +249,22 @@ class _Search:
 class MatrixPolicy:
     """llama-swap's matrix: named sets of models that may run together, priced evictions.
 
-    Build it with :meth:`build`; it is immutable and pure, so the scheduler
-    can call :meth:`evictions` on every placement attempt.
+    Built from a loaded config's :class:`~trio_swap.config.model.MatrixConfig`,
+    whose sets the loader has already parsed and checked (or with
+    :meth:`build`, which compiles one first). Immutable and pure, so the
+    scheduler can call :meth:`evictions` on every placement attempt.
     """
 
-    def __init__(self, table: SetTable, vars: Mapping[str, str], costs: Mapping[str, int]) -> None:
-        """Use :meth:`build`, which validates; this trusts its arguments."""
-        self._table = table
-        self._vars: Mapping[str, str] = dict(vars)
-        self._costs: Mapping[str, int] = dict(costs)
-        self._bits: dict[str, int] = {model: 1 << i for i, model in enumerate(table.models())}
-        compiled = _compile(table, self._bits)
+    def __init__(self, matrix: MatrixConfig) -> None:
+        self._matrix = matrix
+        self._table: SetTable = matrix.sets
+        self._bits: dict[str, int] = {model: 1 << i for i, model in enumerate(self._table.models())}
+        compiled = _compile(self._table, self._bits)
         # Visiting order, as (name, root) pairs, per model that can appear in them.
         self._sets_with: dict[str, tuple[tuple[str, _Compiled], ...]] = {
             model: tuple(
                 (name, compiled[name])
-                for name in table.visiting_order
+                for name in self._table.visiting_order
                 if compiled[name].support & bit
             )
             for model, bit in self._bits.items()
@@ -285,53 +278,14 @@ class MatrixPolicy:
         evict_costs: Mapping[str, int] | None = None,
         models: Collection[str] = (),
     ) -> MatrixPolicy:
-        """Validate a matrix config and build the policy.
-
-        Args:
-            sets: set name → DSL string, in definition order (at least one).
-            vars: short name → model id. Names are 1 to 32 characters of
-                ``A-Z a-z 0-9 . -``; targets must be model ids (not aliases).
-            evict_costs: var or model id → positive int (default 1 per model).
-            models: every configured model id.
+        """Compile a matrix (:func:`~trio_swap.config.matrix_dsl.compile_matrix`) and
+        build the policy: for tests and benchmarks that have no config file.
 
         Raises:
             MatrixError: the first problem found: no sets, a bad var, a bad
                 cost, then the first bad set in definition order.
         """
-        known = frozenset(models)
-        if not sets:
-            raise MatrixError("the matrix must define at least one set")
-        var_map = dict(vars or {})
-        for name, target in var_map.items():
-            if not _VAR_NAME.fullmatch(name):
-                raise MatrixError(
-                    f"var name '{name}' must be 1 to 32 characters, each a letter,"
-                    " a digit, '.' or '-'",
-                    key_path=("vars", name),
-                )
-            if target not in known:
-                raise MatrixError(
-                    f"var '{name}' points to '{target}', which is not a model id"
-                    " (aliases are not accepted)",
-                    key_path=("vars", name),
-                )
-
-        def resolve(name: str) -> str | None:
-            if name in var_map:
-                return var_map[name]
-            return name if name in known else None
-
-        costs = _resolve_costs(evict_costs or {}, resolve)
-        return cls(compile_sets(sets, resolve), var_map, costs)
-
-    @classmethod
-    def from_config(cls, matrix: MatrixConfig, models: Collection[str]) -> MatrixPolicy:
-        """:meth:`build` from a loaded config's ``matrix`` block.
-
-        Raises:
-            MatrixError: as :meth:`build`; ``key_path`` locates the problem in the block.
-        """
-        return cls.build(matrix.sets, matrix.vars, matrix.evict_costs, models)
+        return cls(compile_matrix(sets, vars, evict_costs, models))
 
     def __repr__(self) -> str:
         return f"<MatrixPolicy {len(self._table.roots)} sets over {len(self._bits)} models>"
@@ -354,7 +308,7 @@ class MatrixPolicy:
 
     def evict_cost(self, model: str) -> int:
         """What evicting ``model`` costs (1 unless ``evict_costs`` says otherwise)."""
-        return self._costs.get(model, _DEFAULT_COST)
+        return self._matrix.evict_cost(model)
 
     def expand_set(self, set_name: str, limit: int = EXPAND_LIMIT) -> list[tuple[str, ...]]:
         """Every combination of a set, in expansion order, each as sorted model ids.
@@ -420,30 +374,3 @@ class MatrixPolicy:
     def _evict(self, running: tuple[str, ...], *, keep: int, set_name: str | None) -> Plan:
         evict = tuple(m for m in running if not self._bits.get(m, 0) & keep)
         return Plan(evict=evict, set_name=set_name, cost=sum(map(self.evict_cost, evict)))
-
-
-def _resolve_costs(
-    evict_costs: Mapping[str, int], resolve: Callable[[str], str | None]
-) -> dict[str, int]:
-    """Key eviction costs by model id; each model may be priced once."""
-    costs: dict[str, int] = {}
-    priced_as: dict[str, str] = {}
-    for key, value in evict_costs.items():
-        model = resolve(key)
-        if model is None:
-            raise MatrixError(
-                f"evict cost key '{key}' is not a var or a model id", key_path=("evict_costs", key)
-            )
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise MatrixError(
-                f"evict cost of '{key}' must be a positive integer, got {value!r}",
-                key_path=("evict_costs", key),
-            )
-        if model in priced_as:
-            raise MatrixError(
-                f"model '{model}' has two evict costs (as '{priced_as[model]}' and as '{key}')",
-                key_path=("evict_costs", key),
-            )
-        priced_as[model] = key
-        costs[model] = value
-    return costs
