@@ -189,6 +189,12 @@ class Reloader:
         except ConfigError as exc:
             log.error("config reload failed; still serving the previous config: %s", exc)
             raise
+        except Exception as exc:
+            # A loader bug (issue 9: "http://[::1" raised ValueError) must never stop
+            # the server: logged here with its traceback, then a failed reload like any other.
+            log.exception("config reload failed (a loader bug); still serving the previous config")
+            reason = f"cannot be loaded (a bug in trio-swap's loader): {type(exc).__name__}: {exc}"
+            raise ConfigError(reason, source=self._path) from exc
 
     def _ports_in_use(self) -> dict[int, str]:
         """Port -> model for every process still running or stopping (docs/reload.md).
