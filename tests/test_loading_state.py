@@ -8,11 +8,15 @@ to produce at least one progress update.
 from __future__ import annotations
 
 import json
+import socket
 
+import h11
 import openai
 import trio
 
 from tests.conftest import Harness, chat, make_config, responder_model, running, sse_data
+from tests.test_responder import run_responder
+from trio_swap.config.model import ModelConfig
 
 LOADING_ID_PREFIX = "trio-swap-loading-"
 
@@ -135,7 +139,7 @@ async def test_non_streaming_request_to_a_cold_model_just_waits() -> None:
 
 
 async def test_failed_load_ends_the_stream_with_an_error_event_quoting_the_output() -> None:
-    # the startup delay keeps the failure past the admission window, so the stream has begun
+    # the startup delay only makes the load last long enough for a progress update
     config = make_config(
         responder_model("bad", "--startup-delay", "0.5", "--fail-start", send_loading_state=True)
     )
@@ -299,3 +303,131 @@ async def test_client_leaving_during_progress_releases_its_place() -> None:
             # the slot (concurrencyLimit 1) is free again: a new request is admitted and served
             events = await stream_events(h, "A")
             assert events[-1] == "[DONE]"
+
+
+async def burst(url: str, body: bytes, count: int) -> list[tuple[int, bytes]]:
+    """POST ``body`` to chat completions ``count`` times at once; (status, body) of each answer.
+
+    All connections are open before the first request is written, and the
+    requests are written in one loop with no checkpoint in between, so they
+    reach trio-swap together and its router works through a backlog of them.
+    """
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: %s\r\nconnection: close\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+        % (host.encode(), len(body), body)
+    )
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex((host, int(port)))
+        sockets.append(sock)
+    answers: list[tuple[int, bytes]] = []
+
+    async def read_answer(sock: socket.socket) -> None:
+        parser = h11.Connection(h11.CLIENT)
+        parser.send(h11.Request(method="POST", target="/", headers=[("host", host)]))
+        status = 0
+        data = b""
+        while True:
+            event = parser.next_event()
+            if event is h11.NEED_DATA:
+                await trio.lowlevel.wait_readable(sock)
+                parser.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                data += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        answers.append((status, data))
+
+    try:
+        for sock in sockets:
+            await trio.lowlevel.wait_writable(sock)  # connected
+        for sock in sockets:
+            sock.send(request)  # small enough for the socket buffer: never blocks
+        async with trio.open_nursery() as nursery:
+            for sock in sockets:
+                nursery.start_soon(read_answer, sock)
+    finally:
+        for sock in sockets:
+            sock.close()
+    return answers
+
+
+async def test_rate_limit_under_a_burst_is_a_real_429_never_an_error_event() -> None:
+    """The 200 waits for the router's own word that the request waits.
+
+    A fixed 50 ms admission window used to commit the 200 for any request the
+    router had not answered yet, so under a burst most rejections became an
+    error event inside a 200 stream.
+    """
+    limit, count = 2, 120
+    config = make_config(
+        # the load outlasts the burst: the requests admitted first hold both slots
+        responder_model(
+            "A",
+            "--load-delay",
+            "1",
+            "--tokens",
+            "2",
+            concurrency_limit=limit,
+            send_loading_state=True,
+        )
+    )
+    with trio.fail_after(60):
+        async with running(config) as h:
+            answers = await burst(h.server.url, json.dumps(chat("A", stream=True)).encode(), count)
+            assert (await h.models())["A"]["in_flight"] == 0
+    assert len(answers) == count
+    streams = [sse_data(data.decode().splitlines()) for status, data in answers if status == 200]
+    rejected = [data for status, data in answers if status != 200]
+    for events in streams:  # served to the end, no error inside
+        assert not any('"error"' in event for event in events)
+        assert len(content_of(events)) == 2
+        assert events[-1] == "[DONE]"
+    assert any(progress_of(events) for events in streams)  # the load was waited for
+    assert rejected  # the burst went over the limit...
+    assert {status for status, _ in answers if status != 200} == {429}  # ...and heard so
+    for data in rejected:
+        assert json.loads(data)["error"]["type"] == "rate_limit_error"
+
+
+async def test_a_load_of_a_few_milliseconds_shows_progress_too() -> None:
+    """A request that waited for a load streams progress, however short the load.
+
+    The model's "server" is already listening (a responder started here), and
+    its command only sleeps: the load is one spawn and one health check.
+    """
+    with trio.fail_after(30):
+        async with run_responder("--model", "A", "--tokens", "3") as responder:
+            model = ModelConfig(
+                id="A", cmd=("sleep", "600"), proxy=responder.url, send_loading_state=True
+            )
+            async with running(make_config(model)) as h:
+                events = await stream_events(h, "A")
+                again = await stream_events(h, "A")  # ready now: granted at once
+    progress = progress_of(events)
+    assert progress[0] == "trio-swap: loading model A\n"
+    assert progress[-1].startswith("done in ")
+    assert len(content_of(events)) == 3
+    assert events[-1] == "[DONE]"
+    assert progress_of(again) == []
+
+
+async def test_a_stream_cut_off_after_progress_names_the_model_once() -> None:
+    config = make_config(
+        responder_model("A", "--tokens", "8", "--crash-after-tokens", "2", send_loading_state=True)
+    )
+    with trio.fail_after(30):
+        async with running(config) as h:
+            events = await stream_events(h, "A")
+    assert progress_of(events)[-1].startswith("done in ")
+    assert len(content_of(events)) == 2
+    message = json.loads(events[-1])["error"]["message"]
+    assert message.startswith("upstream for model 'A' failed: response cut off: ")
+    assert message.count("upstream for model") == 1
+    assert "[DONE]" not in events

@@ -9,6 +9,7 @@ import openai
 import trio
 
 from tests.conftest import chat, free_port, make_config, responder_model, running, sse_data
+from tests.test_responder import run_responder
 from trio_swap.config.model import Config, FilterConfig, PeerConfig
 
 
@@ -124,3 +125,26 @@ async def test_upstream_passthrough_reaches_peer_models() -> None:
             # The rest of the path goes to the peer as is: here, the remote's own listing.
             assert response.status_code == 200, response.text
             assert [m["id"] for m in response.json()["data"]] == ["big", "org/other"]
+
+
+async def test_a_client_leaving_a_peer_stream_cancels_the_peers_request() -> None:
+    """The disconnect watcher runs beside peer exchanges too: the peer hears the client leave."""
+    with trio.fail_after(60):
+        async with run_responder(
+            "--model", "big", "--tokens", "200", "--token-delay", "0.05"
+        ) as peer:
+            front = front_door(peer.url)
+            async with running(front) as h:
+                async with h.client.stream(
+                    "POST", "/v1/chat/completions", json=chat("gpu2/big", stream=True)
+                ) as response:
+                    assert response.status_code == 200
+                    async for line in response.aiter_lines():
+                        if '"content"' in line:
+                            break  # leave after the first token
+                # Left alone the stream would end by itself after 10 s as "completed".
+                while (record := (await peer.requests())[-1])["status"] == "in_flight":
+                    await trio.sleep(0.02)
+                assert record["status"] == "cancelled"
+                tokens_sent = record["tokens_sent"]
+                assert isinstance(tokens_sent, int) and tokens_sent < 200

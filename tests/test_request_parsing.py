@@ -1,14 +1,28 @@
-"""Pure parsing on the request path: multipart fields, passthrough paths, forwarded headers."""
+"""Pure parsing on the request path: multipart fields, passthrough paths, forwarded headers,
+and request resolution (which model or peer, and exactly what goes there)."""
 
 from __future__ import annotations
+
+import json
 
 import httpx
 import pytest
 
+from trio_swap.config.model import Config, FilterConfig, ModelConfig, PeerConfig
 from trio_swap.errors import BadRequest, ModelNotFound
 from trio_swap.http.multipart import boundary_of, find_field
 from trio_swap.http.passthrough import split_passthrough
 from trio_swap.http.relay import forward_header_bytes
+from trio_swap.http.resolve import (
+    LocalModel,
+    Lookup,
+    Outbound,
+    PeerModel,
+    Redirect,
+    lookup,
+    resolve,
+)
+from trio_swap.http.routes import Route, classify
 
 B = b"XyZ"
 
@@ -119,3 +133,222 @@ def test_forwarded_headers_drop_hop_by_hop_and_what_connection_names() -> None:
         (b"x-trace", b"t"),
     ]
     assert forward_header_bytes(headers) == [(b"authorization", b"Bearer k"), (b"x-trace", b"t")]
+
+
+# --- request resolution (http/resolve.py) -----------------------------------------------
+
+PEER = PeerConfig(
+    id="gpu2",
+    proxy="http://gpu2:8080",
+    models=("big", "A"),
+    filters=FilterConfig(set_params={"seed": 7}),
+)
+CONFIG = Config(
+    source="<test>",
+    models={
+        "A": ModelConfig(id="A", cmd=("a",), proxy="http://127.0.0.1:9001"),
+        "B": ModelConfig(
+            id="B",
+            cmd=("b",),
+            proxy="http://127.0.0.1:9002",
+            aliases=("b-alias",),
+            use_model_name="served-b",
+            filters=FilterConfig(strip_params=("drop",)),
+        ),
+        "org/m": ModelConfig(id="org/m", cmd=("m",), proxy="http://127.0.0.1:9003"),
+    },
+    peers={"gpu2": PEER},
+)
+
+
+def route_of(method: str, path: str) -> Route:
+    route = classify(method, path)
+    assert route is not None
+    return route
+
+
+def resolve_request(
+    method: str,
+    path: str,
+    body: bytes = b"",
+    *,
+    query: bytes = b"",
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> Outbound | Redirect:
+    return resolve(
+        CONFIG,
+        route_of(method, path),
+        method=method,
+        raw_path=path.encode(),
+        query=query,
+        headers=headers or [],
+        body=body,
+    )
+
+
+def resolve_outbound(
+    method: str,
+    path: str,
+    body: bytes = b"",
+    *,
+    query: bytes = b"",
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> Outbound:
+    outbound = resolve_request(method, path, body, query=query, headers=headers)
+    assert isinstance(outbound, Outbound)
+    return outbound
+
+
+def test_lookup_names_local_models_and_peer_models() -> None:
+    assert lookup(CONFIG, "A") == Lookup(
+        target=LocalModel(id="A"), rename=None, filters=FilterConfig()
+    )
+    b = lookup(CONFIG, "b-alias")
+    assert (b.target, b.rename) == (LocalModel(id="B"), "served-b")
+    assert b.filters.strip_params == ("drop",)
+    big = lookup(CONFIG, "big")
+    assert (big.target, big.rename) == (PeerModel(peer=PEER, name="big"), None)
+    assert big.filters == PEER.filters
+    qualified = lookup(CONFIG, "gpu2/big")
+    assert (qualified.target, qualified.rename) == (PeerModel(peer=PEER, name="big"), "big")
+    # the peer lists "A" too: the local model wins, and the qualified name reaches the peer
+    assert lookup(CONFIG, "gpu2/A").target == PeerModel(peer=PEER, name="A")
+    with pytest.raises(ModelNotFound):
+        lookup(CONFIG, "ghost")
+
+
+def test_lookup_of_a_use_model_name_the_client_already_sent_renames_nothing() -> None:
+    config = Config(
+        source="<test>",
+        models={"C": ModelConfig(id="C", cmd=("c",), proxy="http://h:1", use_model_name="C")},
+    )
+    assert lookup(config, "C").rename is None
+
+
+def test_json_body_goes_on_byte_for_byte_when_nothing_rewrites_it() -> None:
+    body = b'{"model": "A",  "messages": [], "stream": true, "x": 1.50}'
+    outbound = resolve_outbound("POST", "/v1/chat/completions", body, query=b"delay=1")
+    assert outbound.body is body  # not even copied
+    assert outbound == Outbound(
+        target=LocalModel(id="A"),
+        requested="A",
+        body=body,
+        path=b"/v1/chat/completions",
+        query=b"delay=1",
+        stream=True,
+    )
+
+
+def test_json_body_is_renamed_and_filtered() -> None:
+    body = b'{"model": "b-alias", "drop": 1, "keep": 2}'
+    outbound = resolve_outbound("POST", "/v1/chat/completions", body)
+    assert outbound.target == LocalModel(id="B")
+    assert outbound.requested == "b-alias"
+    assert isinstance(outbound.body, bytes)
+    assert json.loads(outbound.body) == {"model": "served-b", "keep": 2}
+
+
+def test_json_body_for_a_peer_gets_the_peers_name_and_filters() -> None:
+    outbound = resolve_outbound("POST", "/v1/embeddings", b'{"model": "gpu2/big", "input": "x"}')
+    assert outbound.target == PeerModel(peer=PEER, name="big")
+    assert outbound.requested == "gpu2/big"
+    assert isinstance(outbound.body, bytes)
+    assert json.loads(outbound.body) == {"model": "big", "input": "x", "seed": 7}
+    assert outbound.stream is False
+
+
+def test_versionless_route_sends_the_path_without_its_prefix() -> None:
+    outbound = resolve_outbound("POST", "/v/chat/completions", b'{"model": "A"}')
+    assert outbound.path == b"/chat/completions"
+
+
+@pytest.mark.parametrize(
+    ("stream", "expected"),
+    [
+        ("true", True),
+        ("1", True),
+        ('"true"', True),
+        ("false", False),
+        ("0", False),
+        ('"false"', False),
+        ('""', False),
+        ("null", False),
+    ],
+)
+def test_json_stream_field_is_only_tested_for_truth(stream: str, expected: bool) -> None:
+    body = b'{"model": "A", "stream": %s}' % stream.encode()
+    assert resolve_outbound("POST", "/v1/chat/completions", body).stream is expected
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "words"),
+    [
+        (b"{not json", BadRequest, "not valid JSON"),
+        (b'{"model": 7}', BadRequest, "invalid request body"),
+        (b'{"messages": []}', BadRequest, "no 'model' field"),
+        (b'{"model": ""}', BadRequest, "no 'model' field"),
+        (b"[1]", BadRequest, "invalid request body"),
+        (b'{"model": "ghost"}', ModelNotFound, "ghost"),
+    ],
+)
+def test_json_bodies_that_name_no_model(body: bytes, error: type[Exception], words: str) -> None:
+    with pytest.raises(error, match=words):
+        resolve_request("POST", "/v1/chat/completions", body)
+
+
+def test_multipart_model_field_is_renamed_in_place() -> None:
+    headers = [(b"content-type", b"multipart/form-data; boundary=" + B)]
+    body = form(field("model", b"b-alias"), file_part("file", b"\0" * 10))
+    outbound = resolve_outbound("POST", "/v1/audio/transcriptions", body, headers=headers)
+    assert outbound.target == LocalModel(id="B")
+    assert outbound.requested == "b-alias"
+    assert not isinstance(outbound.body, bytes)  # pieces around the new value, not a copy
+    sent = b"".join(outbound.body)
+    assert sent == body.replace(b"b-alias", b"served-b")
+    plain = resolve_outbound(
+        "POST", "/v1/audio/transcriptions", form(field("model", b"A")), headers=headers
+    )
+    assert plain.target == LocalModel(id="A")
+    with pytest.raises(BadRequest, match="no 'model' field"):
+        resolve_request("POST", "/v1/audio/transcriptions", form(field("x", b"A")), headers=headers)
+
+
+def test_query_model_is_renamed_in_the_query() -> None:
+    outbound = resolve_outbound("GET", "/props", query=b"model=gpu2/big&x=1")
+    assert outbound.target == PeerModel(peer=PEER, name="big")
+    assert outbound.query == b"model=big&x=1"
+    kept = resolve_outbound("GET", "/props", query=b"x=%2F&model=A")
+    assert kept.query == b"x=%2F&model=A"  # nothing renamed: the client's escaping kept
+    with pytest.raises(BadRequest, match=r"\?model=<name>"):
+        resolve_request("GET", "/props", query=b"x=1")
+
+
+def test_passthrough_forwards_the_rest_of_the_path_unchanged() -> None:
+    outbound = resolve_outbound("POST", "/upstream/org/m/v1/x", b"raw", query=b"stream=true")
+    assert outbound == Outbound(
+        target=LocalModel(id="org/m"),
+        requested="org/m",
+        body=b"raw",
+        path=b"/v1/x",
+        query=b"stream=true",
+        stream=True,
+    )
+    peer = resolve_outbound("GET", "/upstream/gpu2/big/health")
+    assert (peer.target, peer.path, peer.stream) == (
+        PeerModel(peer=PEER, name="big"),
+        b"/health",
+        False,
+    )
+    # the passthrough never renames: the model's server gets the path as the client wrote it
+    alias = resolve_outbound("GET", "/upstream/b-alias/props")
+    assert (alias.target, alias.body) == (LocalModel(id="B"), b"")
+
+
+@pytest.mark.parametrize(("method", "status"), [("GET", 301), ("HEAD", 301), ("POST", 308)])
+def test_passthrough_without_the_slash_is_a_redirect(method: str, status: int) -> None:
+    assert resolve_request(method, "/upstream/A", query=b"a=1") == Redirect(
+        location=b"/upstream/A/?a=1", status=status
+    )
+    assert resolve_request(method, "/upstream/A") == Redirect(
+        location=b"/upstream/A/", status=status
+    )
