@@ -3,11 +3,11 @@
 A streaming ``/v1/chat/completions`` request for a model that is not ready
 can wait seconds to minutes (queued behind other models, then the load). With
 ``sendLoadingState`` the client is told what is happening while it waits:
-trio-swap answers ``200 text/event-stream`` at once and writes OpenAI
+trio-swap answers ``200 text/event-stream`` and writes OpenAI
 chat-completion chunks whose only delta is ``reasoning_content``, which
 clients such as Open WebUI show as the model "thinking":
 
-    trio-swap: loading model <id>      at once
+    trio-swap: loading model <id>      once the router says it waits
     queue position #N                  every second while queued
     loading <id>… 3s                   every second while it loads
     done in N.NNs                      when the router grants the request
@@ -27,8 +27,8 @@ the router lags behind its event queue. A request that waited does get
 progress, however short the wait.
 
 Once the 200 is sent, the upstream's status and headers can no longer reach
-the client: a non-2xx upstream answer becomes an SSE error event, as does a
-failed load (:meth:`LoadingProgress.fail`). The stream then ends without
+the client: a non-2xx upstream answer becomes an SSE error event, as do a
+failed load (:meth:`LoadingProgress.fail`) and a body the upstream cut off. The stream then ends without
 ``data: [DONE]``; the OpenAI SDKs raise ``APIError`` on an ``{"error": ...}``
 event.
 """
@@ -100,7 +100,7 @@ class LoadingProgress:
 
     Used by :class:`~trio_swap.http.inference.InferenceRoutes` only when the
     model has ``send_loading_state``, the request streams, and the model is
-    not ready at admission; every other request calls ``router.acquire``
+    not ready when the request arrives; every other request calls ``router.acquire``
     directly and pays nothing for this feature.
 
     Lifecycle: :meth:`acquire` once; then, if :attr:`streaming`, the caller

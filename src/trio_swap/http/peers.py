@@ -8,9 +8,12 @@ to a round trip to another host.
 
 :class:`PeerForwarder` sends one request and streams the answer back through
 ASGI ``send`` as it arrives, so server-sent events reach the client token by
-token. Failures before the response starts become a 502 ``peer proxy error``
-body in the client's error style; a failure after it started can only cut the
-body short (see :meth:`PeerForwarder.forward`).
+token, through the same body relay as local models
+(:func:`~trio_swap.http.relay.relay_body`; this module maps httpx's errors
+to :class:`~trio_swap.errors.PeerFailed` for it). Failures before the
+response starts become a 502 ``peer proxy error`` body in the client's error
+style; a failure after it started can only cut the body short (see
+:meth:`PeerForwarder.forward`).
 
 The request body is sent as given: choosing the peer and rewriting ``model``
 and the filters happen before, in the caller.
