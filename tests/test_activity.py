@@ -6,6 +6,7 @@ import json
 import signal
 import sqlite3
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,15 @@ import msgspec
 import pytest
 import trio
 
-from tests.conftest import Harness, chat, make_config, responder_model, running, sse_data
+from tests.conftest import (
+    Harness,
+    chat,
+    make_config,
+    responder_model,
+    running,
+    sse_data,
+    wait_for,
+)
 from tests.test_cli import trio_swap as run_cli
 from tests.test_cli import write_config
 from trio_swap.config import ConfigError
@@ -36,10 +45,12 @@ async def activity(h: Harness, **params: object) -> dict[str, Any]:
 
 async def rows_once(h: Harness, count: int, **params: object) -> list[Row]:
     """The rows, once ``count`` are there (a row lands just after its response)."""
-    with trio.fail_after(10):
-        while len(rows := (await activity(h, **params))["data"]) < count:
-            await trio.sleep(0.02)
-    return rows
+
+    async def enough() -> list[Row] | None:
+        rows: list[Row] = (await activity(h, **params))["data"]
+        return rows if len(rows) >= count else None
+
+    return await wait_for(enough, what=f"{count} activity rows")
 
 
 async def stream_events(h: Harness, path: str, body: dict[str, object]) -> list[str]:
@@ -162,9 +173,12 @@ async def test_the_in_memory_log_keeps_only_the_newest_rows() -> None:
             for words in range(1, 6):
                 prompt = " ".join(["w"] * words)
                 assert (await h.client.post(CHAT, json=chat("A", prompt))).status_code == 200
-            with trio.fail_after(10):
-                while (rows := (await activity(h))["data"])[0]["prompt_tokens"] != 5:
-                    await trio.sleep(0.02)
+
+            async def fifth_logged() -> list[Row] | None:
+                rows: list[Row] = (await activity(h))["data"]
+                return rows if rows[0]["prompt_tokens"] == 5 else None
+
+            rows = await wait_for(fifth_logged, what="the fifth request's row")
     assert [row["prompt_tokens"] for row in rows] == [5, 4, 3]
 
 
@@ -182,9 +196,12 @@ async def test_a_file_log_survives_a_restart_and_keeps_its_row_limit(tmp_path: P
         async with running(config) as h:
             assert (await activity(h))["data"] == before  # nothing asked yet: all from the file
             assert (await h.client.post(CHAT, json=chat("A"))).status_code == 200
-            with trio.fail_after(10):
-                while (rows := (await activity(h))["data"])[0]["id"] == before[0]["id"]:
-                    await trio.sleep(0.02)
+
+            async def new_row_logged() -> list[Row] | None:
+                rows: list[Row] = (await activity(h))["data"]
+                return rows if rows[0]["id"] != before[0]["id"] else None
+
+            rows = await wait_for(new_row_logged, what="the new request's row")
     assert [row["id"] for row in rows] == [before[0]["id"] + 1, before[0]["id"]]
 
 
@@ -266,8 +283,10 @@ async def test_a_reader_cancelled_while_the_database_is_busy_loses_no_rows(
             await nursery.start(busy)
             for n in range(5):
                 store.add(_row(n))
-            with trio.move_on_after(0.05):  # an /api/events client leaves meanwhile
-                await store.page(limit=10)
+            async with trio.open_nursery() as reader:
+                reader.start_soon(partial(store.page, limit=10))
+                await trio.testing.wait_all_tasks_blocked()  # it waits for the busy disk
+                reader.cancel_scope.cancel()  # an /api/events client leaves meanwhile
             release.set()
             page = await store.page(limit=10)
             assert [row.time for row in page.data] == [4.0, 3.0, 2.0, 1.0, 0.0]
@@ -277,23 +296,27 @@ async def test_a_reader_cancelled_while_the_database_is_busy_loses_no_rows(
 async def test_a_hung_disk_does_not_hang_shutdown(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import time as clock
-
     monkeypatch.setattr(activity_module, "SHUTDOWN_SECONDS", 0.2)
     store = ActivityLog(str(tmp_path / "a.db"))
     hung = threading.Event()
+    disk_back = threading.Event()
 
     def write_forever(rows: list[ActivityRow]) -> None:
         hung.set()
-        clock.sleep(60)  # an NFS mount gone away
+        disk_back.wait(60)  # an NFS mount gone away (back when the test ends)
 
-    with trio.fail_after(20):  # the disk would hold shutdown for 60 s
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            monkeypatch.setattr(store, "_write", write_forever)
-            store.add(_row(1))
-            nursery.cancel_scope.cancel()
-    assert hung.is_set()
+    try:
+        with trio.fail_after(20):  # the disk would hold shutdown for 60 s
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store.run)
+                monkeypatch.setattr(store, "_write", write_forever)
+                store.add(_row(1))
+                nursery.cancel_scope.cancel()
+        # The shutdown's write was handed to a worker thread (which may start only
+        # after shutdown gave up on it): the hung disk was really in the way.
+        assert hung.wait(10)
+    finally:
+        disk_back.set()  # let the abandoned worker thread finish
 
 
 def test_nonsense_token_counts_from_an_upstream_count_as_not_reported() -> None:

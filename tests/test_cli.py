@@ -14,10 +14,11 @@ from pathlib import Path
 import httpx
 import trio
 
-from tests.conftest import alive, chat, free_port, group_alive
+from tests.conftest import alive, chat, free_port, group_alive, wait_for
 
 
 def write_config(tmp_path: Path, *extra_args: str) -> Path:
+    """A config of two responder models numbered by ``${PORT}`` from a ``free_port()`` block."""
     start = free_port()
     python = sys.executable
     flags = " ".join(extra_args)
@@ -52,13 +53,14 @@ async def trio_swap(*args: str) -> AsyncIterator[tuple[trio.Process, str]]:
     url = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient() as client:
-            with trio.fail_after(20):
-                while True:
-                    try:
-                        if (await client.get(url + "/health")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        await trio.sleep(0.05)
+
+            async def healthy() -> bool:
+                try:
+                    return (await client.get(url + "/health")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await wait_for(healthy, what=f"trio-swap to answer {url}/health", timeout=20)
         yield process, url
     finally:
         if process.returncode is None:
@@ -98,9 +100,8 @@ async def test_sigkill_of_trio_swap_leaves_no_upstream_behind(tmp_path: Path) ->
             (pid,) = await upstream_pids(url)
             process.kill()  # SIGKILL to trio-swap alone, not its group
             await process.wait()
-            with trio.fail_after(2):  # the acceptance bound for this behaviour
-                while group_alive(pid):
-                    await trio.sleep(0.02)
+            # It ignores SIGTERM and its parent is gone: without the guard it lives on.
+            await wait_for(lambda: not group_alive(pid), what="the guard to kill the upstream")
             assert not alive(pid)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.conftest import chat, make_config, responder_model, running
+from tests.conftest import chat, make_config, responder_model, running, wait_for
 from trio_swap.config import ConfigError, load_config_text
 from trio_swap.config.model import GroupConfig, RoutingConfig
 from trio_swap.policy import GroupsPolicy
@@ -306,21 +306,21 @@ async def test_coexisting_models_load_at_the_same_time_and_serve_concurrently() 
     )
     with trio.fail_after(60):
         async with running(config) as h:
-            both_starting = False
 
             async def ask(model: str) -> None:
                 response = await h.client.post("/v1/chat/completions", json=chat(model))
                 assert response.status_code == 200
 
+            async def overlap_or_one_done() -> dict[str, object] | None:
+                """Both loading (the point), or one ready already (they did not overlap)."""
+                states = {m: row["state"] for m, row in (await h.models()).items()}
+                overlapping = states == {"a": "starting", "b": "starting"}
+                return states if overlapping or "ready" in states.values() else None
+
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(ask, "a")
                 nursery.start_soon(ask, "b")
-                while not both_starting:
-                    states = {m: row["state"] for m, row in (await h.models()).items()}
-                    both_starting = states == {"a": "starting", "b": "starting"}
-                    if states["a"] == "ready" or states["b"] == "ready":
-                        break
-                    await trio.sleep(0.02)
-            assert both_starting, "the two loads did not overlap"
+                states = await wait_for(overlap_or_one_done, what="the loads of a and b to begin")
+            assert states == {"a": "starting", "b": "starting"}, "the two loads did not overlap"
             rows = (await h.client.get("/running")).json()["running"]
             assert {row["model"] for row in rows} == {"a", "b"}

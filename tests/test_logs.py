@@ -17,7 +17,7 @@ import msgspec
 import pytest
 import trio
 
-from tests.conftest import Harness, chat, make_config, responder_model, running
+from tests.conftest import Harness, chat, make_config, responder_model, running, wait_for
 from trio_swap.config.model import ModelConfig
 from trio_swap.upstream import logs as logs_module
 from trio_swap.upstream.logs import (
@@ -202,8 +202,11 @@ async def post_chat(h: Harness, model: str) -> None:
 
 
 async def wait_for_subscribers(h: Harness, count: int) -> None:
-    while h.server.logs.subscriber_count != count:
-        await trio.sleep(0.01)
+    await wait_for(
+        lambda: h.server.logs.subscriber_count == count,
+        what=f"{count} log stream subscribers",
+        timeout=20,
+    )
 
 
 async def test_logs_history_has_proxy_and_model_lines_in_order() -> None:

@@ -9,7 +9,15 @@ from pathlib import Path
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Harness, chat, make_config, responder_model, running, sse_data
+from tests.conftest import (
+    Harness,
+    chat,
+    make_config,
+    responder_model,
+    running,
+    sse_data,
+    wait_for,
+)
 from trio_swap.observe.metrics import EVICTION_REASONS
 
 CHAT = "/v1/chat/completions"
@@ -33,14 +41,14 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, frozenset(labels.items()))]
 
 
-async def wait_for(h: Harness, name: str, expected: float, **labels: str) -> Samples:
+async def wait_for_sample(h: Harness, name: str, expected: float, **labels: str) -> Samples:
     """Scrape until the sample has the value (events land just after responses)."""
-    with trio.fail_after(10):
-        while True:
-            samples = await scrape(h)
-            if samples.get((name, frozenset(labels.items()))) == expected:
-                return samples
-            await trio.sleep(0.02)
+
+    async def reached() -> Samples | None:
+        samples = await scrape(h)
+        return samples if samples.get((name, frozenset(labels.items()))) == expected else None
+
+    return await wait_for(reached, what=f"{name}{labels} == {expected}")
 
 
 async def test_a_swap_counts_loads_evictions_requests_and_tokens() -> None:
@@ -55,7 +63,7 @@ async def test_a_swap_counts_loads_evictions_requests_and_tokens() -> None:
             usage_b = json.loads(events[-2])["usage"]  # the last event before [DONE]
             assert (await h.client.post(CHAT, json=chat("no-such-model"))).status_code == 404
 
-            samples = await wait_for(
+            samples = await wait_for_sample(
                 h, "trio_swap_requests_total", 1, model="", endpoint=CHAT, status="404"
             )
             for model in ("A", "B"):
@@ -111,18 +119,18 @@ async def test_in_flight_and_queued_gauges_follow_a_request_waiting_for_a_busy_m
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(hold_a)
-                await wait_for(h, "trio_swap_model_in_flight_requests", 1, model="A")
+                await wait_for_sample(h, "trio_swap_model_in_flight_requests", 1, model="A")
                 nursery.start_soon(ask_b)  # B waits: swapping now would cut A's request off
-                samples = await wait_for(h, "trio_swap_model_queued_requests", 1, model="B")
+                samples = await wait_for_sample(h, "trio_swap_model_queued_requests", 1, model="B")
                 assert value(samples, "trio_swap_model_in_flight_requests", model="A") == 1
                 assert value(samples, "trio_swap_model_in_flight_requests", model="B") == 0
                 hold.cancel()  # A's client gives up; B's swap goes ahead
             assert statuses == [200]
-            samples = await wait_for(h, "trio_swap_model_queued_requests", 0, model="B")
+            samples = await wait_for_sample(h, "trio_swap_model_queued_requests", 0, model="B")
             assert value(samples, "trio_swap_model_in_flight_requests", model="A") == 0
             # The client that left before any answer is counted as 499 (nginx's convention).
             gone = {"model": "A", "endpoint": CHAT, "status": "499"}
-            await wait_for(h, "trio_swap_requests_total", 1, **gone)
+            await wait_for_sample(h, "trio_swap_requests_total", 1, **gone)
 
 
 async def test_evictions_by_ttl_unload_and_crash_and_a_failed_load() -> None:
@@ -136,19 +144,21 @@ async def test_evictions_by_ttl_unload_and_crash_and_a_failed_load() -> None:
     with trio.fail_after(60):
         async with running(config) as h:
             assert (await h.client.post(CHAT, json=chat("short"))).status_code == 200
-            samples = await wait_for(h, evictions, 1, model="short", reason="ttl")
+            samples = await wait_for_sample(h, evictions, 1, model="short", reason="ttl")
 
             assert (await h.client.post(CHAT, json=chat("unloaded"))).status_code == 200
             assert (await h.client.post("/api/models/unload/unloaded")).status_code == 200
-            samples = await wait_for(h, evictions, 1, model="unloaded", reason="unload")
+            samples = await wait_for_sample(h, evictions, 1, model="unloaded", reason="unload")
 
             async with h.client.stream("POST", CHAT, json=chat("crashy", stream=True)) as response:
                 assert response.status_code == 200
                 await response.aread()
-            samples = await wait_for(h, evictions, 1, model="crashy", reason="crash")
+            samples = await wait_for_sample(h, evictions, 1, model="crashy", reason="crash")
 
             assert (await h.client.post(CHAT, json=chat("broken"))).status_code == 503
-            samples = await wait_for(h, "trio_swap_model_load_failures_total", 1, model="broken")
+            samples = await wait_for_sample(
+                h, "trio_swap_model_load_failures_total", 1, model="broken"
+            )
             assert value(samples, "trio_swap_model_loads_total", model="broken") == 0
             failed = {"model": "broken", "endpoint": CHAT, "status": "503"}
             assert value(samples, "trio_swap_requests_total", **failed) == 1
@@ -170,7 +180,7 @@ async def test_passthrough_requests_share_one_endpoint_label() -> None:
         async with running(config) as h:
             for path in ("/upstream/A/v1/models", "/upstream/A/props", "/upstream/A/nothing-here"):
                 await h.client.get(path)
-            samples = await wait_for(
+            samples = await wait_for_sample(
                 h, "trio_swap_requests_total", 2, model="A", endpoint="/upstream", status="200"
             )
             labels = {"model": "A", "endpoint": "/upstream", "status": "404"}
@@ -187,7 +197,7 @@ async def test_two_servers_in_one_process_count_separately() -> None:
             running(make_config(responder_model("A"))) as second,
         ):
             assert (await first.client.post(CHAT, json=chat("A"))).status_code == 200
-            await wait_for(first, "trio_swap_model_loads_total", 1, model="A")
+            await wait_for_sample(first, "trio_swap_model_loads_total", 1, model="A")
             samples = await scrape(second)
             assert value(samples, "trio_swap_model_loads_total", model="A") == 0
             assert value(samples, "trio_swap_swaps_total") == 0
@@ -209,6 +219,6 @@ async def test_grafana_dashboard_is_valid_json_and_uses_only_exported_metrics() 
     with trio.fail_after(30):
         async with running(config) as h:
             assert (await h.client.post(CHAT, json=chat("A"))).status_code == 200
-            await wait_for(h, "trio_swap_model_loads_total", 1, model="A")
+            await wait_for_sample(h, "trio_swap_model_loads_total", 1, model="A")
             exported = {name for name, _ in await scrape(h)}
     assert used <= exported, f"not exported: {sorted(used - exported)}"

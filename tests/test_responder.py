@@ -37,6 +37,7 @@ import pytest
 import trio
 
 import trio_swap
+from tests.conftest import wait_for
 from trio_swap.responder import build_parser, parse_options
 from trio_swap.responder.anthropic import MessageStreamTemplate
 from trio_swap.responder.llama import NativeStreamTemplate
@@ -198,11 +199,12 @@ async def test_load_delay_answers_loading_then_ok() -> None:
             chat = await client.post(CHAT, json={"model": "m", "messages": []})
             assert chat.status_code == 503
             assert chat.json()["error"]["message"] == "Loading model"
-            while True:  # poll, as a supervisor's readiness check does
+
+            async def loaded() -> httpx.Response | None:  # as a supervisor's readiness check does
                 health = await client.get("/health")
-                if health.status_code != 503:
-                    break
-                await trio.sleep(0.05)
+                return health if health.status_code != 503 else None
+
+            health = await wait_for(loaded, what="/health to stop answering 503")
             assert (health.status_code, health.json()) == (200, {"status": "ok"})
             chat = await client.post(CHAT, json={"model": "m", "messages": []})
             assert chat.status_code == 200

@@ -5,14 +5,15 @@ Pure: numbers stand in for the clock; no I/O.
 
 from __future__ import annotations
 
-import contextlib
 import math
+from functools import partial
 from typing import Any
 
 from tests.conftest import chat, make_config, responder_model, running
 from tests.scheduler_support import Quiet
 from trio_swap.errors import ModelPinned, QueueFull
 from trio_swap.policy import OneAtATime
+from trio_swap.reasons import StopReason
 from trio_swap.scheduling import (
     FifoScheduler,
     Grant,
@@ -101,7 +102,7 @@ def test_fifo_a_load_nobody_waits_for_is_stopped_unless_someone_queued_for_it() 
     (swap,) = s.on_request(1, "A", 0)
     assert isinstance(swap, StartSwap)
     assert s.on_finished(1, 1) == [
-        StopModels(stop_id=1, models=("A",), reason="no request waits for it any more")
+        StopModels(stop_id=1, models=("A",), reason=StopReason.ABANDONED)
     ]
     # with another waiter the load goes on
     s2 = make()
@@ -126,8 +127,7 @@ async def test_preload_loads_listed_models_at_startup_through_the_scheduler() ->
     )
     with trio.fail_after(30):
         async with running(config) as h:
-            while (await h.models())["B"]["state"] != "ready":
-                await trio.sleep(0.05)
+            await h.wait_for_state("B", "ready")
             models = await h.models()
             # one model at a time: preloading A then B leaves B (as llama-swap does)
             assert models["A"]["start_count"] == 1 and models["A"]["state"] == "stopped"
@@ -148,15 +148,15 @@ async def test_pinned_model_conflict_is_a_409_over_http() -> None:
 
 
 async def test_a_load_abandoned_by_its_only_client_is_stopped() -> None:
-    import httpx
     import trio
 
     config = make_config(responder_model("slow", "--load-delay", "30"))
     with trio.fail_after(30):
         async with running(config) as h:
-            with contextlib.suppress(httpx.TimeoutException):  # the client gives up
-                await h.client.post("/v1/chat/completions", json=chat("slow"), timeout=0.5)
-            while (await h.models())["slow"]["state"] != "stopped":
-                await trio.sleep(0.05)
+            async with trio.open_nursery() as client:
+                client.start_soon(partial(h.client.post, "/v1/chat/completions", json=chat("slow")))
+                await h.wait_for_state("slow", "starting")
+                client.cancel_scope.cancel()  # the client gives up while the model loads
+            await h.wait_for_state("slow", "stopped")
             assert h.pid("slow") is None
             assert (await h.models())["slow"]["start_count"] == 1

@@ -20,6 +20,7 @@ from tests.conftest import (
     responder_model,
     running,
     sse_data,
+    wait_for,
 )
 from trio_swap.config.model import ModelConfig
 from trio_swap.server import RunningServer, serve
@@ -89,7 +90,7 @@ async def test_swap_waits_for_streams_in_flight_on_its_victim() -> None:
         async with running(config) as h:
             finished: list[str] = []
             streams: dict[int, list[str]] = {}
-            a_streaming = trio.Event()
+            streaming = {1: trio.Event(), 2: trio.Event()}
 
             async def stream_a(index: int) -> None:
                 async with h.client.stream(
@@ -99,7 +100,7 @@ async def test_swap_waits_for_streams_in_flight_on_its_victim() -> None:
                     lines = []
                     async for line in response.aiter_lines():
                         lines.append(line)
-                        a_streaming.set()
+                        streaming[index].set()
                     streams[index] = sse_data(lines)
                 finished.append(f"A{index}")
 
@@ -110,9 +111,9 @@ async def test_swap_waits_for_streams_in_flight_on_its_victim() -> None:
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(stream_a, 1)
-                await a_streaming.wait()
+                await streaming[1].wait()
                 nursery.start_soon(stream_a, 2)  # same model, mid-stream: joins at once
-                await trio.sleep(0.1)
+                await streaming[2].wait()
                 nursery.start_soon(ask_b)  # needs A evicted: must wait for both streams
             assert finished[-1] == "B"
             for events in streams.values():
@@ -136,13 +137,15 @@ async def test_client_disconnect_mid_stream_cancels_the_upstream_request() -> No
                     if '"content"' in line:
                         break  # leave after the first token
             port = (await h.models())["A"]["port"]
-            with trio.fail_after(1):  # the acceptance bound for this behaviour
-                while True:
-                    records = (await h.client.get(f"http://127.0.0.1:{port}/debug/requests")).json()
-                    chats = [r for r in records if r["path"] == "/v1/chat/completions"]
-                    if chats and chats[-1]["status"] == "cancelled":
-                        break
-                    await trio.sleep(0.02)
+
+            async def upstream_saw_the_cancel() -> bool:
+                records = (await h.client.get(f"http://127.0.0.1:{port}/debug/requests")).json()
+                chats = [r for r in records if r["path"] == "/v1/chat/completions"]
+                return bool(chats) and chats[-1]["status"] == "cancelled"
+
+            # Left alone the stream would end by itself after 10 s and count as
+            # completed, not cancelled: the condition tells the two apart.
+            await wait_for(upstream_saw_the_cancel, what="the upstream request to be cancelled")
             # the slot was released: the model is idle and serves again
             assert (await h.models())["A"]["in_flight"] == 0
             response = await h.client.post("/v1/chat/completions", json=chat("A", max_tokens=2))
@@ -186,9 +189,7 @@ async def test_crash_mid_stream_reports_an_error_event_and_next_request_restarts
                 events = sse_data([line async for line in response.aiter_lines()])
             assert "[DONE]" not in events
             assert json.loads(events[-1])["error"]["code"] == "bad_gateway"
-            with trio.fail_after(5):
-                while (await h.models())["A"]["state"] != "stopped":
-                    await trio.sleep(0.02)
+            await h.wait_for_state("A", "stopped")
             response = await h.client.post("/v1/chat/completions", json=chat("A", max_tokens=2))
             assert response.status_code == 200
             assert (await h.models())["A"]["start_count"] == 2
@@ -216,9 +217,7 @@ async def test_ttl_unloads_an_idle_model() -> None:
         async with running(config) as h:
             assert (await h.client.post("/v1/chat/completions", json=chat("A"))).status_code == 200
             assert h.pid("A") is not None
-            with trio.fail_after(5):
-                while h.pid("A") is not None:
-                    await trio.sleep(0.05)
+            await wait_for(lambda: h.pid("A") is None, what="the TTL to unload A")
 
 
 async def test_unload_all_stops_every_model() -> None:
@@ -261,8 +260,7 @@ async def test_shutdown_answers_requests_still_waiting_for_a_model_with_503() ->
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(ask)
-                while (await h.models())["slow"]["state"] != "starting":
-                    await trio.sleep(0.02)
+                await h.wait_for_state("slow", "starting")
                 h.server.stop()
             (answer,) = answers
             assert answer.status_code == 503

@@ -10,7 +10,6 @@ import contextlib
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tests.conftest import PORT_BLOCK, free_port  # one race-free allocator for every lane
 
 #: Flags that keep one tiny llama-server small and quick on a 2-core box:
 #: a 256-token context, one slot, one thread (two models may briefly overlap).
@@ -28,27 +28,15 @@ LLAMA_SERVER_FLAGS = "--host 127.0.0.1 -c 256 -np 1 --threads 1 --threads-http 2
 SERVE_START_TIMEOUT = 30.0
 
 
-def free_port() -> int:
-    """A port the kernel says is free right now (racy, but fine on loopback)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port_range(count: int) -> int:
+    """The first of ``count`` consecutive free ports, for ``startPort``.
 
-
-def free_port_range(count: int, lo: int = 19200, hi: int = 29000) -> int:
-    """The first port of ``count`` consecutive free ports, for ``startPort``."""
-    for base in range(lo, hi, count):
-        ok = True
-        for port in range(base, base + count):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError(f"no {count} consecutive free ports in {lo}..{hi}")
+    ``free_port()`` reserves a block of ports above the one it returns (see its
+    docstring), so ``count`` is bounded by the block.
+    """
+    if count > PORT_BLOCK - 2:
+        raise ValueError(f"a port block holds at most {PORT_BLOCK - 2} ports above its start")
+    return free_port()
 
 
 def write_config(path: Path, server: Path, models: dict[str, Path]) -> Path:
