@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hmac
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -30,7 +31,13 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
 from tests.conftest import chat, make_config, responder_model, running
 from trio_swap.config.model import Config
-from trio_swap.http.access import BAD_KEY, DEFAULT_ALLOW_HEADERS, NO_KEY, AccessControl
+from trio_swap.http.access import (
+    BAD_KEY,
+    DEFAULT_ALLOW_HEADERS,
+    NO_KEY,
+    NO_WEBSOCKETS,
+    AccessControl,
+)
 
 KEYS = ("key-one", "key-two", "key-three")
 
@@ -450,7 +457,7 @@ async def _websocket_handshake(url: str, path: str, extra: str = "") -> str:
             ).encode()
         )
         received = b""
-        while b"\r\n\r\n" not in received:
+        while b"\r\n\r\n" not in received or not _complete(received):
             chunk = await stream.receive_some(4096)
             if not chunk:
                 break
@@ -458,17 +465,34 @@ async def _websocket_handshake(url: str, path: str, extra: str = "") -> str:
         return received.decode("latin-1")
 
 
-async def test_websockets_need_a_key_and_lifespan_passes_through() -> None:
+def _complete(response: bytes) -> bool:
+    """The head is in, and as much body as its Content-Length says."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+    return length is None or len(body) >= int(length.group(1))
+
+
+async def test_websockets_are_refused_after_the_key_check_and_lifespan_passes_through() -> None:
+    """No websocket endpoint exists: a missing key is still a 401, a valid one gets 400."""
     async with guarded() as (client, echo):
         url = str(client.base_url)
         refused = await _websocket_handshake(url, "/upstream/A/ws")
         assert refused.startswith("HTTP/1.1 401"), refused
         assert 'www-authenticate: basic realm="trio-swap"' in refused.lower()
+        keyed = await _websocket_handshake(url, "/upstream/A/ws", "x-api-key: key-two\r\n")
+        assert keyed.startswith("HTTP/1.1 400"), keyed
+        assert NO_WEBSOCKETS in keyed
         assert echo.seen == []
-        accepted = await _websocket_handshake(url, "/upstream/A/ws", "x-api-key: key-two\r\n")
-        assert accepted.startswith("HTTP/1.1 101"), accepted
-        assert echo.seen == ["websocket /upstream/A/ws"]
     assert echo.lifespan == ["lifespan.startup", "lifespan.shutdown"]
+
+
+async def test_websockets_are_refused_without_keys_too() -> None:
+    """Regression: a websocket upgrade reached Quart, whose 404 handler raised (a 500)."""
+    async with serve_asgi(AccessControl(Echo())) as client:
+        for path in ("/v1/chat/completions", "/logs/stream", "/health"):
+            refused = await _websocket_handshake(str(client.base_url), path)
+            assert refused.startswith("HTTP/1.1 400"), refused
+            assert NO_WEBSOCKETS in refused
 
 
 async def test_a_websocket_is_closed_with_1008_where_no_401_can_be_sent() -> None:

@@ -82,6 +82,17 @@ def error_payload(
     return {"error": {"message": message, "type": error_type, "code": code}}
 
 
+#: The longest client-given name an error message repeats in full.
+_NAME_SHOWN: Final = 200
+
+
+def _quoted(name: str) -> str:
+    """``name`` quoted for a message; a huge one (a hostile request) is cut short."""
+    if len(name) <= _NAME_SHOWN:
+        return repr(name)
+    return f"{name[:_NAME_SHOWN]!r}... ({len(name)} characters)"
+
+
 class SwapError(Exception):
     """A failure a client must hear about, with the HTTP status that describes it."""
 
@@ -129,7 +140,7 @@ class ModelNotFound(SwapError):
     code = "model_not_found"
 
     def __init__(self, model: str) -> None:
-        super().__init__(f"model {model!r} is not configured (see GET /v1/models)")
+        super().__init__(f"model {_quoted(model)} is not configured (see GET /v1/models)")
         self.model = model
 
 

@@ -1,4 +1,4 @@
-"""Access control (``apiKeys``) and CORS: the outermost ASGI middleware.
+"""Access control (``apiKeys``), CORS, and the websocket refusal: the outermost ASGI middleware.
 
 ::
 
@@ -7,6 +7,13 @@
 Every HTTP and websocket request passes here first (lifespan goes straight
 through):
 
+* A websocket upgrade is refused before its handshake completes, whatever
+  the path: trio-swap serves no websocket endpoint (streams are Server-Sent
+  Events), and Quart's error handlers, written for HTTP requests, failed on a
+  websocket with a 500. The refusal is a 400 with a JSON error body (a 401
+  first when a key is required and missing), or a close with code 1008 where
+  the server cannot send a response body.
+
 * ``OPTIONS`` (any path) is a CORS preflight: answered here with 204 and the
   CORS headers, never authenticated, never passed on.
 * With ``apiKeys`` set, every other request needs a key, except ``/health``,
@@ -14,9 +21,8 @@ through):
   ``Authorization: Basic``, else the token of ``Authorization: Bearer``, else
   ``x-api-key`` (llama-swap's order). A missing or wrong key gets 401 with the
   error body the client's SDK reads (:func:`~trio_swap.errors.error_style`),
-  after the request body is drained so the connection stays usable; a
-  websocket is refused before the handshake completes. The key headers are
-  passed on (and so upstream) unchanged.
+  after the request body is drained so the connection stays usable. The key
+  headers are passed on (and so upstream) unchanged.
 * ``GET``/``HEAD /ui...``, the web UI's static files, need no key either: the
   page must load to ask for one. Its data comes from ``/api``, which needs it.
 * A request that carries ``Origin`` to a model route or ``/v1/models`` gets
@@ -60,7 +66,7 @@ from hypercorn.typing import (
     WebsocketScope,
 )
 
-from trio_swap.errors import Forbidden, Unauthorized, error_style
+from trio_swap.errors import BadRequest, Forbidden, SwapError, Unauthorized, error_style
 from trio_swap.http.routes import JSON_PATHS, MULTIPART_PATHS, QUERY_PATHS, VERSIONLESS_PATHS
 
 __all__ = ["CORS_ALLOW_METHODS", "DEFAULT_ALLOW_HEADERS", "AccessControl"]
@@ -104,6 +110,9 @@ _DRAIN_LIMIT: Final = 256 * 1024
 
 NO_KEY: Final = "no API key: send Authorization: Bearer <key> or x-api-key"
 BAD_KEY: Final = "invalid API key"
+NO_WEBSOCKETS: Final = (
+    "trio-swap serves no websocket endpoint: use HTTP (streams are Server-Sent Events)"
+)
 
 
 @final
@@ -126,9 +135,9 @@ class AccessControl:
     ) -> None:
         if scope["type"] == "http":
             await self._http(scope, receive, send)
-        elif scope["type"] == "websocket" and self._digests:
-            await self._websocket(scope, receive, send)
-        else:  # lifespan, or a websocket with no keys configured
+        elif scope["type"] == "websocket":
+            await self._websocket(scope, send)
+        else:  # lifespan
             await self._app(scope, receive, send)
 
     async def _http(
@@ -168,10 +177,9 @@ class AccessControl:
                 return
         await self._app(scope, receive, send)
 
-    async def _websocket(
-        self, scope: WebsocketScope, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
-        if scope["path"] not in _OPEN_PATHS:
+    async def _websocket(self, scope: WebsocketScope, send: ASGISendCallable) -> None:
+        """Refuse the upgrade: 401 when a key is required and not valid, else 400."""
+        if self._digests and scope["path"] not in _OPEN_PATHS:
             authorization: bytes | None = None
             x_api_key: bytes | None = None
             for name, value in scope["headers"]:
@@ -181,9 +189,9 @@ class AccessControl:
                     x_api_key = value
             denied = self._deny(authorization, x_api_key)
             if denied is not None:
-                await _refuse_websocket(scope, send, denied)
+                await _refuse_websocket(scope, send, Unauthorized(denied))
                 return
-        await self._app(scope, receive, send)
+        await _refuse_websocket(scope, send, BadRequest(NO_WEBSOCKETS))
 
     def _deny(self, authorization: bytes | None, x_api_key: bytes | None) -> str | None:
         """Why this request may not pass (the 401 message), or None when its key is valid."""
@@ -303,8 +311,7 @@ async def _drain(receive: ASGIReceiveCallable) -> bool:
             return False
 
 
-def _unauthorized_response(message: str, path: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    error = Unauthorized(message)
+def _error_response(error: SwapError, path: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
     body = msgspec.json.encode(error.body(error_style(path)))
     headers = [
         (b"content-type", b"application/json"),
@@ -333,18 +340,23 @@ async def _send_forbidden(
 async def _send_unauthorized(
     send: ASGISendCallable, message: str, path: str, *, keep_alive: bool
 ) -> None:
-    headers, body = _unauthorized_response(message, path)
+    headers, body = _error_response(Unauthorized(message), path)
     if not keep_alive:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": 401, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _refuse_websocket(scope: WebsocketScope, send: ASGISendCallable, message: str) -> None:
-    """A 401 with the JSON body where the server can send one, else close 1008 (a 403)."""
+async def _refuse_websocket(
+    scope: WebsocketScope, send: ASGISendCallable, error: SwapError
+) -> None:
+    """``error`` as a response with its JSON body where the server can send one, else
+    close 1008 (policy violation; hypercorn answers the handshake with a 403)."""
     if "websocket.http.response" in (scope.get("extensions") or {}):
-        headers, body = _unauthorized_response(message, scope["path"])
-        await send({"type": "websocket.http.response.start", "status": 401, "headers": headers})
+        headers, body = _error_response(error, scope["path"])
+        await send(
+            {"type": "websocket.http.response.start", "status": error.status, "headers": headers}
+        )
         await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
     else:
-        await send({"type": "websocket.close", "code": 1008, "reason": message})
+        await send({"type": "websocket.close", "code": 1008, "reason": error.message})

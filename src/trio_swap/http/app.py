@@ -94,11 +94,14 @@ def build_app(
                 404, f"no route {request.path}", "invalid_request_error", "not_found"
             )
         if status == 405:
+            # RFC 9110 §15.5.6: a 405 must say which methods the resource takes.
+            allowed = ", ".join(sorted(getattr(error, "valid_methods", None) or ()))
             return plain_error(
                 405,
                 f"{request.method} is not allowed on {request.path}",
                 "invalid_request_error",
                 "method_not_allowed",
+                headers={"Allow": allowed} if allowed else None,
             )
         return plain_error(
             status, error.description or str(error), "invalid_request_error", "bad_request"

@@ -7,7 +7,7 @@ from quart import Response
 
 from trio_swap.errors import SwapError
 
-__all__ = ["error_response", "json_response"]
+__all__ = ["error_response", "json_response", "plain_error"]
 
 
 def json_response(
@@ -26,6 +26,13 @@ def error_response(error: SwapError) -> Response:
     return json_response(error.body(), error.status, error.headers())
 
 
-def plain_error(status: int, message: str, error_type: str, code: str) -> Response:
+def plain_error(
+    status: int,
+    message: str,
+    error_type: str,
+    code: str,
+    headers: dict[str, str] | None = None,
+) -> Response:
     """An OpenAI-style error for statuses that have no :class:`SwapError` class (404 route, 405)."""
-    return json_response({"error": {"message": message, "type": error_type, "code": code}}, status)
+    payload = {"error": {"message": message, "type": error_type, "code": code}}
+    return json_response(payload, status, headers)

@@ -19,6 +19,8 @@ __all__ = ["register_observe_routes"]
 
 DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 1000
+#: What SQLite stores as INTEGER.
+_INT64: Final = range(-(2**63), 2**63)
 
 
 def register_observe_routes(app: QuartTrio, observer: Observer, state: AppState) -> None:
@@ -49,10 +51,12 @@ def register_observe_routes(app: QuartTrio, observer: Observer, state: AppState)
 
 
 def _int_arg(name: str) -> int | None:
+    """A query integer: ASCII digits within SQLite's 64-bit range (larger ones failed the query)."""
     text = request.args.get(name, "")
     if not text:
         return None
-    try:
-        return int(text)
-    except ValueError:
-        raise BadRequest(f"{name} must be an integer (got {text!r})") from None
+    digits = text.removeprefix("-")
+    valid = digits.isascii() and digits.isdigit() and len(digits) <= 19
+    if not valid or int(text) not in _INT64:
+        raise BadRequest(f"{name} must be a 64-bit integer (got {text[:40]!r})")
+    return int(text)

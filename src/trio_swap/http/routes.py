@@ -107,6 +107,8 @@ def classify(method: str, path: str) -> Route | None:
             return _JSON
         if path in MULTIPART_PATHS:
             return _MULTIPART
+        if path in QUERY_PATHS:
+            return _raise_wrong_method("GET")
         return _VERSIONLESS.get(path)
     if method == "GET" and path in QUERY_PATHS:
         return _QUERY
