@@ -12,9 +12,11 @@ answer. A reload runs in two steps, one reload at a time:
 2. send it to the router (:meth:`~trio_swap.router.Router.reconfigure`): in
    one router step the process table, the scheduler's limits and settings,
    the swap policy and the HTTP layer's config (names, aliases, filters,
-   peers, API keys) all switch, so the next request sees all of it and no
-   decision sees half of it. Models the diff calls unchanged are not touched,
-   and no request in flight is ever cut.
+   peers, API keys: the ``switch_config`` callback the server hands the
+   :class:`Reloader`, so this module knows nothing of HTTP) all switch, so
+   the next request sees all of it and no decision sees half of it. Models
+   the diff calls unchanged are not touched, and no request in flight is
+   ever cut.
 
 llama-swap instead builds a whole new server and stops every model on any
 change; here a reload that adds one model costs the others nothing.
@@ -38,9 +40,6 @@ import trio
 
 from trio_swap.config import Config, ConfigError, ModelConfig, load_config
 from trio_swap.config.diff import NOT_RELOADED, ConfigDiff, diff_configs
-from trio_swap.http.access import AccessControl
-from trio_swap.http.app import AppState
-from trio_swap.http.inference import InferenceRoutes
 from trio_swap.policy import build_policy
 from trio_swap.router import Router
 from trio_swap.systemd import Notifier
@@ -60,6 +59,8 @@ log = logging.getLogger("trio_swap.reload")
 WATCH_INTERVAL: Final = 1.0
 
 Spawn = Callable[[ModelConfig, float], ModelProcess]
+#: Switches everything outside the router that reads the config (the HTTP layer).
+SwitchConfig = Callable[[Config], None]
 
 
 class ReloadUnavailable(Exception):
@@ -111,18 +112,21 @@ class Reloader:
         *,
         path: str | os.PathLike[str] | None,
         router: Router,
-        routes: InferenceRoutes,
-        state: AppState,
-        access: AccessControl,
+        switch_config: SwitchConfig,
         spawn: Spawn,
         notifier: Notifier | None = None,
     ) -> None:
+        """``switch_config(new)`` runs in the router's step that applies ``new``.
+
+        It must switch every reader of the config outside the router (the HTTP
+        layer: inference routes, admin state, API keys) at once, and must not
+        block or raise. ``spawn`` makes the supervised process of a model a
+        reload adds.
+        """
         self._config = config
         self._path = None if path is None else os.fspath(path)
         self._router = router
-        self._routes = routes
-        self._state = state
-        self._access = access
+        self._switch_config = switch_config
         self._spawn = spawn
         self._notifier = notifier if notifier is not None else Notifier(None)
         # Not the routing path: a reload may wait for the one before it.
@@ -220,9 +224,7 @@ class Reloader:
             The reload has succeeded from here on, even if its caller is cancelled
             before the router's answer reaches it, so the outcome is logged here.
             """
-            self._routes.swap_config(new)
-            self._state.config = new
-            self._access.set_api_keys(new.api_keys)
+            self._switch_config(new)
             self._config = new
             outcome.append(f"config reloaded ({diff.describe()})")
             log.info("config reloaded from %s: %s", new.source, diff.describe())

@@ -39,10 +39,11 @@ from hypercorn.trio import serve as hypercorn_serve
 from trio_swap.config.model import Config, ModelConfig
 from trio_swap.errors import SwapError
 from trio_swap.http.access import AccessControl
-from trio_swap.http.app import DEFAULT_MAX_BODY_BYTES, AppState, build_app
+from trio_swap.http.app import DEFAULT_MAX_BODY_BYTES, build_app
 from trio_swap.http.inference import InferenceRoutes
 from trio_swap.http.peers import PeerForwarder
 from trio_swap.http.reload_route import register_reload_route
+from trio_swap.http.state import AppState
 from trio_swap.http.upstream_client import UpstreamClient
 from trio_swap.observe.activity import ActivityLog
 from trio_swap.observe.metrics import Metrics
@@ -220,13 +221,18 @@ async def serve(
                 observer=observer,
             )
             app = AccessControl(routes, api_keys=config.api_keys)
+
+            def switch_http(new: Config) -> None:
+                """A reload's switch, in the router's step: every HTTP reader of the config."""
+                routes.swap_config(new)
+                state.config = new
+                app.set_api_keys(new.api_keys)
+
             reloader = Reloader(
                 config,
                 path=config_path,
                 router=router,
-                routes=routes,
-                state=state,
-                access=app,
+                switch_config=switch_http,
                 spawn=spawn,
                 notifier=notifier,
             )
@@ -272,8 +278,8 @@ async def serve(
                 if handle_signals:
                     await supervisors.start(_watch_signals, server, supervisors.cancel_scope)
                 # Listening, and SIGTERM now means a graceful stop: tell systemd.
-                notifier.ready(status_line(server))
-                supervisors.start_soon(notifier.publish_status, partial(status_line, server))
+                notifier.ready(_status_line(server))
+                supervisors.start_soon(notifier.publish_status, partial(_status_line, server))
                 if config.preload:
                     web.start_soon(_preload, router, config.preload)
                 task_status.started(server)
@@ -292,6 +298,12 @@ async def serve(
         with trio.CancelScope(shield=True):
             await guard.aclose()
     log.info("stopped")
+
+
+def _status_line(server: RunningServer) -> str:
+    """systemd's ``STATUS=``, from where the server listens and its models' states now."""
+    states = {name: process.state for name, process in server.processes.items()}
+    return status_line(server.binds, states, stopping=server.stopping)
 
 
 def _activity_log(config: Config, path: str | None) -> ActivityLog:

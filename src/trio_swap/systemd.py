@@ -19,15 +19,12 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Final, final
+from collections.abc import Callable, Mapping, Sequence
+from typing import Final, final
 
 import trio
 
 from trio_swap.upstream.process import ProcessState
-
-if TYPE_CHECKING:
-    from trio_swap.server import RunningServer
 
 __all__ = ["Notifier", "Watchdog", "status_line"]
 
@@ -192,13 +189,17 @@ class Watchdog:
             await trio.sleep(interval)
 
 
-def status_line(server: RunningServer) -> str:
-    """``serving on 127.0.0.1:8080; running: qwen (ready), coder (starting)``."""
-    where = ", ".join(bind.removeprefix("http://") for bind in server.binds)
-    head = "shutting down" if server.stopping else f"serving on {where}"
+def status_line(binds: Sequence[str], states: Mapping[str, ProcessState], *, stopping: bool) -> str:
+    """``serving on 127.0.0.1:8080; running: qwen (ready), coder (starting)``.
+
+    ``binds``: the listening URLs; ``states``: each model's process state, in
+    the order to name them; ``stopping``: a graceful shutdown has begun.
+    """
+    where = ", ".join(bind.removeprefix("http://") for bind in binds)
+    head = "shutting down" if stopping else f"serving on {where}"
     running = [
-        f"{name} ({process.state.value})"
-        for name, process in server.processes.items()
-        if process.state is not ProcessState.STOPPED
+        f"{name} ({state.value})"
+        for name, state in states.items()
+        if state is not ProcessState.STOPPED
     ]
     return f"{head}; running: {', '.join(running)}" if running else f"{head}; no model running"

@@ -7,58 +7,26 @@ The model-routed POST endpoints are served in front of it by
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Mapping
-from typing import Final, final
+from typing import Final
 
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from trio_swap import __version__
-from trio_swap.config.model import Config
 from trio_swap.errors import BodyTooLarge, ModelNotFound, SwapError
 from trio_swap.http.errors import error_response, json_response, plain_error
 from trio_swap.http.logs import register_log_routes
 from trio_swap.http.observe import register_observe_routes
-from trio_swap.http.ui import model_rows, register_ui_routes
-from trio_swap.http.upstream_client import UpstreamClient
-from trio_swap.observe.record import Observer
-from trio_swap.router import Router
+from trio_swap.http.state import AppState, model_rows
+from trio_swap.http.ui import register_ui_routes
 from trio_swap.upstream.logs import LogBook
-from trio_swap.upstream.process import ModelProcess
 
-__all__ = ["AppState", "build_app"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "build_app"]
 
 log = logging.getLogger("trio_swap.http")
 
 DEFAULT_MAX_BODY_BYTES: Final = 64 * 1024 * 1024
-
-
-@final
-class AppState:
-    """What the handlers need, built once by :func:`trio_swap.server.serve`.
-
-    A reload replaces ``config`` and changes ``processes`` (the router's live
-    table): read them per request, never keep them across an ``await``.
-    """
-
-    def __init__(
-        self,
-        *,
-        config: Config,
-        router: Router,
-        processes: Mapping[str, ModelProcess],
-        upstream_client: UpstreamClient,
-        observer: Observer | None = None,
-    ) -> None:
-        self.config = config
-        self.router = router
-        self.processes = processes
-        self.upstream_client = upstream_client
-        #: Metrics and the activity log (``/metrics``, ``/api/activity``).
-        self.observer = observer
-        self.started_at = int(time.time())
 
 
 def build_app(

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from quart import Response, request
 from quart_trio import QuartTrio
 
 from trio_swap.errors import BadRequest
 from trio_swap.http.errors import json_response
+from trio_swap.http.state import AppState
 from trio_swap.observe.metrics import CONTENT_TYPE
 from trio_swap.observe.record import Observer
-
-if TYPE_CHECKING:
-    from trio_swap.http.app import AppState
 
 __all__ = ["register_observe_routes"]
 

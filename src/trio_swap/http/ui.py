@@ -23,9 +23,8 @@ import sqlite3
 from collections.abc import AsyncGenerator, Iterable
 from importlib import resources
 from importlib.resources.abc import Traversable
-from typing import TYPE_CHECKING, Final, final
+from typing import Final, final
 
-import httpx
 import msgspec
 import trio
 from quart import Response, redirect, request
@@ -34,11 +33,9 @@ from quart_trio import QuartTrio
 from trio_swap import __version__
 from trio_swap.errors import ModelNotFound
 from trio_swap.http.errors import json_response, plain_error
+from trio_swap.http.state import AppState, model_rows
 from trio_swap.observe.activity import ActivityLog
 from trio_swap.upstream.logs import Follower, LogBook, LogRing
-
-if TYPE_CHECKING:
-    from trio_swap.http.app import AppState
 
 __all__ = ["register_ui_routes"]
 
@@ -169,33 +166,6 @@ def register_ui_routes(app: QuartTrio, state: AppState, logs: LogBook | None) ->
 
 
 # -- the event feed ------------------------------------------------------------------
-
-
-def model_rows(state: AppState) -> list[dict[str, object]]:
-    """One row per model, as ``GET /api/models`` lists them."""
-    scheduler = state.router.scheduler
-    rows: list[dict[str, object]] = []
-    for model_id, process in state.processes.items():
-        model = process.model
-        rows.append(
-            {
-                "id": model_id,
-                "name": model.name,
-                "description": model.description,
-                "aliases": list(model.aliases),
-                "unlisted": model.unlisted,
-                "state": process.state.value,
-                "pid": process.pid,
-                "proxy": model.proxy,
-                "port": httpx.URL(model.proxy).port,
-                "start_count": process.start_count,
-                "last_ready_seconds": process.last_ready_seconds,
-                "in_flight": scheduler.in_flight(model_id),
-                "queued": scheduler.queued(model_id),
-                "ttl": model.ttl,
-            }
-        )
-    return rows
 
 
 def _event(name: str, data: object) -> bytes:

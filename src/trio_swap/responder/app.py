@@ -61,7 +61,11 @@ from hypercorn.typing import (
     Scope,
 )
 
-from trio_swap.responder import anthropic, llama, media
+# Each by its own name, not `from trio_swap.responder import ...`: the package's
+# __init__ imports this module, so naming the package here would close a cycle.
+import trio_swap.responder.anthropic as anthropic
+import trio_swap.responder.llama as llama
+import trio_swap.responder.media as media
 from trio_swap.responder.options import ResponderOptions
 from trio_swap.responder.payloads import (
     BadRequest,
