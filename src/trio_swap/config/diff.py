@@ -48,7 +48,7 @@ SETTINGS: Final = {
 #: field is in exactly one of these two tables (a test checks it), so a new
 #: setting cannot be silently left out of a reload's report.
 COMPARED_ELSEWHERE: Final = frozenset(
-    {"source", "models", "routing", "peer_names", "warnings", "ports"}
+    {"source", "models", "routing", "peer_names", "model_names", "warnings", "ports"}
 )
 #: Top-level keys a reload reads but does not apply (they need a restart of trio-swap).
 NOT_RELOADED: Final = {

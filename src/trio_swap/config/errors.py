@@ -14,7 +14,11 @@ straight to the mistake::
 
 from __future__ import annotations
 
-from typing import final
+from typing import Final, final
+
+#: Longest message and key path shown: an echoed value or key can be a whole file.
+MAX_MESSAGE: Final = 600
+MAX_KEY_PATH: Final = 300
 
 
 @final
@@ -29,15 +33,20 @@ class ConfigError(Exception):
         line: 1-based line in ``source``; ``None`` only when no line exists
             (the file is missing or unreadable).
         message: What is wrong, without the location prefix.
+
+    ``message`` and ``key_path`` are made printable on one line (control
+    characters and line breaks escaped as in a Python literal) and a long one
+    loses its middle, so an error echoing a hostile key or value stays one
+    readable terminal line.
     """
 
     def __init__(
         self, message: str, *, source: str, key_path: str = "", line: int | None = None
     ) -> None:
         self.source = source
-        self.key_path = key_path
+        self.key_path = one_line(key_path, MAX_KEY_PATH)
         self.line = line
-        self.message = message
+        self.message = one_line(message, MAX_MESSAGE)
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -51,3 +60,13 @@ class ConfigError(Exception):
             f"ConfigError({self.message!r}, source={self.source!r}, "
             f"key_path={self.key_path!r}, line={self.line!r})"
         )
+
+
+def one_line(text: str, limit: int) -> str:
+    """``text`` with non-printable characters escaped, cut in the middle to ``limit``."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    if len(text) <= limit:
+        return text
+    half = (limit - 5) // 2
+    return f"{text[:half]} ... {text[-half:]}"

@@ -26,6 +26,7 @@ from typing import final
 
 from trio_swap.config.errors import ConfigError
 from trio_swap.config.macros import (
+    ExpansionBudget,
     MacroList,
     assign_ports,
     check_model_leftovers,
@@ -34,7 +35,7 @@ from trio_swap.config.macros import (
     read_macros,
     substitute_env,
 )
-from trio_swap.config.model import Config, ModelConfig, PeerConfig
+from trio_swap.config.model import Config, ModelConfig, PeerConfig, build_model_names
 from trio_swap.config.routing import ROUTING_TOP_KEYS, load_routing
 from trio_swap.config.schema import (
     LLAMA_SWAP_ONLY_MODEL_KEYS,
@@ -51,13 +52,14 @@ from trio_swap.config.schema import (
 )
 from trio_swap.config.store import check_store
 from trio_swap.config.validate import (
+    NOT_PRINTABLE,
     check_aliases,
     check_model,
     check_peers,
     check_settings,
     convert,
 )
-from trio_swap.config.yamlsource import Document, KeyPath, format_path, parse_document, type_name
+from trio_swap.config.yamlsource import Document, KeyPath, parse_document, type_name
 
 #: YAML 1.1 booleans that llama-swap's Go YAML library still accepts for bool fields.
 _YAML11_BOOLS = {"yes": True, "on": True, "y": True, "no": False, "off": False, "n": False}
@@ -135,6 +137,8 @@ class _Loader:
         self.ports_in_use = ports_in_use
         #: (line, message): sorted by line when the load succeeds.
         self.warnings: list[tuple[int, str]] = []
+        #: What macro expansion may still produce in this load.
+        self.budget = ExpansionBudget(doc)
 
     def load(self) -> Config:
         doc = self.doc
@@ -147,7 +151,8 @@ class _Loader:
         models_value = top.pop("models", None)
         peers_value = top.pop("peers", None)
         global_macros = read_macros(top.pop("macros", None), ("macros",), doc)
-        raw_settings = convert(expand_globals(top, global_macros, doc), RawConfig, (), doc)
+        budget = self.budget
+        raw_settings = convert(expand_globals(top, global_macros, doc, budget), RawConfig, (), doc)
         settings = check_settings(raw_settings, doc)
         in_memory, store_path, store_rows = check_store(raw_settings, doc)
 
@@ -157,7 +162,7 @@ class _Loader:
             model = self._supported(value, path, MODEL_KEYS, LLAMA_SWAP_ONLY_MODEL_KEYS)
             if "cmd" not in model:
                 raise doc.error((*path, "cmd"), "required key is missing")
-            expanded[model_id] = expand_model(model_id, model, global_macros, doc)
+            expanded[model_id] = expand_model(model_id, model, global_macros, doc, budget)
         previous = self.previous
         keep = previous.ports if previous and previous.start_port == settings.start_port else None
         ports = assign_ports(
@@ -172,11 +177,11 @@ class _Loader:
         check_aliases(models, doc)
         peers = self._peers(peers_value, global_macros, models)
         routing, routing_warnings = load_routing(
-            expand_globals(routing_values, global_macros, doc), models, doc
+            expand_globals(routing_values, global_macros, doc, budget), models, doc
         )
         self.warnings.extend(routing_warnings)
         preload = _preload(
-            expand_globals({"hooks": hooks}, global_macros, doc)["hooks"], models, doc
+            expand_globals({"hooks": hooks}, global_macros, doc, budget)["hooks"], models, doc
         )
         return Config(
             source=doc.source,
@@ -210,6 +215,8 @@ class _Loader:
             path: KeyPath = ("models", model_id)
             if not model_id.strip():
                 raise self.doc.error(path, "a model ID must not be empty")
+            if not model_id.isprintable():
+                raise self.doc.error(path, NOT_PRINTABLE.format(what="a model ID"))
             if not isinstance(model, dict):
                 raise self.doc.error(path, f"must be a mapping of keys (got {type_name(model)})")
             models[model_id] = model
@@ -229,6 +236,8 @@ class _Loader:
             path: KeyPath = ("peers", peer_id)
             if not peer_id.strip():
                 raise doc.error(path, "a peer ID must not be empty")
+            if not peer_id.isprintable():
+                raise doc.error(path, NOT_PRINTABLE.format(what="a peer ID"))
             if not isinstance(peer, dict):
                 raise doc.error(path, f"must be a mapping of keys (got {type_name(peer)})")
             peer = self._supported(peer, path, PEER_KEYS, LLAMA_SWAP_ONLY_PEER_KEYS)
@@ -241,7 +250,7 @@ class _Loader:
                     LLAMA_SWAP_ONLY_PEER_TIMEOUT_KEYS,
                 )
             kept[peer_id] = peer
-        expanded = expand_globals({"peers": kept}, global_macros, doc)["peers"]
+        expanded = expand_globals({"peers": kept}, global_macros, doc, self.budget)["peers"]
         assert isinstance(expanded, dict)
         raw = {
             peer_id: convert(peer, RawPeer, ("peers", peer_id), doc)
@@ -270,17 +279,15 @@ class _Loader:
                     kept[key] = value
                 continue
             where = (*path, key)
-            line = self.doc.line(where) or 0
-            prefix = f"{self.doc.source}:{line}: {format_path(where)}"
             if key in llama_swap_only:
                 hint = llama_swap_only[key]
                 suffix = f" ({hint})" if hint else ""
-                message = f"{prefix}: not supported yet by trio-swap; ignored{suffix}"
+                message = f"not supported yet by trio-swap; ignored{suffix}"
             else:
                 close = _close_match(key, supported | set(llama_swap_only))
                 suggestion = f" (did you mean '{close}'?)" if close else ""
-                message = f"{prefix}: unknown key{suggestion}; ignored"
-            self.warnings.append((line, message))
+                message = f"unknown key{suggestion}; ignored"
+            self.warnings.append(self.doc.warning(where, message))
         return kept
 
 
@@ -306,18 +313,16 @@ def _preload(value: object, models: dict[str, ModelConfig], doc: Document) -> tu
     names = startup.get("preload") or []
     if not isinstance(names, list):
         raise doc.error(("hooks", "on_startup", "preload"), "must be a list of model ids")
-    resolved: list[str] = []
+    known = build_model_names(models)
+    resolved: dict[str, None] = {}
     for index, name in enumerate(names):
         where: KeyPath = ("hooks", "on_startup", "preload", index)
         if not isinstance(name, str):
             raise doc.error(where, f"must be a model id (got {type_name(name)})")
-        model = name if name in models else None
-        if model is None:
-            model = next((m.id for m in models.values() if name.strip() in m.aliases), None)
+        model = name if name in models else known.get(name.strip())
         if model is None:
             raise doc.error(where, f"unknown model {name!r} (not an id or alias)")
-        if model not in resolved:
-            resolved.append(model)
+        resolved[model] = None
     return tuple(resolved)
 
 

@@ -36,7 +36,7 @@ import os
 import re
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Final
+from typing import Final, final
 
 from trio_swap.config.command import strip_comment_lines
 from trio_swap.config.errors import ConfigError
@@ -54,6 +54,10 @@ from trio_swap.config.yamlsource import (
 MacroList = list[tuple[str, MacroValue]]
 
 RESERVED: Final = frozenset({"PORT", "MODEL_ID", "PID"})
+#: Longest text macro expansion may make one value (a long command line is ~2 KiB).
+MAX_EXPANDED: Final = 1 << 20
+#: All the text macro expansion may produce in one load (see ExpansionBudget).
+MAX_EXPANSION: Final = 16 << 20
 MAX_NAME_LENGTH: Final = 63
 PORT_PLACEHOLDER: Final = "${PORT}"
 _PID: Final = "PID"
@@ -184,71 +188,147 @@ def read_macros(value: object, path: KeyPath, doc: Document) -> MacroList:
 # --- 3. expansion ----------------------------------------------------------------
 
 
+@final
+class ExpansionBudget:
+    """The text macro expansion may still produce in one load.
+
+    A macro may use earlier ones, so ``b: ${a}${a}...`` ten times, ten macros
+    deep, is 10^10 characters from a 300-byte file (issue 9: it took every
+    byte of memory). So no value may expand past :data:`MAX_EXPANDED`, and
+    every expanded value (macro values as they are resolved, then the config
+    values using them) counts against :data:`MAX_EXPANSION` for the whole load.
+    """
+
+    def __init__(self, doc: Document, total: int = MAX_EXPANSION) -> None:
+        self._doc = doc
+        self._left = total
+
+    def charge(self, size: int, path: KeyPath) -> None:
+        """Count ``size`` characters produced for ``path``.
+
+        Raises:
+            ConfigError: the load's budget is spent, located at ``path``.
+        """
+        self._left -= size
+        if self._left < 0:
+            raise self._doc.error(
+                path,
+                f"macros expand to more than {MAX_EXPANSION >> 20} MiB of text in all "
+                "(a macro repeats its whole value everywhere it is used)",
+            )
+
+    def too_long(self, path: KeyPath) -> ConfigError:
+        return self._doc.error(
+            path, f"macro expansion makes this value longer than {MAX_EXPANDED >> 10} KiB"
+        )
+
+
 def expand_globals(
-    values: dict[str, object], macros: MacroList, doc: Document
+    values: dict[str, object], macros: MacroList, doc: Document, budget: ExpansionBudget
 ) -> dict[str, object]:
     """Expand top-level settings (``startPort: ${first_port}``) with global macros.
 
     Raises:
-        ConfigError: any ``${...}`` left over, at its key path.
+        ConfigError: any ``${...}`` left over, at its key path; an expansion
+            past ``budget`` or :data:`MAX_EXPANDED`.
     """
-    table = _resolve(macros)
-    expanded = {key: _expand(value, table) for key, value in values.items()}
+    table = _resolve(macros, {name: ("macros", name) for name, _ in macros}, budget)
+    expanded = {key: _expand(value, table, (key,), budget) for key, value in values.items()}
     for key, value in expanded.items():
         check_leftovers(value, (key,), doc)
     return expanded
 
 
 def expand_model(
-    model_id: str, model: dict[str, object], global_macros: MacroList, doc: Document
+    model_id: str,
+    model: dict[str, object],
+    global_macros: MacroList,
+    doc: Document,
+    budget: ExpansionBudget,
 ) -> dict[str, object]:
     """Expand one model's values; the ``macros`` key is consumed and dropped.
 
     ``${PORT}`` and ``${PID}`` are left for :func:`assign_ports` and the
     process supervisor; call :func:`check_leftovers` after :func:`assign_ports`.
+
+    Raises:
+        ConfigError: a bad ``macros`` block; an expansion past ``budget`` or
+            :data:`MAX_EXPANDED`.
     """
     path: KeyPath = ("models", model_id)
     own = read_macros(model.get("macros"), (*path, "macros"), doc)
     merged: MacroList = [("MODEL_ID", model_id), *global_macros]
+    where: dict[str, KeyPath] = {name: ("macros", name) for name, _ in global_macros}
     positions = {name: index for index, (name, _) in enumerate(merged)}
     for name, value in own:
+        where[name] = (*path, "macros", name)
         if name in positions:
             merged[positions[name]] = (name, value)
         else:
             merged.append((name, value))
-    table = _resolve(merged)
+    table = _resolve(merged, where, budget)
     expanded: dict[str, object] = {}
     for key, item in model.items():
         if key == "macros":
             continue
         if key in ("cmd", "cmdStop") and isinstance(item, str):
             item = strip_comment_lines(item)
-        expanded[key] = _expand(item, table)
+        expanded[key] = _expand(item, table, (*path, key), budget)
     return expanded
 
 
-def _resolve(macros: MacroList) -> dict[str, MacroValue]:
+def _resolve(
+    macros: MacroList, where: Mapping[str, KeyPath], budget: ExpansionBudget
+) -> dict[str, MacroValue]:
     """Each macro's value expanded with the macros declared before it."""
     table: dict[str, MacroValue] = {}
     for name, value in macros:
-        table[name] = _expand_str(value, table) if isinstance(value, str) else value
+        if isinstance(value, str):
+            value = _expand_str(value, table, where.get(name, ()), budget)
+        table[name] = value
     return table
 
 
-def _expand_str(value: str, table: Mapping[str, MacroValue]) -> MacroValue:
+def _expand_str(
+    value: str, table: Mapping[str, MacroValue], path: KeyPath, budget: ExpansionBudget
+) -> MacroValue:
+    """``value`` with its macros substituted; a lone ``${name}`` keeps the macro's type.
+
+    The length is counted as the substitution goes, so an expansion too long
+    is refused before it is built.
+    """
     whole = _REF.fullmatch(value)
     if whole is not None and whole.group(1) in table:
-        return table[whole.group(1)]
-    return _REF.sub(lambda match: _text(table.get(match.group(1)), match.group(0)), value)
+        found = table[whole.group(1)]
+        if isinstance(found, str):
+            budget.charge(len(found), path)  # later stages process every copy
+        return found
+    limit = max(MAX_EXPANDED, len(value))
+    size = len(value)
+
+    def substitute(match: re.Match[str]) -> str:
+        nonlocal size
+        text = _text(table.get(match.group(1)), match.group(0))
+        size += len(text) - len(match.group(0))
+        if size > limit:
+            raise budget.too_long(path)
+        return text
+
+    expanded = _REF.sub(substitute, value)
+    if expanded != value:
+        budget.charge(len(expanded), path)
+    return expanded
 
 
-def _expand(value: object, table: Mapping[str, MacroValue]) -> object:
+def _expand(
+    value: object, table: Mapping[str, MacroValue], path: KeyPath, budget: ExpansionBudget
+) -> object:
     if isinstance(value, str):
-        return _expand_str(value, table)
+        return _expand_str(value, table, path, budget)
     if isinstance(value, list):
-        return [_expand(item, table) for item in value]
+        return [_expand(item, table, (*path, i), budget) for i, item in enumerate(value)]
     if isinstance(value, dict):
-        return {key: _expand(item, table) for key, item in value.items()}
+        return {key: _expand(item, table, (*path, key), budget) for key, item in value.items()}
     return value
 
 
@@ -366,11 +446,12 @@ def assign_ports(
             )
         ports[model_id] = port
         port += 1
+    budget = ExpansionBudget(doc)  # a port number is never longer than "${PORT}"
     for model_id in users:
         model = models[model_id]
         table: dict[str, MacroValue] = {"PORT": ports[model_id]}
         for key, value in model.items():
-            model[key] = _expand(value, table)
+            model[key] = _expand(value, table, ("models", model_id, key), budget)
     return {model_id: ports[model_id] for model_id in users}
 
 

@@ -7,6 +7,7 @@ are resolved. Runtime code never looks at raw YAML.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final, final
 
 import msgspec
@@ -97,6 +98,20 @@ class PeerConfig(msgspec.Struct, frozen=True, kw_only=True):
     def qualified(self, model: str) -> str:
         """The name clients use for ``model`` of this peer: ``<peer id>/<model>``."""
         return f"{self.id}/{model}"
+
+
+def build_model_names(models: Mapping[str, ModelConfig]) -> dict[str, str]:
+    """Every local name a client may send (model ID or alias) -> the model ID.
+
+    An ID wins over an alias, and the first model listing an alias over later
+    ones (the loader refuses both cases; a config built in code may not).
+    """
+    names: dict[str, str] = {}
+    for model in models.values():
+        for alias in model.aliases:
+            names.setdefault(alias, model.id)
+    names.update((model_id, model_id) for model_id in models)
+    return names
 
 
 def build_peer_names(
@@ -204,6 +219,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     #: Computed from ``models`` and ``peers`` on construction (a value passed in is
     #: replaced): every name that routes to a peer -> (peer id, peer's model name).
     peer_names: dict[str, tuple[str, str]] = msgspec.field(default_factory=dict)
+    #: Computed from ``models`` on construction (a value passed in is replaced):
+    #: every model ID and alias -> model ID, so :meth:`resolve` is one lookup.
+    model_names: dict[str, str] = msgspec.field(default_factory=dict)
     #: Human-readable notes about keys trio-swap read but does not support yet.
     warnings: tuple[str, ...] = ()
     #: Model id -> the ``${PORT}`` its ``cmd`` was given (only models whose cmd uses
@@ -213,15 +231,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         names = build_peer_names(self.models, self.peers) if self.peers else {}
         msgspec.structs.force_setattr(self, "peer_names", names)
+        msgspec.structs.force_setattr(self, "model_names", build_model_names(self.models))
 
     def resolve(self, name: str) -> str | None:
         """Map a requested model name (an id or an alias) to a model id, or None."""
-        if name in self.models:
-            return name
-        for model in self.models.values():
-            if name in model.aliases:
-                return model.id
-        return None
+        return self.model_names.get(name)
 
     def resolve_peer(self, name: str) -> tuple[str, str] | None:
         """Map a requested name to (peer id, the peer's own model name), or None.

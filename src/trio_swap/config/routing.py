@@ -25,6 +25,7 @@ from trio_swap.config.model import (
     ModelConfig,
     RoutingConfig,
     SchedulerConfig,
+    build_model_names,
 )
 from trio_swap.config.validate import convert
 from trio_swap.config.yamlsource import Document, KeyPath, type_name
@@ -116,8 +117,9 @@ def _scheduler(value: object, models: Mapping[str, ModelConfig], doc: Document) 
     if settings.max_queue < 0:
         raise doc.error((*where, "maxQueue"), f"must be >= 0 (got {settings.max_queue})")
     priority: dict[str, int] = {}
+    known = build_model_names(models)
     for name, level in settings.fifo.priority.items():
-        model = _resolve(name, models)
+        model = known.get(name)
         if model is None:
             raise doc.error(
                 (*where, "fifo", "priority", name), f"unknown model {name!r} (not an id or alias)"
@@ -129,12 +131,6 @@ def _scheduler(value: object, models: Mapping[str, ModelConfig], doc: Document) 
         max_queue=settings.max_queue,
         priority=priority,
     )
-
-
-def _resolve(name: str, models: Mapping[str, ModelConfig]) -> str | None:
-    if name in models:
-        return name
-    return next((m.id for m in models.values() if name in m.aliases), None)
 
 
 def _router(

@@ -27,11 +27,15 @@ from trio_swap.config.model import (
     PeerConfig,
 )
 from trio_swap.config.schema import INHERIT_TTL, RawConfig, RawFilters, RawModel, RawPeer
-from trio_swap.config.yamlsource import Document, KeyPath, format_path, type_name
+from trio_swap.config.yamlsource import Document, KeyPath, type_name
 
 LOG_LEVELS: Final = ("debug", "info", "warn", "error")
 LOG_TO_STDOUT: Final = ("proxy", "upstream", "both", "none")
 _HIGHEST_PORT: Final = 65535
+#: Names clients send and logs print (model IDs, aliases): no control characters.
+NOT_PRINTABLE: Final = "{what} must not contain control characters or line breaks"
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
 _ENV_ENTRY = re.compile(r"([^=\s]+)=(.*)", re.DOTALL)
 
 T = TypeVar("T", bound=msgspec.Struct)
@@ -152,7 +156,12 @@ def _check(value: object, info: msgspec.inspect.Type, path: KeyPath, doc: Docume
         scalar = isinstance(value, str | int | float) and not isinstance(value, bool)
         shown = f" {value!r}" if scalar else ""
         raise doc.error(path, f"expected {want}, got {type_name(value)}{shown}")
-    if isinstance(fitting, msgspec.inspect.FloatType) and isinstance(value, int):
+    if isinstance(fitting, msgspec.inspect.IntType):
+        assert isinstance(value, int)
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            # As in llama-swap (Go int64); SQLite and friends refuse larger ones at run time.
+            raise doc.error(path, f"number out of range: must fit in 64 bits (got {value})")
+    elif isinstance(fitting, msgspec.inspect.FloatType) and isinstance(value, int):
         try:
             float(value)
         except OverflowError:
@@ -300,6 +309,8 @@ def _filters(
         name = key.replace("${MODEL_ID}", model_id or "").strip()
         if not name:
             raise doc.error((*path, "setParamsByID", key), "an empty name cannot be requested")
+        if not name.isprintable():
+            raise doc.error((*path, "setParamsByID", key), NOT_PRINTABLE.format(what="a name"))
         if name in by_id:
             raise doc.error((*path, "setParamsByID", key), f"{name!r} is listed twice")
         by_id[name] = {k: v for k, v in sorted(params.items()) if k != "model"}
@@ -351,6 +362,8 @@ def check_peers(
             where: KeyPath = (*path, "models", index)
             if not name.strip():
                 raise doc.error(where, "a model name must not be empty")
+            if not name.isprintable():
+                raise doc.error(where, NOT_PRINTABLE.format(what="a model name"))
             if name in names:
                 continue
             names.append(name)
@@ -398,12 +411,11 @@ def _peer_filters(
             kept[name] = params
             continue
         where: KeyPath = (*path, "filters", "setParamsByID", name)
-        line = doc.line(where) or 0
         warnings.append(
-            (
-                line,
-                f"{doc.source}:{line}: {format_path(where)}: not a name of this peer's models "
-                f"('{peer_id}/<model>' or a bare model it lists), so it never applies; ignored",
+            doc.warning(
+                where,
+                f"not a name of this peer's models ('{peer_id}/<model>' or a bare model it "
+                "lists), so it never applies; ignored",
             )
         )
     return msgspec.structs.replace(filters, set_params_by_id=kept), warnings
@@ -450,6 +462,8 @@ def _aliases(aliases: list[str], path: KeyPath, doc: Document) -> tuple[str, ...
     for index, alias in enumerate(aliases):
         if not alias.strip():
             raise doc.error((*path, index), "alias must not be empty")
+        if not alias.isprintable():
+            raise doc.error((*path, index), NOT_PRINTABLE.format(what="an alias"))
         if alias in seen:
             raise doc.error((*path, index), f"alias '{alias}' is listed twice")
         seen.add(alias)

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from typing import Final, final
 
 import yaml
+from yaml.composer import ComposerError
+from yaml.events import Event
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from trio_swap.config.errors import ConfigError
@@ -38,15 +40,41 @@ _MERGE: Final = "tag:yaml.org,2002:merge"
 _MAP: Final = "tag:yaml.org,2002:map"
 _SEQ: Final = "tag:yaml.org,2002:seq"
 
-#: Alias expansion can blow a tiny file up exponentially ("billion laughs").
-_MAX_NODES: Final = 1_000_000
+#: Alias expansion can blow a tiny file up exponentially ("billion laughs"):
+#: the values built may hold this many nodes in all, and this many characters
+#: of text (a long string repeated by aliases costs every later stage its length).
+MAX_NODES: Final = 200_000
+MAX_TEXT: Final = 16 << 20
+#: How deep mappings and lists may nest, written or through aliases. A config
+#: nests about 6 deep; every later stage (macros, validation, JSON answers)
+#: recurses over values, so a deeper one is refused before any of them runs.
+MAX_DEPTH: Final = 100
 
 
 class _CoreLoader(yaml.SafeLoader):
-    """SafeLoader whose implicit typing follows the YAML 1.2 core schema."""
+    """SafeLoader whose implicit typing follows the YAML 1.2 core schema.
+
+    Its composer stops at :data:`MAX_DEPTH`: PyYAML composes recursively (10k
+    ``[`` raised ``RecursionError``, a traceback), and its scanner slows down
+    with every open bracket, so a deep file is refused as early as possible.
+    """
 
     # Our own table (not SafeLoader's), filled below.
     yaml_implicit_resolvers = {}
+
+    _depth = 0
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                # types-PyYAML leaves Parser.peek_event untyped.
+                event: Event = self.peek_event()  # type: ignore[no-untyped-call]
+                mark = event.start_mark if isinstance(event.start_mark, yaml.error.Mark) else None
+                raise ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 for _tag, _pattern, _first in (
@@ -118,6 +146,11 @@ class Document:
             message, source=self.source, key_path=format_path(path), line=self.line(path)
         )
 
+    def warning(self, path: KeyPath, message: str) -> tuple[int, str]:
+        """(line, text) of a warning at ``path``, worded and made safe like an error."""
+        error = self.error(path, message)
+        return error.line or 0, str(error)
+
 
 def parse_document(text: str, source: str) -> Document:
     """Parse one YAML document; an empty file gives ``None`` as its value.
@@ -131,13 +164,18 @@ def parse_document(text: str, source: str) -> Document:
     if root is None:
         return Document(source, None, {})
     builder.lines[()] = root.start_mark.line + 1
-    value = builder.build(root, ())
+    value = builder.build(root, (), 1)
     return Document(source, value, builder.lines)
 
 
 def compose(text: str, source: str) -> Node | None:
     """Compose ``text`` into a YAML node tree, translating syntax errors."""
-    loader = _CoreLoader(text)
+    try:
+        # The reader checks the whole text for control characters right here
+        # (a NUL was a traceback before issue 9).
+        loader = _CoreLoader(text)
+    except yaml.reader.ReaderError as exc:
+        raise _unacceptable(exc, text, source) from exc
     try:
         return loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
@@ -147,11 +185,18 @@ def compose(text: str, source: str) -> Node | None:
         message = "invalid YAML: " + ", ".join(parts) if parts else "invalid YAML"
         raise ConfigError(message, source=source, line=line) from exc
     except yaml.reader.ReaderError as exc:
-        line = text.count("\n", 0, exc.position) + 1
-        message = f"invalid YAML: unacceptable character #x{exc.character:04x}"
-        raise ConfigError(message, source=source, line=line) from exc
+        raise _unacceptable(exc, text, source) from exc
     finally:
         loader.dispose()
+
+
+def _unacceptable(exc: yaml.reader.ReaderError, text: str, source: str) -> ConfigError:
+    line = text.count("\n", 0, exc.position) + 1
+    message = (
+        f"invalid YAML: unacceptable character #x{exc.character:04x} "
+        '(control characters can only be written as escapes in double quotes, like "\\t")'
+    )
+    return ConfigError(message, source=source, line=line)
 
 
 def iter_scalar_nodes(root: Node) -> Iterator[tuple[KeyPath, ScalarNode]]:
@@ -186,7 +231,10 @@ class _Builder:
         self.source = source
         self.lines: dict[KeyPath, int] = {}
         self._active: set[int] = set()
-        self._count = 0
+        self._count = 0  # values built, and pairs merged
+        #: id(mapping node) -> its pairs, merges applied.
+        self._pairs_of: dict[int, dict[str, tuple[Node, Node]]] = {}
+        self._text = 0  # characters of scalar text built
 
     def _error(
         self, node: Node, path: KeyPath, message: str, *, line: int | None = None
@@ -198,15 +246,37 @@ class _Builder:
             line=node.start_mark.line + 1 if line is None else line,
         )
 
-    def build(self, node: Node, path: KeyPath) -> object:
-        self._count += 1
-        if self._count > _MAX_NODES:
-            raise self._error(node, path, "document too large after expanding aliases")
+    def _count_nodes(self, count: int, node: Node, path: KeyPath) -> None:
+        self._count += count
+        if self._count > MAX_NODES:
+            raise self._error(
+                node,
+                path,
+                f"more than {MAX_NODES} values after expanding YAML aliases and merges; "
+                "an alias repeats its anchor's whole value",
+                line=self.lines.get(path),
+            )
+
+    def build(self, node: Node, path: KeyPath, depth: int) -> object:
+        """The plain value of ``node``, found at ``path``, ``depth`` levels down."""
+        self._count_nodes(1, node, path)
         if isinstance(node, ScalarNode):
+            self._text += len(node.value)
+            if self._text > MAX_TEXT:
+                raise self._error(
+                    node,
+                    path,
+                    f"more than {MAX_TEXT >> 20} MiB of text after expanding YAML aliases; "
+                    "an alias repeats its anchor's whole value",
+                    line=self.lines.get(path),
+                )
             return self._scalar(node, path)
         if id(node) in self._active:
             # Point at the alias that closes the loop, not at the anchor.
             raise self._error(node, path, "recursive YAML alias", line=self.lines.get(path))
+        if depth > MAX_DEPTH:
+            message = f"nested more than {MAX_DEPTH} levels deep (after expanding YAML aliases)"
+            raise self._error(node, path, message, line=self.lines.get(path))
         self._active.add(id(node))
         try:
             if isinstance(node, SequenceNode):
@@ -216,7 +286,7 @@ class _Builder:
                 for index, child in enumerate(node.value):
                     child_path = (*path, index)
                     self.lines[child_path] = child.start_mark.line + 1
-                    items.append(self.build(child, child_path))
+                    items.append(self.build(child, child_path, depth + 1))
                 return items
             if isinstance(node, MappingNode):
                 if node.tag != _MAP:
@@ -225,7 +295,7 @@ class _Builder:
                 for key, (key_node, value_node) in self._pairs(node, path).items():
                     child_path = (*path, key)
                     self.lines[child_path] = key_node.start_mark.line + 1
-                    mapping[key] = self.build(value_node, child_path)
+                    mapping[key] = self.build(value_node, child_path, depth + 1)
                 return mapping
             raise self._error(node, path, f"unexpected YAML node {type(node).__name__}")
         finally:
@@ -237,12 +307,17 @@ class _Builder:
         Explicit keys override merged ones; among merged mappings the first
         listed wins (the YAML merge-key rules).
         """
+        known = self._pairs_of.get(id(node))
+        if known is not None:
+            return known
         explicit: dict[str, tuple[Node, Node]] = {}
         merged: dict[str, tuple[Node, Node]] = {}
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE:
                 for source in self._merge_sources(value_node, path):
-                    for key, pair in self._merged_pairs(source, path).items():
+                    pairs = self._merged_pairs(source, path)
+                    self._count_nodes(len(pairs), source, path)
+                    for key, pair in pairs.items():
                         merged.setdefault(key, pair)
                 continue
             if not isinstance(key_node, ScalarNode):
@@ -256,7 +331,10 @@ class _Builder:
                     f"duplicate key (first defined on line {first[0].start_mark.line + 1})",
                 )
             explicit[key] = (key_node, value_node)
-        return merged | explicit
+        # Kept: a mapping merged N times is worked out once (merge chains were
+        # exponential work before issue 9, unseen by the node count).
+        self._pairs_of[id(node)] = pairs = merged | explicit
+        return pairs
 
     def _merged_pairs(self, source: MappingNode, path: KeyPath) -> dict[str, tuple[Node, Node]]:
         if id(source) in self._active:
