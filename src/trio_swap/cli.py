@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the activity log in this SQLite file (overrides store.path; default: memory)",
     )
     serve.add_argument(
+        "--h2c",
+        action="store_true",
+        help="also serve cleartext HTTP/2 (Upgrade: h2c, prior knowledge); off by default: "
+        "clients speak HTTP/1.1 to a local proxy (docs/security.md)",
+    )
+    serve.add_argument(
         "--watch-config",
         "-watch-config",
         action="store_true",
@@ -266,6 +272,7 @@ def _serve(args: argparse.Namespace) -> int:
                     activity_db=args.activity_db,
                     config_path=args.config,
                     watch_config=args.watch_config,
+                    h2c=args.h2c,
                 )
             )
             _print_banner(server, config.source, list(config.models))

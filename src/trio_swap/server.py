@@ -13,13 +13,16 @@
        ├─ Reloader.run()              config reloads asked for by SIGHUP and --watch-config
        ├─ watch_config_file()         --watch-config: polls the file, asks for reloads
        └─ web nursery
-          ├─ hypercorn serve(app)     AccessControl → InferenceRoutes → Quart admin app;
-          │                           handlers talk to the router through its channel
+          ├─ HttpServer.serve(app)    hypercorn, HTTP/1.1: AccessControl → InferenceRoutes →
+          │                           Quart admin app; handlers talk to the router's channel
           └─ signal watcher           SIGTERM/SIGINT: graceful stop; SIGHUP: reload
 
-Shutdown: stop accepting and drain HTTP (up to ``shutdown_timeout``), then the
-router rejects what still waits and stops every model in parallel, then the
-supervisors are cancelled (any process still alive is killed on the way out).
+Shutdown: the router rejects what still waits; HTTP stops accepting and drains
+(up to ``shutdown_timeout``), then every connection still open is cut, whatever
+its client does; then every model stops in parallel, then the supervisors are
+cancelled (any process still alive is killed on the way out). A second
+SIGTERM/SIGINT skips the waiting: connections are cut and everything is
+cancelled at once, the supervisors still stopping their processes.
 """
 
 from __future__ import annotations
@@ -27,20 +30,20 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Final, final
 
 import httpx
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from trio_swap.config.model import Config, ModelConfig
 from trio_swap.errors import SwapError
 from trio_swap.http.access import AccessControl
 from trio_swap.http.app import DEFAULT_MAX_BODY_BYTES, build_app
 from trio_swap.http.inference import InferenceRoutes
+from trio_swap.http.listener import HttpServer
 from trio_swap.http.peers import PeerForwarder
 from trio_swap.http.reload_route import register_reload_route
 from trio_swap.http.state import AppState
@@ -145,6 +148,7 @@ async def serve(
     activity_db: str | None = None,
     config_path: str | os.PathLike[str] | None = None,
     watch_config: bool = False,
+    h2c: bool = False,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run trio-swap until SIGTERM/SIGINT (or :meth:`RunningServer.stop`).
@@ -152,7 +156,12 @@ async def serve(
     ``activity_db``: an SQLite file for the activity log (overrides ``store.path``).
     ``config_path``: the file ``config`` was loaded from; reloads (SIGHUP,
     ``POST /api/config/reload``) read it again. ``watch_config``: also reload
-    when it changes (polled every second).
+    when it changes (polled every second). ``h2c``: also serve cleartext
+    HTTP/2 (off by default: docs/security.md).
+
+    Shutdown has a hard deadline: requests get ``shutdown_timeout`` to finish,
+    then every connection still open is cut, whatever its client does
+    (:class:`~trio_swap.http.listener.HttpServer`), and the models stop.
     """
     if watch_config and config_path is None:
         raise ValueError("watch_config needs config_path")
@@ -244,6 +253,7 @@ async def serve(
             hyper.graceful_timeout = shutdown_timeout
             hyper.keep_alive_timeout = 75  # clients (and benchmarks) reuse connections
             hyper.keep_alive_max_requests = 1_000_000  # hypercorn closes after 1000 by default
+            http = HttpServer(app, hyper, h2c=h2c)  # HTTP/1.1 only unless asked (docs/security.md)
 
             shutdown = trio.Event()
 
@@ -259,9 +269,7 @@ async def serve(
                 await router.shutdown()
 
             async with trio.open_nursery() as web:
-                binds = await web.start(
-                    partial(hypercorn_serve, app, hyper, shutdown_trigger=begin_shutdown)
-                )
+                binds = await web.start(partial(http.serve, shutdown_trigger=begin_shutdown))
                 server = RunningServer(
                     binds,
                     router,
@@ -276,14 +284,15 @@ async def serve(
                     assert config_path is not None
                     supervisors.start_soon(watch_config_file, config_path, reloader.request)
                 if handle_signals:
-                    await supervisors.start(_watch_signals, server, supervisors.cancel_scope)
+                    stop_now = partial(_stop_now, http, supervisors.cancel_scope)
+                    await supervisors.start(_watch_signals, server, stop_now)
                 # Listening, and SIGTERM now means a graceful stop: tell systemd.
                 notifier.ready(_status_line(server))
                 supervisors.start_soon(notifier.publish_status, partial(_status_line, server))
                 if config.preload:
                     web.start_soon(_preload, router, config.preload)
                 task_status.started(server)
-            # hypercorn returned: every connection is closed or was cut at the deadline.
+            # Every connection is closed, or was cut at the drain deadline.
             log.info("stopping all models")
             longest_grace = max((p.model.unload_timeout for p in processes.values()), default=0.0)
             with trio.move_on_after(longest_grace + 5):
@@ -332,11 +341,11 @@ async def _preload(router: Router, models: tuple[str, ...]) -> None:
 
 async def _watch_signals(
     server: RunningServer,
-    everything: trio.CancelScope,
+    stop_now: Callable[[str], None],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """First SIGTERM/SIGINT: graceful stop. A second one: stop now (upstreams still killed)."""
+    """First SIGTERM/SIGINT: graceful stop. A second one: ``stop_now`` (upstreams still stopped)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         task_status.started()  # from here on SIGTERM no longer kills the process outright
         async for signum in signals:
@@ -348,4 +357,14 @@ async def _watch_signals(
                 server.stop()
             else:
                 log.warning("%s received again: stopping now", name)
-                everything.cancel(reason=f"second {name}")
+                stop_now(f"second {name}")
+
+
+def _stop_now(http: HttpServer, everything: trio.CancelScope, reason: str) -> None:
+    """No more draining: cut every HTTP connection and cancel every task.
+
+    Model processes are still stopped: each supervisor terminates its process
+    group when cancelled (shielded and deadline-bounded).
+    """
+    http.cut()
+    everything.cancel(reason=reason)

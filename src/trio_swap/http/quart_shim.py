@@ -7,24 +7,39 @@ in that start, the idle task never runs, and hypercorn cannot close the idle
 connection at shutdown: SIGTERM then waits the whole ``--shutdown-timeout``
 for any client that keeps a connection open after an admin request (a browser
 tab, a monitoring probe). Shielding the last body ``send`` lets hypercorn
-finish its bookkeeping; it writes under a shield itself, so nothing can hang.
+finish its bookkeeping.
+
+The shield is bounded (:data:`LAST_SEND_SHIELD`): the last send writes a few
+bytes at most, and only waits when the client stopped reading (a full socket
+buffer, or an HTTP/2 flow-control window it never opens). Unbounded, such a
+client held its handler past every deadline, shutdown's included.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Final
+
 import trio
 from hypercorn.typing import ASGISendCallable, ASGISendEvent
 
-__all__ = ["shield_last_send"]
+__all__ = ["LAST_SEND_SHIELD", "shield_last_send"]
+
+log = logging.getLogger("trio_swap.http")
+
+#: Longest the last send holds off a cancellation (seconds).
+LAST_SEND_SHIELD: Final = 5.0
 
 
 def shield_last_send(send: ASGISendCallable) -> ASGISendCallable:
-    """``send``, with the response's final body message sent under a cancel shield."""
+    """``send``, with the response's final body message shielded from cancellation a while."""
 
     async def shielded(message: ASGISendEvent) -> None:
         if message["type"] == "http.response.body" and not message.get("more_body", False):
-            with trio.CancelScope(shield=True):
+            with trio.move_on_after(LAST_SEND_SHIELD, shield=True) as scope:
                 await send(message)
+            if scope.cancelled_caught:
+                log.info("a client read nothing for %gs: response end abandoned", LAST_SEND_SHIELD)
         else:
             await send(message)
 
