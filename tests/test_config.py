@@ -9,16 +9,24 @@ start on the line after the opening quotes, so line 1 is their first line.
 
 from __future__ import annotations
 
+import itertools
 import math
 import shlex
+import signal
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
+from typing import Annotated
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from trio_swap.cli import _check as check_command
 from trio_swap.config import (
     Config,
     ConfigError,
@@ -29,7 +37,10 @@ from trio_swap.config import (
 from trio_swap.config.command import split_command
 from trio_swap.config.demo import DEMO_CONFIG_TEXT, demo_config_text
 from trio_swap.config.macros import go_float
-from trio_swap.config.schema import json_schema
+from trio_swap.config.schema import MODEL_KEYS, RawConfig, RawModel, RawPeer, json_schema
+from trio_swap.config.validate import _type_info as type_info_checked
+from trio_swap.config.validate import convert
+from trio_swap.config.yamlsource import Document
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -1272,6 +1283,253 @@ def test_env_var_in_broken_yaml_still_reports_the_variable(
         """,
     )
     assert_error(err, "", 3, "'TS_NOT_SET' is not set")
+
+
+# --- hostile input: each a bug tests/test_config_fuzz.py found (issue 9) ----------------
+
+
+class Hang(Exception):
+    """A load ran past its hang guard."""
+
+
+@contextmanager
+def hang_guard(seconds: float = 20.0) -> Iterator[None]:
+    """Fail (rather than wait for faulthandler) when a load hangs; generous, not a timing test."""
+
+    def expired(signum: int, frame: FrameType | None) -> None:
+        raise Hang(f"still loading after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def fails_in_time(tmp_path: Path, text: str | bytes) -> ConfigError:
+    path = tmp_path / "config.yaml"
+    if isinstance(text, str):
+        path.write_text(text, encoding="utf-8")
+    else:
+        path.write_bytes(text)
+    with hang_guard(), pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}:")
+    return info.value
+
+
+def check_output(tmp_path: Path, text: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """``trio-swap check`` in-process: (exit code, stderr)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    code = check_command(str(path))
+    return code, capsys.readouterr().err
+
+
+MODEL = "models:\n  m:\n    cmd: s ${PORT}\n"
+
+
+def test_proxy_with_a_broken_ipv6_literal_is_a_located_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # urlsplit raises ValueError on it: `check` printed a traceback, a reload killed the server.
+    code, err = check_output(
+        tmp_path, 'models:\n  m:\n    cmd: s\n    proxy: "http://[::1"\n', capsys
+    )
+    assert code == 2
+    assert err.startswith(f"error: {tmp_path / 'config.yaml'}:4: models.m.proxy: must be an http")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("proxy", "fragment"),
+    [
+        ("http://[::1]:x", "a valid port"),
+        ("http://a b:80", "must not contain blanks or control characters"),
+        ('"http://h\\x07:80"', "must not contain blanks or control characters"),
+        ("http://h:0", "a valid port"),
+    ],
+)
+def test_proxy_that_could_never_be_reached_is_refused(
+    tmp_path: Path, proxy: str, fragment: str
+) -> None:
+    err = fails_in_time(tmp_path, f"models:\n  m:\n    cmd: s\n    proxy: {proxy}\n")
+    assert_error(err, "models.m.proxy", 4, fragment)
+
+
+def test_nul_character_is_a_located_error(tmp_path: Path) -> None:
+    # PyYAML's reader raised ReaderError before parsing began: a traceback.
+    err = fails_in_time(tmp_path, MODEL + "    name: a\x00b\n")
+    assert_error(err, "", 4, "unacceptable character #x0000")
+
+
+def test_ten_thousand_open_brackets_are_refused_quickly(tmp_path: Path) -> None:
+    # PyYAML composes recursively (RecursionError) and its scanner slows with depth.
+    err = fails_in_time(tmp_path, "models: " + "[" * 10_000)
+    assert_error(err, "", 1, "nested more than 100 levels deep")
+
+
+def test_deep_block_nesting_is_refused(tmp_path: Path) -> None:
+    text = MODEL + "    metadata:\n" + "".join("  " * (i + 3) + "a:\n" for i in range(150))
+    assert_error(fails_in_time(tmp_path, text), "", 101, "nested more than 100 levels deep")
+
+
+def test_nesting_through_aliases_is_refused(tmp_path: Path) -> None:
+    # b holds a: 97 levels at the top (allowed), 101 once metadata.x holds b.
+    deep = "[" * 50 + "x" + "]" * 50
+    text = f"a: &a {deep}\nb: &b {'[' * 47}*a{']' * 47}\n" + MODEL + "    metadata: {x: *b}\n"
+    err = fails_in_time(tmp_path, text)
+    assert err.key_path.startswith("models.m.metadata.x[0]")
+    assert "nested more than 100 levels deep (after expanding YAML aliases)" in err.message
+
+
+def test_billion_laughs_is_refused(tmp_path: Path) -> None:
+    lines = ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]
+    text = MODEL + "    metadata:\n" + "".join(f"      {line}\n" for line in lines)
+    err = fails_in_time(tmp_path, text)
+    assert err.key_path.startswith("models.m.metadata.l")
+    assert "more than 200000 values after expanding YAML aliases" in err.message
+
+
+def test_aliases_repeating_a_long_string_are_refused(tmp_path: Path) -> None:
+    # 10,000 copies of 100 KB: few nodes, but every later stage reads 1 GB.
+    text = "a: &a '" + "x" * 100_000 + "'\nb: &b [" + ", ".join(["*a"] * 100) + "]\n"
+    text += MODEL + "    metadata: {c: [" + ", ".join(["*b"] * 100) + "]}\n"
+    err = fails_in_time(tmp_path, text)
+    assert err.key_path.startswith("models.m.metadata.c[")
+    assert "more than 16 MiB of text after expanding YAML aliases" in err.message
+
+
+def test_merge_keys_chained_many_times_load_in_time(tmp_path: Path) -> None:
+    # Each level merges the previous one 30 times: 30**6 merges, worked out afresh each
+    # time, hung the loader. Merged once per mapping, it is instant and still correct.
+    lines, previous = ["k0: &k0 {ttl: 7, name: first}"], "k0"
+    for level in range(1, 7):
+        lines.append(f"k{level}: &k{level} {{<<: [{', '.join([f'*{previous}'] * 30)}]}}")
+        previous = f"k{level}"
+    text = "defs:\n" + "".join(f"  {line}\n" for line in lines)
+    text += "models:\n  m:\n    <<: *k6\n    cmd: s ${PORT}\n"
+    with hang_guard():
+        model = load_config_text(text, "c.yaml").models["m"]
+    assert (model.ttl, model.name) == (7, "first")
+
+
+def test_macros_growing_tenfold_per_level_are_refused(tmp_path: Path) -> None:
+    # b is ten a's, c ten b's, ...: 10**10 characters from a 300-byte file (ran out of memory).
+    names = "abcdefghij"
+    text = "macros:\n  a: xxxxxxxxxx\n"
+    text += "".join(f"  {n}: '{('${' + p + '}') * 10}'\n" for p, n in itertools.pairwise(names))
+    text += MODEL
+    err = fails_in_time(tmp_path, text)
+    assert_error(err, "macros.g", 8, "macro expansion makes this value longer than 1024 KiB")
+
+
+def test_a_macro_used_many_times_is_refused_by_the_load_budget(tmp_path: Path) -> None:
+    text = "macros:\n  big: '" + "x" * 100_000 + "'\n" + "a: &a ['${big}']\n"
+    text += MODEL + "    metadata: {x: &b [" + ", ".join(["*a"] * 300) + "], y: ["
+    text += ", ".join(["*b"] * 300) + "]}\n"
+    err = fails_in_time(tmp_path, text)
+    assert err.key_path.startswith("models.m.metadata.")
+    assert "macros expand to more than 16 MiB of text in all" in err.message
+
+
+def test_unfinished_and_recursive_macros_stay_text_or_are_reported(tmp_path: Path) -> None:
+    config = load(tmp_path, MODEL + "    name: '${'\n    description: '${a'\n")
+    assert (config.models["m"].name, config.models["m"].description) == ("${", "${a")
+    text = "macros:\n  a: '${b}'\n  b: '${a}'\n" + MODEL + "    name: ${b}\n"
+    assert_error(fails_in_time(tmp_path, text), "models.m.name", 7, "unknown macro '${b}'")
+
+
+@pytest.mark.parametrize(
+    ("text", "key_path", "line"),
+    [
+        ("metricsMaxInMemory: 1180591620717411303424\n" + MODEL, "metricsMaxInMemory", 1),
+        ("store: {path: a.db, maxRows: 1180591620717411303424}\n" + MODEL, "store.maxRows", 1),
+        (MODEL + "    concurrencyLimit: 1180591620717411303424\n", "models.m.concurrencyLimit", 4),
+        ("startPort: -9223372036854775809\n" + MODEL, "startPort", 1),
+    ],
+)
+def test_integers_beyond_64_bits_are_refused(
+    tmp_path: Path, text: str, key_path: str, line: int
+) -> None:
+    # Python ints are unbounded; SQLite raised OverflowError trimming the activity log.
+    assert_error(fails_in_time(tmp_path, text), key_path, line, "must fit in 64 bits")
+
+
+@pytest.mark.parametrize(
+    ("text", "key_path", "what"),
+    [
+        ('models:\n  "m\\x1b[2J":\n    cmd: s ${PORT}\n', "models.m\\x1b[2J", "a model ID"),
+        ('models:\n  "a\\nb":\n    cmd: s ${PORT}\n', "models.a\\nb", "a model ID"),
+        (MODEL + '    aliases: ["x\\ty"]\n', "models.m.aliases[0]", "an alias"),
+        ('peers:\n  "p\\r":\n    proxy: http://h\n    models: [a]\n', "peers.p\\r", "a peer ID"),
+    ],
+)
+def test_names_with_control_characters_are_refused(
+    tmp_path: Path, text: str, key_path: str, what: str
+) -> None:
+    err = fails_in_time(tmp_path, text)
+    assert err.key_path == key_path  # escaped, so the message stays one line
+    assert f"{what} must not contain control characters" in err.message
+
+
+def test_errors_and_warnings_are_one_bounded_line(tmp_path: Path) -> None:
+    key = "k\x1b]0;title\x07" + "y" * 900  # a YAML simple key is at most 1024 characters
+    config = load_config_text(MODEL + f'    "{key.encode("unicode_escape").decode()}": 1\n', "c")
+    (warning,) = config.warnings
+    assert warning.isprintable() and len(warning) < 1000
+    err = fails_in_time(tmp_path, 'logLevel: "' + "\\x1b" * 5000 + '"\n')  # 5000 ESC
+    assert err.message.startswith("must be one of debug, info, warn, error (got ")
+    assert str(err).isprintable() and len(str(err)) < 1000
+
+
+def test_every_raw_struct_uses_only_types_the_checker_knows() -> None:
+    # convert() checks types from msgspec.inspect, not from msgspec's error wording; a
+    # type or constraint it cannot check must fail loudly, at the first load that uses it.
+    for kind in (RawConfig, RawModel, RawPeer):
+        type_info_checked(kind)
+
+    class Constrained(msgspec.Struct, forbid_unknown_fields=True):
+        port: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+    class WithSet(msgspec.Struct, forbid_unknown_fields=True):
+        names: set[str] = msgspec.field(default_factory=set)
+
+    with pytest.raises(TypeError, match="ignores the constraints"):
+        type_info_checked(Constrained)
+    with pytest.raises(TypeError, match="cannot check"):
+        type_info_checked(WithSet)
+
+
+_YAML_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_MODEL_KEYS = sorted(MODEL_KEYS)
+
+
+@given(st.dictionaries(st.sampled_from(_MODEL_KEYS), _YAML_VALUES, max_size=4))
+def test_type_check_accepts_exactly_what_msgspec_accepts(fields: dict[str, object]) -> None:
+    value = {"cmd": "s", **fields}
+    doc = Document("c.yaml", value, {(): 1})
+    try:
+        msgspec.convert(value, RawModel, strict=True)
+    except msgspec.ValidationError:
+        with pytest.raises(ConfigError) as info:
+            convert(value, RawModel, ("models", "m"), doc)
+        assert not info.value.message.startswith("invalid value:")  # our words, not msgspec's
+    else:
+        convert(value, RawModel, ("models", "m"), doc)
 
 
 # --- the shipped configs --------------------------------------------------------------

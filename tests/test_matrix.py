@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from trio_swap.config.matrix_dsl import (
+    MAX_DEPTH,
     And,
     MatrixError,
     Model,
@@ -349,6 +350,46 @@ def test_no_sets() -> None:
     assert (error.set_name, error.position) == (None, None)
     assert str(error) == "the matrix must define at least one set"
     assert error.key_path == ("sets",)
+
+
+def nested(depth: int) -> str:
+    """``a & (b | (a & (b | ...)))``: ``depth`` levels, alternating operators."""
+    text = "a"
+    for level in range(depth - 1):
+        text = f"a {'&|'[level % 2]} ({text})" if level else f"a & {text}"
+    return text
+
+
+def test_a_set_may_nest_max_depth_levels() -> None:
+    policy = letters({"s": nested(MAX_DEPTH)})
+    assert policy.plan("a", ["b"]).set_name == "s"
+    error = build_error({"s": nested(MAX_DEPTH + 1)})
+    assert error.set_name == "s"
+    assert error.message.startswith(f"nests more than {MAX_DEPTH} levels deep")
+
+
+def test_ten_thousand_parentheses_are_refused_without_recursion_error() -> None:
+    error = build_error({"s": "(a & " * 10_000 + "b" + ")" * 10_000})
+    assert error.message.startswith(f"nests more than {MAX_DEPTH} levels deep")
+
+
+def test_nesting_counts_through_refs() -> None:
+    # A chain of +refs used to compile, then hit RecursionError when a request was
+    # planned in the router and in `check --format json` (issue 9). Each link adds two
+    # levels ("(... | y) & m"), so 3000 sets nest far too deep.
+    sets = {"s0": "+s1 & x"}
+    sets.update({f"s{i}": f"(+s{i + 1} | y) & m" for i in range(1, 3000)})
+    sets["s3000"] = "m | z"
+    error = build_error(sets, models=("m", "x", "y", "z"))
+    assert error.message.startswith(f"nests more than {MAX_DEPTH} levels deep")
+    assert error.key_path == ("sets", error.set_name)
+    # The same chain within the limit plans and lists without trouble.
+    short = {"s0": "+s1 & x"}
+    short.update({f"s{i}": f"(+s{i + 1} | y) & m" for i in range(1, 45)})
+    short["s45"] = "m | z"
+    policy = MatrixPolicy.build(short, {}, {}, ("m", "x", "y", "z"))
+    assert policy.plan("m", ["x", "z"]) == Plan(evict=(), set_name="s0", cost=0)
+    assert ("m", "x", "z") in policy.expand_set("s0")
 
 
 @pytest.mark.parametrize("name", ["", "a" * 33, "my_var", "g!", "two words", "é"])
