@@ -25,11 +25,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from tests.conftest import Harness, alive, chat, free_port, make_config, responder_model, running
-from trio_swap.config import ConfigError, load_config, load_config_text
+from trio_swap.config import Config, ConfigError, ModelConfig, load_config, load_config_text
 from trio_swap.config.diff import diff_configs
 from trio_swap.errors import ModelNotFound
-from trio_swap.policy import OneAtATime
-from trio_swap.reload import ReloadUnavailable
+from trio_swap.policy import OneAtATime, build_policy
+from trio_swap.reload import Reloader, ReloadUnavailable
+from trio_swap.router import Router
 from trio_swap.scheduling import (
     FifoScheduler,
     Grant,
@@ -41,6 +42,7 @@ from trio_swap.scheduling import (
     StartSwap,
     StopModels,
 )
+from trio_swap.upstream import ModelProcess
 
 PYTHON = sys.executable
 
@@ -815,7 +817,7 @@ async def test_a_load_abandoned_while_its_victim_stops_never_starts(tmp_path: Pa
 async def test_closing_a_supervisor_stops_its_running_process() -> None:
     """A retired model's supervisor never leaves its process behind."""
     from tests.conftest import responder_model
-    from trio_swap.upstream import ModelProcess, ProcessState
+    from trio_swap.upstream import ProcessState
 
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
@@ -953,3 +955,37 @@ async def test_a_reload_that_undoes_a_change_keeps_the_running_process(tmp_path:
             # the process the file describes again is still the one running
             assert served_by(await h.client.post("/v1/chat/completions", json=chat("m"))) == pid
             assert h.server.processes["m"].start_count == 1
+
+
+async def test_a_reloader_switches_the_http_layer_through_its_callback_only_when_the_file_loads(
+    tmp_path: Path,
+) -> None:
+    """reload.py knows nothing of HTTP: the server hands the Reloader a callback for
+    its part. It runs once per reload that loads, with the new config, before
+    reload() returns; a file that does not load switches nothing."""
+    path = write(tmp_path / "c.yaml", "models: {}\n")
+    first = load_config(path)
+    switched: list[Config] = []
+
+    def spawn(model: ModelConfig, health_check_timeout: float) -> ModelProcess:
+        raise AssertionError(f"no model to start, yet asked for {model.id}")
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            router = Router({}, build_policy(first), first.routing.scheduler)
+            await nursery.start(router.run)
+            reloader = Reloader(
+                first, path=path, router=router, switch_config=switched.append, spawn=spawn
+            )
+            write(path, "models: {}\napiKeys: [unclosed\n")
+            with pytest.raises(ConfigError):
+                await reloader.reload()
+            assert switched == []
+            assert reloader.config is first
+
+            write(path, 'apiKeys: ["sk-new"]\nmodels: {}\n')
+            report = await reloader.reload()
+            assert report.settings == ("apiKeys",)
+            assert [config.api_keys for config in switched] == [("sk-new",)]
+            assert reloader.config is switched[0]
+            nursery.cancel_scope.cancel()

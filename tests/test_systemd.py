@@ -27,7 +27,8 @@ import trio
 from tests.conftest import chat, free_port, make_config
 from trio_swap.policy import build_policy
 from trio_swap.router import Router
-from trio_swap.systemd import Notifier, Watchdog
+from trio_swap.systemd import Notifier, Watchdog, status_line
+from trio_swap.upstream.process import ProcessState
 
 # -- systemd's end -----------------------------------------------------------------
 
@@ -352,3 +353,21 @@ async def test_reloading_then_ready_and_status_only_when_it_changes() -> None:
             assert systemd.drain() == []
         finally:
             notifier.close()
+
+
+def test_status_line_names_where_it_listens_and_every_model_not_stopped() -> None:
+    binds = ["http://127.0.0.1:8080", "http://[::1]:8080"]
+    states = {
+        "qwen": ProcessState.READY,
+        "idle": ProcessState.STOPPED,
+        "coder": ProcessState.STARTING,
+    }
+    assert status_line(binds, states, stopping=False) == (
+        "serving on 127.0.0.1:8080, [::1]:8080; running: qwen (ready), coder (starting)"
+    )
+    assert status_line(binds, states, stopping=True) == (
+        "shutting down; running: qwen (ready), coder (starting)"
+    )
+    assert status_line(binds, {"idle": ProcessState.STOPPED}, stopping=False) == (
+        "serving on 127.0.0.1:8080, [::1]:8080; no model running"
+    )
