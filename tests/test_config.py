@@ -1465,7 +1465,7 @@ def test_integers_beyond_64_bits_are_refused(
         ('models:\n  "m\\x1b[2J":\n    cmd: s ${PORT}\n', "models.m\\x1b[2J", "a model ID"),
         ('models:\n  "a\\nb":\n    cmd: s ${PORT}\n', "models.a\\nb", "a model ID"),
         (MODEL + '    aliases: ["x\\ty"]\n', "models.m.aliases[0]", "an alias"),
-        ('peers:\n  "p\\r":\n    proxy: http://h\n    models: [a]\n', "peers.p\\r", "a peer ID"),
+        ('peers:\n  "p\\r":\n    proxy: http://h\n    models: [a]\n', 'peers."p\\r"', "a peer ID"),
     ],
 )
 def test_names_with_control_characters_are_refused(
@@ -1484,6 +1484,14 @@ def test_errors_and_warnings_are_one_bounded_line(tmp_path: Path) -> None:
     err = fails_in_time(tmp_path, 'logLevel: "' + "\\x1b" * 5000 + '"\n')  # 5000 ESC
     assert err.message.startswith("must be one of debug, info, warn, error (got ")
     assert str(err).isprintable() and len(str(err)) < 1000
+
+
+def test_a_blank_key_is_visible_in_the_key_path() -> None:
+    config = load_config_text(MODEL + "' ': 1\n'': 2\n", "c.yaml")
+    assert config.warnings == (
+        'c.yaml:4: " ": unknown key; ignored',
+        'c.yaml:5: "": unknown key; ignored',
+    )
 
 
 def test_every_raw_struct_uses_only_types_the_checker_knows() -> None:

@@ -379,7 +379,7 @@ def test_json_schema_names_peer_keys() -> None:
                 proxy: http://h
                 models: [m]
             """,
-            "peers. ",
+            'peers." "',
             2,
             "a peer ID must not be empty",
             id="peer-id-blank",

@@ -99,7 +99,8 @@ def format_path(path: KeyPath) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            name = part or '""'  # an empty key must still be visible
+            # An empty or blank-edged key must still be visible: quote it.
+            name = part if part and part == part.strip() else f'"{part}"'
             out += f".{name}" if out else name
     return out
 
