@@ -1486,6 +1486,14 @@ def test_errors_and_warnings_are_one_bounded_line(tmp_path: Path) -> None:
     assert str(err).isprintable() and len(str(err)) < 1000
 
 
+def test_a_file_larger_than_16_mib_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(MODEL.encode() + b"# " + b"x" * (16 << 20) + b"\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: is larger than 16 MiB; a config file is a few KiB"
+
+
 def test_a_blank_key_is_visible_in_the_key_path() -> None:
     config = load_config_text(MODEL + "' ': 1\n'': 2\n", "c.yaml")
     assert config.warnings == (

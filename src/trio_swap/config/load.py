@@ -21,8 +21,7 @@ import difflib
 import os
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
-from pathlib import Path
-from typing import final
+from typing import Final, final
 
 from trio_swap.config.errors import ConfigError
 from trio_swap.config.macros import (
@@ -61,6 +60,8 @@ from trio_swap.config.validate import (
 )
 from trio_swap.config.yamlsource import Document, KeyPath, parse_document, type_name
 
+#: Largest config file read (the loader's other limits: docs/configuration.md#limits).
+MAX_FILE_BYTES: Final = 16 << 20
 #: YAML 1.1 booleans that llama-swap's Go YAML library still accepts for bool fields.
 _YAML11_BOOLS = {"yes": True, "on": True, "y": True, "no": False, "off": False, "n": False}
 
@@ -84,10 +85,15 @@ def load_config(
     """
     source = os.fspath(path)
     try:
-        data = Path(source).read_bytes()
+        with open(source, "rb") as file:
+            # One byte over the limit is enough to refuse it (--config pointed at a log file).
+            data = file.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConfigError(f"cannot read the config file: {reason}", source=source) from exc
+    if len(data) > MAX_FILE_BYTES:
+        message = f"is larger than {MAX_FILE_BYTES >> 20} MiB; a config file is a few KiB"
+        raise ConfigError(message, source=source)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
