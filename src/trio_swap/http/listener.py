@@ -1,6 +1,6 @@
 """The HTTP server: hypercorn's trio worker loop, with connections that shutdown can cut.
 
-``hypercorn.trio.serve`` is replaced by :class:`HttpServer` for two reasons.
+``hypercorn.trio.serve`` is replaced by :class:`HttpServer` for three reasons.
 
 **Shutdown ends, whatever the clients do.** hypercorn writes every byte under
 a cancel shield, so that a cancelled handler never leaves half a frame on the
@@ -29,6 +29,11 @@ one more way to stall a response. So by default ``Upgrade: h2c`` is ignored
 HTTP/1.1), the HTTP/2 preface gets an HTTP/2 ``GOAWAY`` with
 ``HTTP_1_1_REQUIRED`` (RFC 9113 §7), and any other version but 1.0 and 1.1
 a ``505``. docs/security.md says the same for users.
+
+**A connection ends when its client leaves.** hypercorn left a closed
+connection's keep-alive timer running, and with it the connection's task and
+socket (an fd in CLOSE_WAIT) for the whole keep-alive timeout: a client
+opening and closing connections could use up trio-swap's file descriptors.
 
 Only plain TCP is served (trio-swap binds no TLS); hypercorn's connection
 class :class:`~hypercorn.trio.tcp_server.TCPServer` and its protocol classes
@@ -180,9 +185,7 @@ class HttpServer:
         try:
             if self._cut.is_set():
                 return  # accepted as the cut happened
-            kind = TCPServer if self._h2c else _Http1Connection
-            # hypercorn annotates the stream as SSLStream; its own worker passes plain ones.
-            connection = kind(self._app, self._config, context, state, stream)  # type: ignore[arg-type]
+            connection = _Connection(self._app, self._config, context, state, stream, h2c=self._h2c)
             await connection.run()
         finally:
             self._connections.discard(stream)
@@ -251,31 +254,54 @@ class _Http1Wrapper(ProtocolWrapper):
 
 
 @final
-class _Http1Connection(TCPServer):
-    """hypercorn's connection, speaking only HTTP/1.x (:class:`_Http1Wrapper`)."""
+class _Connection(TCPServer):
+    """hypercorn's connection: HTTP/1.x only (:class:`_Http1Wrapper`) unless ``h2c``, and
+    done as soon as the client is."""
+
+    def __init__(
+        self,
+        app: AppWrapper,
+        config: HypercornConfig,
+        context: WorkerContext,
+        state: ConnectionState,
+        stream: trio.SocketStream,
+        *,
+        h2c: bool,
+    ) -> None:
+        # hypercorn annotates the stream as SSLStream; its own worker passes plain ones.
+        super().__init__(app, config, context, state, stream)  # type: ignore[arg-type]
+        self._h2c = h2c
 
     async def run(self) -> None:
-        # TCPServer.run for a plain socket, with the protocol wrapper replaced
-        # before it reads a byte. (Its TLS handshake part does not apply.)
+        # TCPServer.run for a plain socket (its TLS handshake part does not apply),
+        # with two changes marked below.
         socket = self.stream.socket
         try:
             client = parse_socket_addr(socket.family, socket.getpeername())
             server = parse_socket_addr(socket.family, socket.getsockname())
             async with TaskGroup() as task_group:
                 self._task_group = task_group
-                self.protocol = _Http1Wrapper(
-                    self.app,
-                    self.config,
-                    self.context,
-                    task_group,
-                    ConnectionState(self.state),
-                    client,
-                    server,
-                    self.protocol_send,
-                )
+                state = ConnectionState(self.state)
+                send = self.protocol_send
+                # (1) The protocol wrapper, HTTP/1.x only unless h2c was asked for.
+                if self._h2c:
+                    self.protocol = ProtocolWrapper(
+                        self.app, self.config, self.context, task_group, state, False,
+                        client, server, send, "http/1.1",
+                    )  # fmt: skip
+                else:
+                    self.protocol = _Http1Wrapper(
+                        self.app, self.config, self.context, task_group, state,
+                        client, server, send,
+                    )  # fmt: skip
                 await self.protocol.initiate()
                 await self.idle_task.restart(self._task_group, self._idle_timeout)
                 await self._read_data()
+                # (2) The client closed: stop the keep-alive timer. hypercorn leaves it
+                # running, so every closed connection kept its task and its socket
+                # (an fd in CLOSE_WAIT) for the whole keep-alive timeout (75 s here):
+                # a client opening and closing connections could use up the fds.
+                await self.idle_task.stop()
         except OSError:
             pass
         finally:

@@ -1,7 +1,10 @@
 """Splitting ``/upstream/<model>/<path>`` into the model name and the path sent upstream.
 
 Model ids may contain ``/`` (``org/model``), written plainly or as ``%2F``, so
-the model is the *longest* run of leading path segments that names a model.
+the model is the *longest* run of leading path segments that names a model,
+of at most :data:`MAX_NAME_SEGMENTS` segments (trying every run of a path of
+thousands of segments cost time quadratic in its length: seconds for one
+60 KB request line).
 The rest is forwarded with the client's own escaping, but it may not climb out
 of the upstream's base URL: a ``.`` or ``..`` segment (``%2e`` included) is refused.
 """
@@ -15,9 +18,11 @@ from urllib.parse import unquote
 
 from trio_swap.errors import BadRequest, ModelNotFound
 
-__all__ = ["PassthroughTarget", "split_passthrough"]
+__all__ = ["MAX_NAME_SEGMENTS", "PassthroughTarget", "split_passthrough"]
 
 PREFIX: Final = b"/upstream/"
+#: Most leading segments a model name may span (``peer/org/model`` spans three).
+MAX_NAME_SEGMENTS: Final = 32
 
 
 @final
@@ -43,7 +48,7 @@ def split_passthrough(raw_path: bytes, is_model: Callable[[str], bool]) -> Passt
     """
     segments = raw_path[len(PREFIX) :].split(b"/")
     decoded = [unquote(s.decode("latin-1"), errors="replace") for s in segments]
-    for count in range(len(segments), 0, -1):
+    for count in range(min(len(segments), MAX_NAME_SEGMENTS), 0, -1):
         name = "/".join(decoded[:count])
         if name and is_model(name):
             break
