@@ -34,7 +34,6 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Final, final
 
-import httpx
 import trio
 from hypercorn.config import Config as HypercornConfig
 
@@ -127,16 +126,6 @@ class RunningServer:
         await self._shutdown.wait()
 
 
-def _http_client() -> httpx.AsyncClient:
-    # No read/write/pool timeouts: generations can take minutes and must never be cut.
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(connect=30.0, read=None, write=None, pool=None),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
-        trust_env=False,
-        follow_redirects=False,
-    )
-
-
 async def serve(
     config: Config,
     *,
@@ -171,7 +160,7 @@ async def serve(
     notifier = Notifier.from_environment()
     try:
         proxy_log.install()
-        async with _http_client() as client, trio.open_nursery() as supervisors:
+        async with trio.open_nursery() as supervisors:
             echo_upstream = config.log_to_stdout in ("upstream", "both")
             router_box: list[Router] = []
 
@@ -185,7 +174,6 @@ async def serve(
                 process = ModelProcess(
                     model,
                     health_check_timeout=health_check_timeout,
-                    http=client,
                     log_ring=logs.add_model(model.id, echo=echo_upstream),
                     guard=guard,
                     on_stopped=on_stopped,
