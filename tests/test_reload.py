@@ -781,39 +781,6 @@ async def test_a_load_cancelled_by_a_reload_while_its_victim_stops_never_starts(
                 await trio.sleep(0.02)
 
 
-async def test_a_load_abandoned_while_its_victim_stops_never_starts(tmp_path: Path) -> None:
-    """Same without a reload: x's only client gives up while v is being evicted.
-    x must stay stopped, or v's next load would run beside it (one at a time)."""
-    from trio_swap.upstream import ProcessState
-
-    start = free_port()
-    text = with_keys(
-        config_text({"v": "--ignore-sigterm", "x": ""}, start_port=start), "v", "unloadTimeout: 5"
-    )
-    path = write(tmp_path / "c.yaml", text)
-    with trio.fail_after(60):
-        async with serving(path) as h:
-            assert served_by(await h.client.post("/v1/chat/completions", json=chat("v")))
-            x = h.server.processes["x"]
-            v = h.server.processes["v"]
-            async with trio.open_nursery() as nursery:
-                give_up = trio.CancelScope()
-
-                async def ask_x() -> None:
-                    with give_up:
-                        await h.client.post("/v1/chat/completions", json=chat("x"))
-
-                nursery.start_soon(ask_x)
-                while v.state is not ProcessState.STOPPING:
-                    await trio.sleep(0.02)
-                give_up.cancel()
-            while h.server.router.scheduler.pending_requests():  # the router saw it go
-                await trio.sleep(0.02)
-            assert served_by(await h.client.post("/v1/chat/completions", json=chat("v")))
-            assert x.start_count == 0 and x.pid is None
-            assert h.server.router.scheduler.running() == ["v"]
-
-
 async def test_closing_a_supervisor_stops_its_running_process() -> None:
     """A retired model's supervisor never leaves its process behind."""
     from tests.conftest import responder_model
