@@ -278,10 +278,27 @@ async def test_shutdown_does_not_wait_for_idle_keep_alive_connections() -> None:
             )
             port = int(server.url.rsplit(":", 1)[1])
             idle = []
-            for path in (b"/health", b"/api/models", b"/v1/models", b"/no-such-route"):
+            requests = [
+                b"GET " + path + b" HTTP/1.1\r\nHost: t\r\n\r\n"
+                for path in (b"/health", b"/api/models", b"/v1/models", b"/no-such-route")
+            ]
+            # model-routed: answered, streamed, and refused (their disconnect watcher
+            # used to cancel hypercorn's keep-alive bookkeeping in the last send)
+            for body in (chat("A"), chat("A", stream=True), chat("nope")):
+                payload = json.dumps(body).encode()
+                requests.append(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(payload), payload)
+                )
+            for request in requests:
                 stream = await trio.open_tcp_stream("127.0.0.1", port)
-                await stream.send_all(b"GET " + path + b" HTTP/1.1\r\nHost: t\r\n\r\n")
-                assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 ")
+                await stream.send_all(request)
+                head = await stream.receive_some(65536)
+                assert head.startswith(b"HTTP/1.1 "), head
+                if b"text/event-stream" in head:  # read the stream to its end
+                    while not head.endswith(b"0\r\n\r\n"):
+                        head += await stream.receive_some(65536)
                 idle.append(stream)
             server.stop()
         for stream in idle:  # the server closed each of them: reading reaches the end

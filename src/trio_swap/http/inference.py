@@ -140,7 +140,11 @@ class InferenceRoutes:
         if route is None:
             await self._fallback(scope, receive, shield_last_send(send))
         else:
-            record = self._observer.begin(scope, send)
+            # Shielded for the same reason as Quart's (quart_shim): the disconnect
+            # watcher cancels the exchange while hypercorn recycles the connection
+            # inside the last send, which left a keep-alive connection no idle
+            # timeout or shutdown would ever close.
+            record = self._observer.begin(scope, shield_last_send(send))
             try:
                 await self._serve(route, scope, receive, record.send, record)
             finally:

@@ -7,7 +7,9 @@ in that start, the idle task never runs, and hypercorn cannot close the idle
 connection at shutdown: SIGTERM then waits the whole ``--shutdown-timeout``
 for any client that keeps a connection open after an admin request (a browser
 tab, a monitoring probe). Shielding the last body ``send`` lets hypercorn
-finish its bookkeeping.
+finish its bookkeeping. The model-routed handler (:mod:`trio_swap.http.inference`)
+needs the same: its disconnect watcher sees the ``http.disconnect`` that
+recycling posts, and cancels the exchange from inside that same last send.
 
 The shield is bounded (:data:`LAST_SEND_SHIELD`): the last send writes a few
 bytes at most, and only waits when the client stopped reading (a full socket
