@@ -388,13 +388,6 @@ async def test_hostile_json_bodies_get_400s(caplog: pytest.LogCaptureFixture) ->
             assert json.loads(answer.body)["type"] == "error", answer
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="http/resolve.py: msgspec raises RecursionError (not DecodeError) on deep nesting, "
-    "uncaught: a 500 and 'Error in ASGI Framework'; fix: catch RecursionError next to "
-    "msgspec.DecodeError in _resolve_json and raise BadRequest('request body is nested too "
-    "deeply')",
-)
 async def test_deeply_nested_json_is_a_400_not_a_recursion_error_500(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

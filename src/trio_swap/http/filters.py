@@ -41,6 +41,8 @@ def rewrite_json(
         payload = msgspec.json.decode(body)
     except msgspec.DecodeError as exc:  # e.g. a number too large for a float
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise BadRequest("request body is nested too deeply") from exc
     if not isinstance(payload, dict):
         raise BadRequest("the request body must be a JSON object")
     if rename is not None:

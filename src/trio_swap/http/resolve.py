@@ -182,6 +182,8 @@ def _resolve_json(config: Config, body: bytes, path: bytes, query: bytes) -> Out
         raise BadRequest(f"invalid request body: {exc}") from exc
     except msgspec.DecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # msgspec recurses into the fields it skips
+        raise BadRequest("request body is nested too deeply") from exc
     requested = envelope.model
     if not requested:
         raise BadRequest("the request body has no 'model' field")
