@@ -28,9 +28,9 @@ progress, however short the wait.
 
 Once the 200 is sent, the upstream's status and headers can no longer reach
 the client: a non-2xx upstream answer becomes an SSE error event, as do a
-failed load (:meth:`LoadingProgress.fail`) and a body the upstream cut off. The stream then ends without
-``data: [DONE]``; the OpenAI SDKs raise ``APIError`` on an ``{"error": ...}``
-event.
+failed load (:meth:`LoadingProgress.fail`) and a body the upstream cut off.
+The stream then ends without ``data: [DONE]``; the OpenAI SDKs raise
+``APIError`` on an ``{"error": ...}`` event.
 """
 
 from __future__ import annotations
