@@ -20,13 +20,13 @@ test *args: setup
 test-real *args:
     python3 -m venv {{venv}}
     {{venv}}/bin/pip install -e '.[real]'
-    {{python}} -m pytest -m real tests/real {{args}}
+    {{python}} -m pytest -n 0 -m real tests/real {{args}}
 
 # browser lane: the web UI in headless Chromium (Debian's: apt-get install chromium; no `playwright install`)
 test-browser *args:
     python3 -m venv {{venv}}
     {{venv}}/bin/pip install -e '.[browser]'
-    {{python}} -m pytest -m browser tests/browser {{args}}
+    {{python}} -m pytest -n 0 -m browser tests/browser {{args}}
 
 # lint, format check and type check
 lint: setup
