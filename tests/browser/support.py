@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
+from tests.conftest import free_port  # race-free: blocks below the ephemeral range
+
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
@@ -29,12 +30,6 @@ if TYPE_CHECKING:
 SCREENSHOTS = os.environ.get("TRIO_SWAP_SCREENSHOTS", "")
 #: How long trio-swap may take to answer /health after being spawned.
 SERVE_START_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def responder(model_id: str, *flags: str) -> dict[str, object]:
