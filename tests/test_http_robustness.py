@@ -708,6 +708,88 @@ async def test_a_closed_connection_releases_its_task_and_socket_at_once(
             served.client = httpx.AsyncClient(base_url=served.harness.server.url, timeout=30)
 
 
+async def test_a_framing_error_in_a_body_the_handler_did_not_read_does_not_kill_the_server(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: /health answers without reading the body; when its answer closed the
+    connection just as the reader answered the body's bad chunk, hypercorn's two writes
+    collided (BusyResourceError, uncaught) and trio-swap died with every connection."""
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    with trio.fail_after(TEST_LIMIT):
+        async with serving(caplog) as served:
+            statuses: list[int | None] = []
+
+            async def one() -> None:
+                statuses.append((await exchange(served.port, request)).status)
+
+            for _ in range(5):  # the race needs many tries: 100 connections at a time
+                async with trio.open_nursery() as nursery:
+                    for _ in range(100):
+                        nursery.start_soon(one)
+                await served.healthy()
+            assert set(statuses) <= {200, 400, None}, statuses
+
+
+async def test_a_write_colliding_with_the_close_is_a_closed_connection_not_an_error() -> None:
+    """The same race, made certain: the socket reports another task writing."""
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.events import Closed, RawData
+    from hypercorn.trio.worker_context import WorkerContext
+    from hypercorn.typing import ConnectionState
+
+    from trio_swap.http.listener import _Connection
+
+    class BusyStream:
+        async def send_all(self, data: bytes) -> None:
+            raise trio.BusyResourceError("another task is currently sending data")
+
+    class Protocol:
+        def __init__(self) -> None:
+            self.events: list[object] = []
+
+        async def handle(self, event: object) -> None:
+            self.events.append(event)
+
+    connection = _Connection(
+        None,  # type: ignore[arg-type]
+        HypercornConfig(),
+        WorkerContext(None),
+        ConnectionState({}),
+        BusyStream(),  # type: ignore[arg-type]
+        h2c=False,
+    )
+    protocol = Protocol()
+    connection.protocol = protocol  # type: ignore[assignment]
+    await connection.protocol_send(RawData(data=b"HTTP/1.1 400 \r\n\r\n"))
+    assert protocol.events == [Closed()]
+
+
+async def test_an_exception_in_one_connection_costs_only_that_connection(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever else goes wrong inside hypercorn's connection code is logged, and the
+    server goes on serving (it ended serve(), and trio-swap, before)."""
+    from trio_swap.http import listener
+
+    original = listener._Connection.run
+    calls: list[int] = []
+
+    async def fails_once(self: listener._Connection) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the protocol code")
+        await original(self)
+
+    monkeypatch.setattr(listener._Connection, "run", fails_once)
+    with trio.fail_after(TEST_LIMIT):
+        async with serving(caplog) as served:
+            answer = await exchange(served.port, http_request("GET", "/health"))
+            assert answer.status is None  # that connection was dropped
+            errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert len(errors) == 1 and "failed; it is closed" in errors[0].getMessage()
+            caplog.clear()  # seen: the rest of the test must be quiet
+
+
 # --- upgrades: HTTP/2 and websockets ---------------------------------------------------
 
 _WEBSOCKET = (

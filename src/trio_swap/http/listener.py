@@ -1,6 +1,6 @@
 """The HTTP server: hypercorn's trio worker loop, with connections that shutdown can cut.
 
-``hypercorn.trio.serve`` is replaced by :class:`HttpServer` for three reasons.
+``hypercorn.trio.serve`` is replaced by :class:`HttpServer` for these reasons.
 
 **Shutdown ends, whatever the clients do.** hypercorn writes every byte under
 a cancel shield, so that a cancelled handler never leaves half a frame on the
@@ -29,6 +29,12 @@ one more way to stall a response. So by default ``Upgrade: h2c`` is ignored
 HTTP/1.1), the HTTP/2 preface gets an HTTP/2 ``GOAWAY`` with
 ``HTTP_1_1_REQUIRED`` (RFC 9113 §7), and any other version but 1.0 and 1.1
 a ``505``. docs/security.md says the same for users.
+
+**One connection cannot take the server down.** An exception out of
+hypercorn's connection code ended hypercorn's worker, and trio-swap with it;
+one such race (a handler's answer ending the connection as the reader answers
+a framing error) is fixed in :meth:`_Connection.protocol_send`, and anything
+else is logged and costs only that connection.
 
 **A connection ends when its client leaves.** hypercorn left a closed
 connection's keep-alive timer running, and with it the connection's task and
@@ -187,9 +193,21 @@ class HttpServer:
                 return  # accepted as the cut happened
             connection = _Connection(self._app, self._config, context, state, stream, h2c=self._h2c)
             await connection.run()
+        except Exception:
+            # A bug in a connection's protocol code: lose that connection, not every
+            # client's (an exception here would end serve(), and trio-swap with it).
+            log.exception("HTTP connection from %s failed; it is closed", _peer(stream))
         finally:
             self._connections.discard(stream)
             stream.socket.close()
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = stream.socket.getpeername()
+    except OSError:
+        return "a client"
+    return f"{host}:{port}"
 
 
 async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:
@@ -274,7 +292,7 @@ class _Connection(TCPServer):
 
     async def run(self) -> None:
         # TCPServer.run for a plain socket (its TLS handshake part does not apply),
-        # with two changes marked below.
+        # with two changes marked below; a third is in protocol_send.
         socket = self.stream.socket
         try:
             client = parse_socket_addr(socket.family, socket.getpeername())
@@ -306,6 +324,17 @@ class _Connection(TCPServer):
             pass
         finally:
             await self._close()
+
+    async def protocol_send(self, event: Event) -> None:
+        try:
+            await super().protocol_send(event)
+        except trio.BusyResourceError:
+            # (3) hypercorn half-closes the socket (send_eof, in _close) without its
+            # send lock. When a handler's answer ends the connection (a request body it
+            # did not read) just as the reader answers a framing error in that body,
+            # one write met the other: BusyResourceError, uncaught, ended trio-swap.
+            # Either way the connection is closing: say so, as for a broken socket.
+            await self.protocol.handle(Closed())
 
 
 def _version_not_supported(version: bytes) -> bytes:
