@@ -26,9 +26,15 @@ from typing import Final, TypeVar, overload
 
 import httpx
 import trio
+from hypothesis import HealthCheck, settings
 
 from trio_swap.config.model import Config, ModelConfig
 from trio_swap.server import RunningServer, serve
+
+# Property tests run beside real processes and other test workers: a slow
+# example is the machine, not the code (the state machines bound their own size).
+settings.register_profile("trio-swap", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("trio-swap")
 
 T = TypeVar("T")
 

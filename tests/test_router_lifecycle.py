@@ -22,6 +22,8 @@ import trio
 import trio.testing
 
 from tests.fakes import Behaviour, FakeLauncher, fake_model
+from trio_swap._sync import Reply
+from trio_swap.config.address import Upstream
 from trio_swap.config.model import ModelConfig, SchedulerConfig
 from trio_swap.errors import (
     ModelNotFound,
@@ -36,7 +38,7 @@ from trio_swap.policy.base import SwapPolicy
 from trio_swap.policy.exclusive import OneAtATime
 from trio_swap.reasons import StopReason
 from trio_swap.router import Admission, Router
-from trio_swap.upstream.process import PROBE_INTERVAL, ModelProcess, ProcessState
+from trio_swap.upstream.process import PROBE_INTERVAL, ModelProcess, ProcessState, _Stop
 
 #: A readiness probe runs every PROBE_INTERVAL: readiness is seen within one interval.
 SLACK = PROBE_INTERVAL * 1.5
@@ -453,3 +455,56 @@ async def test_a_load_abandoned_while_its_victim_stops_never_starts(
         box.router.release(await box.router.acquire("A"))
         assert box.launcher.what("B") == []
         assert box.router.scheduler.running() == ["A"]
+
+
+async def test_a_stop_in_the_instant_the_health_check_passes_is_a_stop(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: the stop failed the waiters and set STOPPING, then the probe's win
+    wrote READY over it (a dying process shown ready, a load counted that never served)."""
+    async with trio.open_nursery() as timers:
+        launcher = FakeLauncher(timers, {"A": Behaviour(ready_after=1)})
+        model = fake_model("A", 0)
+        launcher.register([model])
+        hooks = _Stops()
+        loads: list[str] = []
+        hooks.ready = lambda name, seconds: loads.append(name)  # type: ignore[method-assign]
+
+        async def probe_then_stop(upstream: Upstream, path: str, *, timeout: float) -> bool:
+            healthy = await launcher.probe(upstream, path, timeout=timeout)
+            if healthy:
+                # The stop message is handled in the very instant the probe answers 200
+                # (the supervisor task handles its inbox between the probe's checkpoints).
+                process._handle(_Stop(5.0, StopReason.UNLOAD, Reply()))
+            return healthy
+
+        process = ModelProcess(
+            model, health_check_timeout=60, launcher=launcher, probe=probe_then_stop, hooks=hooks
+        )
+        async with trio.open_nursery() as supervisors:
+            await supervisors.start(process.run)
+            with pytest.raises(ModelStartFailed, match="stopped while starting"):
+                await process.ensure_ready()
+            await until(lambda: process.state is ProcessState.STOPPED)
+            supervisors.cancel_scope.cancel()
+        assert loads == []
+        assert launcher.what("A") == ["spawn", "SIGTERM", "exit -15"]
+        timers.cancel_scope.cancel()
+
+
+async def test_a_request_joining_a_load_is_told_it_waits_for_the_load(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running({"A": Behaviour(ready_after=5)}) as box:
+        first: list[Admission] = []
+        joined: list[Admission] = []
+        async with trio.open_nursery() as nursery:
+
+            async def want(seen: list[Admission]) -> None:
+                box.router.release(await box.router.acquire("A", on_wait=seen.append))
+
+            nursery.start_soon(want, first)
+            await until(lambda: first == [Admission.LOADING])  # it started the load
+            nursery.start_soon(want, joined)
+            await until(lambda: joined == [Admission.LOADING])  # it joined that load
+        assert box.launcher.what("A") == ["spawn"]

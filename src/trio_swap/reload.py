@@ -216,7 +216,13 @@ class Reloader:
         return held
 
     async def _apply(self, new: Config, outcome: list[str]) -> ConfigDiff:
-        diff = diff_configs(self._config, new)
+        try:
+            diff = diff_configs(self._config, new)
+            policy = build_policy(new)
+        except Exception as exc:  # a bug, as in _load: a failed reload, never a dead server
+            log.exception("config reload failed (a bug); still serving the previous config")
+            reason = f"cannot be applied (a bug in trio-swap): {type(exc).__name__}: {exc}"
+            raise ConfigError(reason, source=new.source) from exc
 
         def switch_http() -> None:
             """In the router's step: names resolve to new models exactly when it knows them.
@@ -239,7 +245,7 @@ class Reloader:
         with trio.CancelScope(shield=True):
             await self._router.reconfigure(
                 new.models,
-                build_policy(new),
+                policy,
                 new.routing.scheduler,
                 health_check_timeout=new.health_check_timeout,
                 restart=frozenset(diff.restart),

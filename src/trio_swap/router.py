@@ -458,7 +458,10 @@ class Router:
             max_queue=event.settings.max_queue,
             now=now,
         )
-        event.applied()
+        try:
+            event.applied()
+        except Exception:  # the caller's bug must not end the router (and the server)
+            log.exception("reload: switching the rest of trio-swap to the new config failed")
         event.reply.set(None)
         return decisions
 

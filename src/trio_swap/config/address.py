@@ -20,10 +20,14 @@ class Upstream:
     __slots__ = ("authority", "base_path", "host", "port", "tls", "url")
 
     def __init__(self, proxy: str) -> None:
-        """Raises: ValueError: ``proxy`` is not an absolute http(s) URL with a valid port."""
+        """Raises: ValueError: ``proxy`` is not an absolute http(s) URL with a valid
+        host and port."""
         parts = urlsplit(proxy)  # ValueError for a broken IPv6 literal
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {proxy!r}")
+        # The resolver encodes the name this way: an empty or over-long label
+        # (``a..b``) would fail there, at the first connection, not here.
+        parts.hostname.encode("idna")  # UnicodeError is a ValueError
         port = parts.port  # ValueError when out of range or not a number
         self.url = proxy
         self.tls = parts.scheme == "https"

@@ -439,7 +439,8 @@ def _proxy(url: str, path: KeyPath, doc: Document) -> str:
         parts = urlsplit(url)
     except ValueError as exc:
         raise doc.error(
-            path, f"must be an http:// or https:// URL with a host and a valid port (got {url!r})"
+            path,
+            f"must be an http:// or https:// URL with a valid host and a valid port (got {url!r})",
         ) from exc
     if parts.port == 0:  # Upstream would quietly take it for the scheme's default port
         raise doc.error(path, f"must be an http:// or https:// URL with a valid port (got {url!r})")

@@ -255,9 +255,11 @@ class InferenceRoutes:
             else:
                 await _relay(answer, send, error_style(scope["path"]))
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
                 if answer is not None:
-                    await answer.aclose()
+                    with trio.CancelScope(shield=True), trio.move_on_after(5):
+                        await answer.aclose()
+            finally:  # the slot is released however the close went
                 if lease is None and progress is not None:
                     lease = progress.lease  # granted, but the handler was cancelled first
                 if lease is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ssl
 from typing import Final, Protocol
+from urllib.parse import quote
 
 import h11
 import trio
@@ -41,9 +42,16 @@ async def http_health_probe(upstream: Upstream, path: str, *, timeout: float) ->
     with trio.move_on_after(timeout):
         try:
             return await _get_status(upstream, path) == 200
-        except (OSError, trio.BrokenResourceError, h11.ProtocolError):
+        # ValueError: a name the resolver cannot encode (the config refuses those)
+        except (OSError, ValueError, trio.BrokenResourceError, h11.ProtocolError):
             return False
     return False
+
+
+def _request_target(path: str) -> bytes:
+    """``checkEndpoint`` as a request target: blanks and non-ASCII percent-encoded, as
+    httpx (the probe's earlier client) did; what is already encoded stays as it is."""
+    return quote(path, safe="/?&=%:@!$'()*+,;~[]").encode("ascii")
 
 
 async def _get_status(upstream: Upstream, path: str) -> int | None:
@@ -59,7 +67,7 @@ async def _get_status(upstream: Upstream, path: str) -> int | None:
         conn = h11.Connection(h11.CLIENT)
         request = h11.Request(
             method=b"GET",
-            target=upstream.target(path.encode(), b""),
+            target=upstream.target(_request_target(path), b""),
             headers=[(b"host", upstream.authority), (b"connection", b"close")],
         )
         await stream.send_all((conn.send(request) or b"") + (conn.send(h11.EndOfMessage()) or b""))

@@ -366,6 +366,10 @@ class ModelProcess:
 
     async def _supervise(self, child: ChildProcess, started: float) -> _LifeEnd:
         outcome = await self._wait_ready(child, started)
+        if outcome is _Waited.READY and self._stop_order.given.is_set():
+            # The probe won the race in the same instant a stop arrived: the stop
+            # already failed the waiters and set STOPPING; it is a stop, not a start.
+            outcome = _Waited.STOP
         reached_ready = outcome is _Waited.READY
         if reached_ready:  # STARTING -> READY
             self.state = ProcessState.READY
