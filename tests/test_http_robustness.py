@@ -790,6 +790,31 @@ async def test_an_exception_in_one_connection_costs_only_that_connection(
             caplog.clear()  # seen: the rest of the test must be quiet
 
 
+async def test_a_host_header_idna_cannot_encode_is_a_400_not_a_500(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression (found by fuzzing): Quart's routing encodes Host with IDNA, and a label
+    over 63 characters (or an empty one) raised out of Quart: a 500 and a traceback."""
+    hosts = [b"a" * 64, b"a" * 64 + b":8080", b"a..b", b".example", b"x." + b"b" * 100 + b".com"]
+    cases = [
+        case(f"Host {host[:20]!r} on {path}", _with_host(path, host))
+        for host in hosts
+        for path in ("/v1/models", "/api/models", "/props?model=nope")
+    ]
+    with trio.fail_after(TEST_LIMIT):
+        async with serving(caplog) as served:
+            await check_cases(served, cases)
+            for host in ("bücher.example", "127.0.0.1:8080", "[::1]:8080", "localhost."):
+                answer = await exchange(
+                    served.port, _with_host("/v1/models", host.encode("latin-1"))
+                )
+                assert answer.status == 200, (host, answer)
+
+
+def _with_host(path: str, host: bytes) -> bytes:
+    return f"GET {path} HTTP/1.1\r\n".encode() + b"Host: " + host + b"\r\n\r\n"
+
+
 # --- upgrades: HTTP/2 and websockets ---------------------------------------------------
 
 _WEBSOCKET = (

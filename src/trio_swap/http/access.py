@@ -7,6 +7,9 @@
 Every HTTP and websocket request passes here first (lifespan goes straight
 through):
 
+* A ``Host`` that is not a host name (an empty label, one over 63
+  characters: what IDNA cannot encode) gets 400. Quart's routing failed on
+  it with a 500 and a traceback.
 * A websocket upgrade is refused before its handshake completes, whatever
   the path: trio-swap serves no websocket endpoint (streams are Server-Sent
   Events), and Quart's error handlers, written for HTTP requests, failed on a
@@ -110,6 +113,7 @@ _DRAIN_LIMIT: Final = 256 * 1024
 
 NO_KEY: Final = "no API key: send Authorization: Bearer <key> or x-api-key"
 BAD_KEY: Final = "invalid API key"
+BAD_HOST: Final = "invalid Host header: not a host name (a label is empty or too long)"
 NO_WEBSOCKETS: Final = (
     "trio-swap serves no websocket endpoint: use HTTP (streams are Server-Sent Events)"
 )
@@ -125,6 +129,8 @@ class AccessControl:
         self._digests: tuple[bytes, ...] = tuple(
             hashlib.sha256(key.encode()).digest() for key in api_keys
         )
+        #: The last ``Host`` found valid: a client sends the same one every time.
+        self._good_host = b""
 
     def set_api_keys(self, api_keys: Sequence[str]) -> None:
         """A reload: the next request is checked against these keys (one assignment)."""
@@ -160,11 +166,16 @@ class AccessControl:
                 has_origin = True
             elif name == b"sec-fetch-site":
                 cross_site = value in _OTHER_ORIGIN
+            elif name == b"host" and value != self._good_host:
+                if _bad_host(value):
+                    await _send_refusal(send, scope, receive, BadRequest(BAD_HOST))
+                    return
+                self._good_host = value  # the next request from this client skips the check
         if has_origin or cross_site:
             if scope["path"] in _CROSS_SITE_PATHS:
                 send = _with_cors(send)
             elif cross_site and not _is_page(scope):
-                await _send_forbidden(send, scope, receive)
+                await _send_refusal(send, scope, receive, _forbidden(scope))
                 return
         if not self._digests:
             await self._app(scope, receive, send)
@@ -321,19 +332,36 @@ def _error_response(error: SwapError, path: str) -> tuple[list[tuple[bytes, byte
     return headers, body
 
 
-async def _send_forbidden(
-    send: ASGISendCallable, scope: HTTPScope, receive: ASGIReceiveCallable
-) -> None:
-    error = Forbidden(
+def _forbidden(scope: HTTPScope) -> Forbidden:
+    return Forbidden(
         f"{scope['path']} cannot be called from another origin's page "
         "(Sec-Fetch-Site: cross-site or same-site); only model routes and /v1/models can"
     )
+
+
+def _bad_host(value: bytes) -> bool:
+    """A ``Host`` whose name IDNA cannot encode (an empty label, one over 63 characters).
+
+    werkzeug's routing encodes it so for every Quart route, and its error escaped Quart's
+    error handling as a 500 with a traceback. RFC 9112 §3.2: an invalid Host is a 400.
+    """
+    name = value.decode("latin-1").lower().partition(":")[0]  # as werkzeug splits it
+    try:
+        name.encode("idna")
+    except UnicodeError:
+        return True
+    return False
+
+
+async def _send_refusal(
+    send: ASGISendCallable, scope: HTTPScope, receive: ASGIReceiveCallable, error: SwapError
+) -> None:
+    """``error`` as the answer, the request body read first so the connection stays usable."""
     keep_alive = await _drain(receive)
-    headers = [(b"content-type", b"application/json")]
+    headers, body = _error_response(error, scope["path"])
     if not keep_alive:
         headers.append((b"connection", b"close"))
-    body = msgspec.json.encode(error.body(error_style(scope["path"])))
-    await send({"type": "http.response.start", "status": 403, "headers": headers})
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
