@@ -100,11 +100,6 @@ class HttpServer:
         #: Set by :meth:`cut`: no more draining, and connections accepted later are closed.
         self._cut = trio.Event()
 
-    @property
-    def connection_count(self) -> int:
-        """Connections open now, idle keep-alive ones included."""
-        return len(self._connections)
-
     def cut(self) -> None:
         """Close every connection now, and stop accepting. Idempotent; callable from any task.
 
