@@ -12,9 +12,12 @@ answer:
   nobody implements, RFC 9112 §6.1) and 505 (an HTTP version other than 1.x);
 * ``/health`` answering after every case;
 * no ERROR log record and no traceback in the log;
-* afterwards, no connection or request-handler task left once the clients
-  are gone, the server stopping cleanly, and as many open file descriptors
-  and trio tasks as before it started.
+* afterwards, while the server still runs: no connection or request-handler
+  task left once the clients are gone, no socket of theirs still open on the
+  server's port (read from /proc, not from trio-swap's own bookkeeping), and
+  once the models are unloaded as many trio tasks as right after the start;
+  then the server stopping cleanly, with as many open file descriptors and
+  trio tasks as before it started.
 
 Regression tests are named after the bug they pin. Timing is never asserted:
 ``fail_after`` only guards against hangs.
@@ -22,6 +25,7 @@ Regression tests are named after the bug they pin. Timing is never asserted:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -44,6 +48,7 @@ import h11
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from tests.conftest import (
     Harness,
@@ -188,6 +193,26 @@ def _tasks(fragment: str = "") -> int:
     return count
 
 
+def _client_sockets(port: int) -> int:
+    """This process's TCP sockets whose local port is ``port``, listeners excepted: the
+    server's side of every client connection still open (read from /proc, not from
+    trio-swap's own bookkeeping)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] != "0A":  # 0A: LISTEN
+                    inodes.add(fields[9])
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            count += link.startswith("socket:[") and link[8:-1] in inodes
+    return count
+
+
 def _connection_tasks() -> int:
     """A task per open client connection, and one per request handler under way."""
     return _tasks("serve_listeners._run_handler") + _tasks("task_group._handle")
@@ -214,13 +239,19 @@ async def serving(
     async with running(config, max_body_bytes=MAX_BODY, **options) as harness:
         port = int(harness.server.url.rsplit(":", 1)[1])
         served = Served(harness, port, httpx.AsyncClient(base_url=harness.server.url, timeout=30))
+        await trio.testing.wait_all_tasks_blocked()  # tasks that end at once have ended
+        running_tasks = _tasks()
         try:
             yield served
             await served.healthy()
         finally:
             await served.client.aclose()  # the test may have replaced it
-        # Every client is gone now: nothing of theirs may be left running.
+        # Every client is gone now, and the server still runs: nothing of theirs may be
+        # left in it (checked before shutdown, which would close everything anyway).
         await wait_for(lambda: _connection_tasks() == 0, what="connection tasks to end")
+        await wait_for(lambda: _client_sockets(port) == 0, what="client connections to close")
+        await harness.server.router.unload()  # models the test loaded, and their tasks
+        await wait_for(lambda: _tasks() == running_tasks, what="tasks back to their number")
     assert _tasks() == tasks_before
     assert _open_fds() == fds_before
     assert_quiet(caplog)
