@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from trio_swap.reasons import StopReason
 
-__all__ = ["ProcessHooks"]
+__all__ = ["HookFanout", "ProcessHooks"]
 
 
 class ProcessHooks:
     """What a :class:`~trio_swap.upstream.process.ModelProcess` reports about its process."""
+
+    def starting(self, model: str) -> None:
+        """A process was spawned for ``model``; its readiness check begins."""
 
     def ready(self, model: str, seconds: float) -> None:
         """A start succeeded: ``seconds`` from spawn to the first passing health check."""
@@ -30,3 +33,37 @@ class ProcessHooks:
 
     def crashed(self, model: str) -> None:
         """A ready process exited without being asked to."""
+
+    def stopped(self, model: str) -> None:
+        """The process spawned after :meth:`starting` is gone (every life ends with this)."""
+
+
+class HookFanout(ProcessHooks):
+    """Tells several observers (the metrics, the timeline) the same facts, in order."""
+
+    def __init__(self, *hooks: ProcessHooks) -> None:
+        self._hooks = hooks
+
+    def starting(self, model: str) -> None:
+        for hook in self._hooks:
+            hook.starting(model)
+
+    def ready(self, model: str, seconds: float) -> None:
+        for hook in self._hooks:
+            hook.ready(model, seconds)
+
+    def start_failed(self, model: str) -> None:
+        for hook in self._hooks:
+            hook.start_failed(model)
+
+    def stopping(self, model: str, reason: StopReason) -> None:
+        for hook in self._hooks:
+            hook.stopping(model, reason)
+
+    def crashed(self, model: str) -> None:
+        for hook in self._hooks:
+            hook.crashed(model)
+
+    def stopped(self, model: str) -> None:
+        for hook in self._hooks:
+            hook.stopped(model)

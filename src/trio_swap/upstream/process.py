@@ -339,6 +339,7 @@ class ModelProcess:
             self._fail_ready_waiters(f"could not run {argv[0]!r}: {exc.strerror or exc}")
             return _LifeEnd.NOT_STARTED
         self.child = child
+        self._hooks.starting(self.model.id)
         stop_argv = self._stop_argv(child)
         if self._guard is not None:
             self._guard.add(child, stop_argv)
@@ -362,6 +363,7 @@ class ModelProcess:
                 self._guard.remove(child)
             child.close()
             self.child = None
+            self._hooks.stopped(self.model.id)
         return end
 
     async def _supervise(self, child: ChildProcess, started: float) -> _LifeEnd:
