@@ -48,8 +48,10 @@ from trio_swap.http.reload_route import register_reload_route
 from trio_swap.http.state import AppState
 from trio_swap.http.upstream_client import UpstreamClient
 from trio_swap.observe.activity import ActivityLog
+from trio_swap.observe.hooks import HookFanout
 from trio_swap.observe.metrics import Metrics
 from trio_swap.observe.record import Observer
+from trio_swap.observe.timeline import Timeline
 from trio_swap.policy import build_policy
 from trio_swap.reload import Reloader, ReloadReport, ReloadUnavailable, watch_config_file
 from trio_swap.router import Router
@@ -168,6 +170,7 @@ async def serve(
                 router_box[0].model_stopped(model)
 
             metrics = Metrics()
+            timeline = Timeline()
 
             def spawn(model: ModelConfig, health_check_timeout: float) -> ModelProcess:
                 """A supervised process for ``model``: at startup, and for models a reload adds."""
@@ -177,7 +180,7 @@ async def serve(
                     log_ring=logs.add_model(model.id, echo=echo_upstream),
                     guard=guard,
                     on_stopped=on_stopped,
-                    hooks=metrics,
+                    hooks=HookFanout(metrics, timeline),
                 )
                 supervisors.start_soon(process.run)
                 return process
@@ -206,6 +209,7 @@ async def serve(
                 processes=processes,
                 upstream_client=upstream_client,
                 observer=observer,
+                timeline=timeline,
             )
             admin = build_app(state, max_body_bytes=max_body_bytes, logs=logs)
             routes = InferenceRoutes(

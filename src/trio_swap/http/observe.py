@@ -1,7 +1,10 @@
-"""``GET /metrics`` (Prometheus text format) and ``GET /api/activity`` (the request log)."""
+"""``GET /metrics`` (Prometheus text format), ``GET /api/activity`` (the request log)
+and ``GET /api/timeline`` (what each model's process did over the last hour)."""
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Final
 
 from quart import Response, request
@@ -19,12 +22,26 @@ DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 1000
 #: What SQLite stores as INTEGER.
 _INT64: Final = range(-(2**63), 2**63)
+#: A plain decimal number (Python's float() also takes "nan", "inf", "1_0" and spaces).
+_NUMBER: Final = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d{1,3})?", re.ASCII)
 
 
 def register_observe_routes(app: QuartTrio, observer: Observer, state: AppState) -> None:
-    """Add the routes for what ``observer`` has (metrics, activity, or both)."""
+    """Add the routes for what ``observer`` has (metrics, activity, or both), and the
+    timeline when ``state`` has one."""
     metrics = observer.metrics
     activity = observer.activity
+    timeline = state.timeline
+
+    if timeline is not None:
+
+        @app.get("/api/timeline")
+        async def timeline_window() -> Response:
+            """The bands overlapping ``[since, now]`` (default: the last hour) and their counts."""
+            since = _float_arg("since")
+            body = timeline.snapshot(since)
+            body["counts"] = timeline.counts(since)
+            return json_response(body)
 
     if metrics is not None:
 
@@ -58,3 +75,13 @@ def _int_arg(name: str) -> int | None:
     if not valid or int(text) not in _INT64:
         raise BadRequest(f"{name} must be a 64-bit integer (got {text[:40]!r})")
     return int(text)
+
+
+def _float_arg(name: str) -> float | None:
+    """A finite query number of seconds (``1733900000.5``)."""
+    text = request.args.get(name, "")
+    if not text:
+        return None
+    if len(text) > 40 or _NUMBER.fullmatch(text) is None or not math.isfinite(float(text)):
+        raise BadRequest(f"{name} must be a number of seconds since the epoch (got {text[:40]!r})")
+    return float(text)

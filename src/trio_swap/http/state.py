@@ -17,6 +17,7 @@ import httpx
 from trio_swap.config.model import Config
 from trio_swap.http.upstream_client import UpstreamClient
 from trio_swap.observe.record import Observer
+from trio_swap.observe.timeline import Timeline
 from trio_swap.router import Router
 from trio_swap.upstream.process import ModelProcess
 
@@ -39,6 +40,7 @@ class AppState:
         processes: Mapping[str, ModelProcess],
         upstream_client: UpstreamClient,
         observer: Observer | None = None,
+        timeline: Timeline | None = None,
     ) -> None:
         self.config = config
         self.router = router
@@ -46,6 +48,8 @@ class AppState:
         self.upstream_client = upstream_client
         #: Metrics and the activity log (``/metrics``, ``/api/activity``).
         self.observer = observer
+        #: Each model's loading / ready / stopping bands (``/api/timeline``).
+        self.timeline = timeline
         self.started_at = int(time.time())
 
 
