@@ -43,6 +43,7 @@ SETTINGS: Final = {
     "metrics_max_in_memory": "metricsMaxInMemory",
     "store_path": "store",
     "store_max_rows": "store",
+    "resources": "resources",
 }
 #: Config fields compared some other way, or not settings at all. Every Config
 #: field is in exactly one of these two tables (a test checks it), so a new

@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from typing import Final, final
 
+import msgspec
+
 from trio_swap.config.errors import ConfigError
 from trio_swap.config.macros import (
     ExpansionBudget,
@@ -35,6 +37,7 @@ from trio_swap.config.macros import (
     substitute_env,
 )
 from trio_swap.config.model import Config, ModelConfig, PeerConfig, build_model_names
+from trio_swap.config.resources import check_needs, check_resources
 from trio_swap.config.routing import ROUTING_TOP_KEYS, load_routing
 from trio_swap.config.schema import (
     LLAMA_SWAP_ONLY_MODEL_KEYS,
@@ -161,6 +164,7 @@ class _Loader:
         raw_settings = convert(expand_globals(top, global_macros, doc, budget), RawConfig, (), doc)
         settings = check_settings(raw_settings, doc)
         in_memory, store_path, store_rows = check_store(raw_settings, doc)
+        resources = check_resources(raw_settings.resources, doc)
 
         expanded: dict[str, dict[str, object]] = {}
         for model_id, value in self._models(models_value).items():
@@ -179,7 +183,11 @@ class _Loader:
         for model_id, model in expanded.items():
             check_model_leftovers(model_id, model, doc)
             raw = convert(_yaml11_bools(model), RawModel, ("models", model_id), doc)
-            models[model_id] = check_model(model_id, raw, settings, doc)
+            model_config = check_model(model_id, raw, settings, doc)
+            if raw.needs:
+                needs = check_needs(model_id, raw.needs, resources, doc)
+                model_config = msgspec.structs.replace(model_config, needs=needs)
+            models[model_id] = model_config
         check_aliases(models, doc)
         peers = self._peers(peers_value, global_macros, models)
         routing, routing_warnings = load_routing(
@@ -203,6 +211,7 @@ class _Loader:
             metrics_max_in_memory=in_memory,
             store_path=store_path,
             store_max_rows=store_rows,
+            resources=resources,
             peers=peers,
             warnings=tuple(text for _, text in sorted(self.warnings, key=lambda w: w[0])),
             ports=ports,

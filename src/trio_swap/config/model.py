@@ -76,6 +76,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     #: Stream loading progress to streaming clients that wait for this model to load.
     send_loading_state: bool = False
     filters: FilterConfig = msgspec.field(default_factory=FilterConfig)
+    #: Declared memory per resource, in bytes (``needs:``); what is not declared is learned.
+    needs: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 @final
@@ -214,6 +216,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     store_path: str | None = None
     #: Rows the activity file keeps (``store.maxRows``); 0 keeps them all.
     store_max_rows: int = 0
+    #: What the box has for models, bytes per resource (``resources:``); empty: no fit.
+    resources: dict[str, int] = msgspec.field(default_factory=dict)
     #: Remote servers by peer id, in config order.
     peers: dict[str, PeerConfig] = msgspec.field(default_factory=dict)
     #: Computed from ``models`` and ``peers`` on construction (a value passed in is

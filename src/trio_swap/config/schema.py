@@ -65,6 +65,8 @@ class RawModel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     send_loading_state: bool | None = msgspec.field(default=None, name="sendLoadingState")
     filters: RawFilters = msgspec.field(default_factory=RawFilters)
     macros: dict[str, MacroValue] = msgspec.field(default_factory=dict)
+    #: Resource name -> size (``21GiB`` or bytes); trio-swap's own (docs/configuration.md).
+    needs: dict[str, int | str] = msgspec.field(default_factory=dict)
 
 
 class RawPeerTimeouts(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -114,6 +116,8 @@ class RawConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         default=DEFAULT_METRICS_MAX_IN_MEMORY, name="metricsMaxInMemory"
     )
     store: RawStore | None = None
+    #: Resource name -> size: what the box has for models (fit by memory).
+    resources: dict[str, int | str] = msgspec.field(default_factory=dict)
 
 
 def _keys(struct: type[msgspec.Struct]) -> frozenset[str]:

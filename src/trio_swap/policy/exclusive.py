@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import final
 
+from trio_swap.policy.base import NO_CONTEXT, Placement
+
 __all__ = ["OneAtATime"]
 
 
@@ -12,5 +14,7 @@ __all__ = ["OneAtATime"]
 class OneAtATime:
     """Every running model other than the target is evicted."""
 
-    def evictions(self, target: str, running: Sequence[str]) -> tuple[str, ...]:
+    def evictions(
+        self, target: str, running: Sequence[str], context: Placement = NO_CONTEXT
+    ) -> tuple[str, ...]:
         return tuple(model for model in running if model != target)

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from typing import final
 
 from trio_swap.config.model import DEFAULT_GROUP, GroupConfig
+from trio_swap.policy.base import NO_CONTEXT, Placement
 
 __all__ = ["GroupsPolicy"]
 
@@ -41,7 +42,9 @@ class GroupsPolicy:
     def group_of(self, model: str) -> GroupConfig:
         return self._group_of[model]
 
-    def evictions(self, target: str, running: Sequence[str]) -> tuple[str, ...]:
+    def evictions(
+        self, target: str, running: Sequence[str], context: Placement = NO_CONTEXT
+    ) -> tuple[str, ...]:
         group = self._group_of[target]
         return tuple(model for model in running if model != target and self._evicts(group, model))
 

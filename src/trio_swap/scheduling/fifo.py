@@ -45,7 +45,7 @@ from trio_swap.errors import (
     ShuttingDown,
     SwapError,
 )
-from trio_swap.policy.base import SwapPolicy
+from trio_swap.policy.base import Placement, SwapPolicy
 from trio_swap.reasons import StopReason
 from trio_swap.scheduling.decisions import (
     Decision,
@@ -278,8 +278,15 @@ class FifoScheduler:
                 return [self._stop((swap.target,), StopReason.ABANDONED)]
         return []
 
-    def on_swap_done(self, swap_id: int, error: SwapError | None, now: float) -> list[Decision]:
-        """The swap task finished: victims are stopped; the target is ready, or ``error``."""
+    def on_swap_done(
+        self, swap_id: int, error: SwapError | None, now: float, *, retry: bool = False
+    ) -> list[Decision]:
+        """The swap task finished: victims are stopped; the target is ready, or ``error``.
+
+        ``retry`` (with an error): the router learned why the load failed (it ran
+        out of memory beside the models left running) and the policy now asks
+        for more room: the waiters are queued again instead of getting the error.
+        """
         swap = self._swaps.pop(swap_id)
         for victim in swap.victims:
             if self._models[victim].phase is Phase.STOPPING:
@@ -287,7 +294,12 @@ class FifoScheduler:
         target = self._models[swap.target]
         decisions: list[Decision] = []
         stopping = any(swap.target in models for models in self._stops.values())
-        if swap.requeue or target.removed:
+        if error is not None and retry and not target.removed and not swap.requeue:
+            target.phase = Phase.STOPPING if stopping else Phase.COLD
+            for rid in swap.waiters:
+                self._requests[rid].stage = _Stage.QUEUED
+                self._enqueue(rid)
+        elif swap.requeue or target.removed:
             # A reload stopped this load (however it ended): nobody is served by it.
             target.phase = Phase.STOPPING if stopping else Phase.COLD
             for rid in swap.waiters:
@@ -311,6 +323,10 @@ class FifoScheduler:
         decisions.extend(self._retire_removed())
         decisions.extend(self._drain(now))
         return decisions
+
+    def on_policy_inputs_changed(self, now: float) -> list[Decision]:
+        """The policy's inputs changed (a model was measured): place the queue again."""
+        return self._drain(now)
 
     def on_model_stopped(self, model: str, now: float) -> list[Decision]:
         """A model's process that was ready has stopped.
@@ -522,13 +538,33 @@ class FifoScheduler:
         share the machine with the model being loaded, so it goes first (once
         its requests in flight are done, like any victim).
         """
+        context = self._placement(target)
         if not self._removed:
-            return self._policy.evictions(target, running)
+            return self._policy.evictions(target, running, context)
         known = [name for name in running if name not in self._removed]
-        evict = self._policy.evictions(target, known)
+        evict = self._policy.evictions(target, known, context)
         if self._models[target].phase is Phase.READY:
             return evict
         return evict + tuple(name for name in running if name in self._removed)
+
+    def _placement(self, target: str) -> Placement:
+        """What a policy may weigh besides the running set (fit by memory does)."""
+        busy: set[str] = set()
+        pinned: set[str] = set()
+        stopping: set[str] = set()
+        for name, slot in self._models.items():
+            if slot.in_flight:
+                busy.add(name)
+            if not slot.limits.swappable and not slot.removed:
+                pinned.add(name)
+            if slot.phase is Phase.STOPPING:
+                stopping.add(name)
+        return Placement(
+            busy=frozenset(busy),
+            pinned=frozenset(pinned),
+            stopping=frozenset(stopping),
+            resident=self._models[target].phase is Phase.READY,
+        )
 
     def _stop(self, models: tuple[str, ...], reason: StopReason) -> StopModels:
         stop_id = self._next_stop

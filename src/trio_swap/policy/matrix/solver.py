@@ -38,7 +38,7 @@ A subtree with no relevant model has the empty projection and is skipped.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Final, final
@@ -55,6 +55,7 @@ from trio_swap.config.matrix_dsl import (
     SetTable,
     compile_matrix,
 )
+from trio_swap.policy.base import NO_CONTEXT, Placement
 
 __all__ = ["EXPAND_LIMIT", "MatrixPolicy", "Plan"]
 
@@ -255,8 +256,13 @@ class MatrixPolicy:
     scheduler can call :meth:`evictions` on every placement attempt.
     """
 
-    def __init__(self, matrix: MatrixConfig) -> None:
+    def __init__(
+        self, matrix: MatrixConfig, learned_cost: Callable[[str], int | None] | None = None
+    ) -> None:
         self._matrix = matrix
+        #: The default cost of a model ``evict_costs`` does not list (fit's learned
+        #: load time); None, or a None answer, is llama-swap's default of 1.
+        self._learned_cost = learned_cost
         self._table: SetTable = matrix.sets
         self._bits: dict[str, int] = {model: 1 << i for i, model in enumerate(self._table.models())}
         compiled = _compile(self._table, self._bits)
@@ -307,7 +313,11 @@ class MatrixPolicy:
         return self._table.texts[set_name]
 
     def evict_cost(self, model: str) -> int:
-        """What evicting ``model`` costs (1 unless ``evict_costs`` says otherwise)."""
+        """What evicting ``model`` costs: ``evict_costs``, else the learned cost, else 1."""
+        if self._learned_cost is not None and model not in self._matrix.evict_costs:
+            learned = self._learned_cost(model)
+            if learned is not None:
+                return learned
         return self._matrix.evict_cost(model)
 
     def expand_set(self, set_name: str, limit: int = EXPAND_LIMIT) -> list[tuple[str, ...]]:
@@ -324,7 +334,9 @@ class MatrixPolicy:
 
     # --- deciding ---
 
-    def evictions(self, target: str, running: Sequence[str]) -> tuple[str, ...]:
+    def evictions(
+        self, target: str, running: Sequence[str], context: Placement = NO_CONTEXT
+    ) -> tuple[str, ...]:
         """:class:`~trio_swap.policy.SwapPolicy`: the models :meth:`plan` evicts."""
         return self.plan(target, running).evict
 

@@ -1,0 +1,333 @@
+"""What trio-swap has learned about each model, and the need and cost it derives.
+
+The router owns the ledger: it reports measurements, loads and requests
+(:meth:`FitLedger.measured`, :meth:`~FitLedger.loaded`,
+:meth:`~FitLedger.requested`) from its own task, and the pure fit policy reads
+the derived numbers. No I/O here: :mod:`trio_swap.fit.state` saves and restores
+the :class:`Learned` records.
+
+**Effective need**, per resource (docs/swap-policies.md#fit):
+
+1. declared (``needs:``), unless the model was measured above it (an overrun):
+   then the measured peak plus the margin;
+2. else the measured peak plus :data:`MARGIN`;
+3. else an estimate: the size of the model files its ``cmd`` names, plus the margin;
+4. else the whole resource (nothing to go on: it needs everything free);
+
+never less than a floor raised after an out-of-memory start, never more than
+the resource itself (a model that ran alone may always run alone).
+
+**Eviction cost**: ``load_seconds × (1 + demand)``, where ``load_seconds`` is
+the moving average of its loads (:data:`DEFAULT_LOAD_SECONDS` before the
+first) and ``demand`` counts its recent requests, each weighted by
+``2^(-age / DEMAND_HALF_LIFE)``: the expected seconds of loading that evicting
+it will cost, weighted by how likely it is to be wanted back soon.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Final, final
+
+import msgspec
+
+from trio_swap.config.model import ModelConfig
+
+__all__ = [
+    "DEFAULT_LOAD_SECONDS",
+    "DEMAND_HALF_LIFE",
+    "LOAD_SMOOTHING",
+    "MARGIN",
+    "Basis",
+    "FitLedger",
+    "Learned",
+    "fingerprint",
+    "learned_matrix_cost",
+]
+
+#: Headroom added to a measured or estimated size (10 %): allocations grow a
+#: little after the first measurement (buffers, a longer KV cache in use).
+MARGIN: Final = 0.10
+#: Weight of the newest load in the moving average of load times.
+LOAD_SMOOTHING: Final = 0.3
+#: The load time assumed before a model was ever loaded.
+DEFAULT_LOAD_SECONDS: Final = 1.0
+#: A request this many seconds old counts half as much in ``demand``.
+DEMAND_HALF_LIFE: Final = 600.0
+
+
+class Basis(enum.StrEnum):
+    """Where an effective need comes from (shown in the UI, ``/api/fit`` and ``plan``)."""
+
+    DECLARED = "declared"
+    MEASURED = "measured"
+    ESTIMATED = "estimated"
+    UNKNOWN = "unknown"
+
+
+class Learned(msgspec.Struct, kw_only=True):
+    """What survives a restart about one model (only while its command stays the same)."""
+
+    #: :func:`fingerprint` of the command the numbers were learned with.
+    fingerprint: str
+    #: Highest footprint ever measured, bytes per resource.
+    peak: dict[str, int] = msgspec.field(default_factory=dict)
+    #: Lowest need allowed, raised when a start ran out of memory.
+    floor: dict[str, int] = msgspec.field(default_factory=dict)
+    #: Moving average of load times (spawn to ready), seconds; None before a load.
+    load_seconds: float | None = None
+    loads: int = 0
+
+
+_PORT_TOKEN = re.compile(r"(?<!\d)(\d{2,5})(?!\d)")
+
+
+def fingerprint(model: ModelConfig, port: int | None = None) -> str:
+    """A short hash of what decides a model's memory: its command and environment.
+
+    The ``${PORT}`` number trio-swap assigned is left out, so renumbering ports
+    does not forget what was learned; any other change (context size, quant,
+    a flag) starts learning afresh.
+    """
+    argv = list(model.cmd)
+    if port is not None:
+        text = str(port)
+        argv = [_PORT_TOKEN.sub(lambda m: "${PORT}" if m[1] == text else m[1], a) for a in argv]
+    digest = hashlib.sha256(msgspec.json.encode([argv, list(model.env)]))
+    return digest.hexdigest()[:16]
+
+
+@final
+class _Demand:
+    """A request count that halves every :data:`DEMAND_HALF_LIFE` seconds."""
+
+    __slots__ = ("at", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.at = 0.0
+
+    def add(self, now: float) -> None:
+        self.value = self.read(now) + 1.0
+        self.at = now
+
+    def read(self, now: float) -> float:
+        if self.value == 0.0:
+            return 0.0
+        return self.value * 2.0 ** (-max(0.0, now - self.at) / DEMAND_HALF_LIFE)
+
+
+@final
+class FitLedger:
+    """Learned numbers per model, and the needs and costs the fit policy reads.
+
+    ``resources`` is what the box has (empty: fit is off, but load times are
+    still learned for the matrix's default costs). ``estimates`` are model
+    file sizes in bytes, looked up by the caller (a ``stat`` per file).
+    """
+
+    def __init__(
+        self,
+        resources: Mapping[str, int],
+        models: Mapping[str, ModelConfig],
+        *,
+        ports: Mapping[str, int] | None = None,
+        estimates: Mapping[str, int] | None = None,
+        learned: Mapping[str, Learned] | None = None,
+    ) -> None:
+        self.resources: dict[str, int] = dict(resources)
+        self._models: dict[str, ModelConfig] = {}
+        self._ports: dict[str, int] = {}
+        self._estimates: dict[str, int] = {}
+        self._learned: dict[str, Learned] = {}
+        self._footprint: dict[str, dict[str, int]] = {}
+        self._demand: dict[str, _Demand] = {}
+        #: The latest time the router reported (demand is read at it).
+        self.now = 0.0
+        #: Bumped whenever a need or a cost may have changed (policies cache by it).
+        self.version = 0
+        #: Set when something worth saving changed; the saver clears it.
+        self.dirty = False
+        self._stored = dict(learned or {})
+        self.reconfigure(resources, models, ports=ports, estimates=estimates)
+
+    # -- inputs (the router task) ------------------------------------------------
+
+    def reconfigure(
+        self,
+        resources: Mapping[str, int],
+        models: Mapping[str, ModelConfig],
+        *,
+        ports: Mapping[str, int] | None = None,
+        estimates: Mapping[str, int] | None = None,
+    ) -> None:
+        """A (re)loaded config: what is learned is kept for models whose command is the same."""
+        self.resources = dict(resources)
+        self._models = dict(models)
+        self._ports = dict(ports or {})
+        self._estimates = dict(estimates or {})
+        for model_id, model in models.items():
+            print_ = fingerprint(model, self._ports.get(model_id))
+            known = self._learned.get(model_id) or self._stored.get(model_id)
+            if known is None or known.fingerprint != print_:
+                if known is not None:
+                    self._footprint.pop(model_id, None)
+                known = Learned(fingerprint=print_)
+            self._learned[model_id] = known
+            self._demand.setdefault(model_id, _Demand())
+        self.version += 1
+
+    def tick(self, now: float) -> None:
+        """The router's clock, before it asks the scheduler anything."""
+        self.now = now
+
+    def requested(self, model: str, now: float) -> None:
+        self.now = now
+        demand = self._demand.get(model)
+        if demand is not None:
+            demand.add(now)
+            self.version += 1
+
+    def measured(self, model: str, footprint: Mapping[str, int]) -> bool:
+        """A measurement of a running model; True when its effective need changed."""
+        learned = self._learned.get(model)
+        if learned is None:
+            return False
+        before = self.need(model)
+        self._footprint[model] = dict(footprint)
+        for name, size in footprint.items():
+            if size > learned.peak.get(name, 0):
+                learned.peak[name] = size
+                self.dirty = True
+        changed = self.need(model) != before
+        if changed:
+            self.version += 1
+        return changed
+
+    def loaded(self, model: str, seconds: float) -> None:
+        """A load finished (spawn to ready) in ``seconds``."""
+        learned = self._learned.get(model)
+        if learned is None:
+            return
+        if learned.load_seconds is None:
+            learned.load_seconds = seconds
+        else:
+            learned.load_seconds += LOAD_SMOOTHING * (seconds - learned.load_seconds)
+        learned.loads += 1
+        self.dirty = True
+        self.version += 1
+
+    def stopped(self, model: str) -> None:
+        """Its process is gone: the last footprint no longer describes anything."""
+        self._footprint.pop(model, None)
+
+    def out_of_memory(
+        self, model: str, resident: Iterable[str], resources: Iterable[str] | None = None
+    ) -> bool:
+        """A start of ``model`` ran out of memory beside ``resident``: raise its floor.
+
+        The new floor makes it not fit beside what was resident, so the next
+        placement evicts more. ``resources`` names the exhausted ones (None:
+        all). False when nothing changes (nothing else was resident: evicting
+        more cannot help).
+        """
+        learned = self._learned.get(model)
+        others = [m for m in resident if m != model and m in self._learned]
+        if learned is None or not others or not self.resources:
+            return False
+        names = list(self.resources) if resources is None else list(resources)
+        changed = False
+        for name in names:
+            capacity = self.resources.get(name)
+            if capacity is None:
+                continue
+            held = sum(self.need(other).get(name, 0) for other in others)
+            if held == 0:
+                continue  # the others hold none of it: it cannot be what ran out
+            floor = min(capacity, capacity - held + 1)
+            if floor > self.need(model).get(name, 0):
+                learned.floor[name] = floor
+                changed = True
+        if changed:
+            self.dirty = True
+            self.version += 1
+        return changed
+
+    # -- outputs (pure reads) -------------------------------------------------------
+
+    def need(self, model: str) -> dict[str, int]:
+        """Effective need, bytes per configured resource (the module docstring's rules)."""
+        return {name: size for name, (size, _) in self._needs(model).items()}
+
+    def basis(self, model: str) -> dict[str, str]:
+        return {name: basis.value for name, (_, basis) in self._needs(model).items()}
+
+    def footprint(self, model: str) -> dict[str, int]:
+        """The last measurement while it runs; ``{}`` when unknown or stopped."""
+        return dict(self._footprint.get(model, {}))
+
+    def peak(self, model: str) -> dict[str, int]:
+        learned = self._learned.get(model)
+        return dict(learned.peak) if learned is not None else {}
+
+    def load_seconds(self, model: str) -> float | None:
+        learned = self._learned.get(model)
+        return learned.load_seconds if learned is not None else None
+
+    def demand(self, model: str) -> float:
+        demand = self._demand.get(model)
+        return demand.read(self.now) if demand is not None else 0.0
+
+    def eviction_cost(self, model: str) -> float:
+        """Expected seconds of reloading caused by evicting ``model`` now."""
+        seconds = self.load_seconds(model)
+        if seconds is None:
+            seconds = DEFAULT_LOAD_SECONDS
+        return seconds * (1.0 + self.demand(model))
+
+    def learned(self) -> dict[str, Learned]:
+        """What to save: the current models, and what was loaded for models not in the config
+        now (a model commented out for a while keeps what was learned about it)."""
+        current = {m: msgspec.structs.replace(self._learned[m]) for m in self._models}
+        return {**self._stored, **current}
+
+    def _needs(self, model: str) -> dict[str, tuple[int, Basis]]:
+        config = self._models.get(model)
+        learned = self._learned.get(model)
+        needs: dict[str, tuple[int, Basis]] = {}
+        for name, capacity in self.resources.items():
+            declared = config.needs.get(name) if config is not None else None
+            peak = learned.peak.get(name) if learned is not None else None
+            estimate = self._estimates.get(model)
+            if declared is not None and (peak is None or peak <= declared):
+                size, basis = declared, Basis.DECLARED
+            elif peak is not None:
+                size, basis = _with_margin(peak), Basis.MEASURED
+            elif estimate:
+                size, basis = _with_margin(estimate), Basis.ESTIMATED
+            else:
+                size, basis = capacity, Basis.UNKNOWN
+            if learned is not None:
+                size = max(size, learned.floor.get(name, 0))
+            needs[name] = (min(size, capacity), basis)
+        return needs
+
+
+def _with_margin(size: int) -> int:
+    return math.ceil(size * (1.0 + MARGIN))
+
+
+def learned_matrix_cost(ledger: FitLedger, model: str) -> int | None:
+    """The matrix's default eviction cost: whole seconds of load time, at least 1.
+
+    Whole seconds, so models that load in well under a second keep
+    llama-swap's default of 1 and timing noise never flips a tie.
+    """
+    seconds = ledger.load_seconds(model)
+    if seconds is None:
+        return None
+    return max(1, round(seconds))
