@@ -6,6 +6,8 @@ import argparse
 
 import msgspec
 
+from trio_swap.fit.sizes import SizeError, parse_size
+
 __all__ = ["ResponderOptions", "build_parser", "parse_options"]
 
 
@@ -19,6 +21,8 @@ class ResponderOptions(msgspec.Struct, frozen=True, kw_only=True):
     load_delay: float = 0.0
     never_healthy: bool = False
     fail_start: bool = False
+    fail_start_message: str | None = None
+    hold_memory: int = 0
     token_delay: float = 0.0
     tokens: int = 16
     crash_after_tokens: int | None = None
@@ -38,6 +42,13 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return value
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except SizeError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def _port(text: str) -> int:
@@ -82,6 +93,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="print a model-load error to stderr and exit 1 instead of listening",
     )
     add(
+        "--fail-start-message",
+        default=None,
+        metavar="TEXT",
+        help=(
+            "with --fail-start, first print TEXT to stderr, as a server's own words "
+            "(e.g. 'CUDA error: out of memory')"
+        ),
+    )
+    add(
+        "--hold-memory",
+        type=_size,
+        default=0,
+        metavar="SIZE",
+        help=(
+            "allocate SIZE of RAM (24GiB, 512MiB, bytes) and touch every page before "
+            "listening, and hold it until exit (a model's weights)"
+        ),
+    )
+    add(
         "--token-delay",
         type=_seconds,
         default=0.0,
@@ -115,5 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_options(argv: list[str] | None = None) -> ResponderOptions:
     """Parse `argv` (default `sys.argv[1:]`); argparse exits 2 on bad input."""
-    namespace = build_parser().parse_args(argv)
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    if namespace.fail_start_message is not None and not namespace.fail_start:
+        parser.error("--fail-start-message needs --fail-start")
     return msgspec.convert(vars(namespace), ResponderOptions)

@@ -1,20 +1,27 @@
 """Run the responder: one trio run, one hypercorn server, and the process-level acts.
 
-The process-level flags (--startup-delay, --fail-start, --exit-after,
---ignore-sigterm) are what a supervisor sees, so they live here, around the
-app; the app only knows about requests.
+The process-level flags (--hold-memory, --startup-delay, --fail-start,
+--exit-after, --ignore-sigterm) are what a supervisor sees, so they live here,
+around the app; the app only knows about requests.
 
     trio.run(serve)
     └─ nursery                  cancelled by a signal or --exit-after
        ├─ signal watcher        SIGTERM/SIGINT → "received SIGTERM, exiting", exit 0
        ├─ exit timer            --exit-after S → exit 0
-       └─ hypercorn serve(app)  started after --startup-delay; binds, then prints
+       └─ hypercorn serve(app)  started after --hold-memory and --startup-delay;
+                                binds, then prints
                                 "responder <model> listening on http://HOST:PORT pid=N"
+
+--hold-memory comes first and is fully resident before the socket binds, so a
+supervisor that sees the model healthy measures its whole footprint at once,
+as with a real server whose weights are loaded before it listens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import mmap
 import os
 import signal
 import sys
@@ -25,10 +32,11 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
+from trio_swap.fit.sizes import format_size
 from trio_swap.responder.app import ResponderApp, log
 from trio_swap.responder.options import ResponderOptions, parse_options
 
-__all__ = ["hypercorn_config", "main", "serve"]
+__all__ = ["hold_memory", "hypercorn_config", "main", "serve"]
 
 # After a signal, cancellation normally ends the run in milliseconds. But
 # hypercorn writes to sockets under a shield, so a client that stopped reading
@@ -72,26 +80,62 @@ async def serve(
     socket listens. Returns 1 for --fail-start or a bind error without ever
     calling `started()`, so a caller using `nursery.start` should expect that.
     """
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_signals, options, nursery.cancel_scope)
-        if options.exit_after is not None:
-            nursery.start_soon(_exit_after, options.exit_after, nursery.cancel_scope)
-        await trio.sleep(options.startup_delay)
-        if options.fail_start:
-            print(
-                f"error: failed to load model '{options.model}': simulated failure",
-                file=sys.stderr,
-                flush=True,
-            )
-            nursery.cancel_scope.cancel(reason="--fail-start")
-            return 1
-        url = await _start_server(nursery, options)
-        if url is None:
-            nursery.cancel_scope.cancel(reason="bind failed")
-            return 1
-        log(f"responder {options.model} listening on {url} pid={os.getpid()}")
-        task_status.started(url)
-    return 0
+    with contextlib.ExitStack() as held:  # --hold-memory, released after the nursery
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, options, nursery.cancel_scope)
+            if options.exit_after is not None:
+                nursery.start_soon(_exit_after, options.exit_after, nursery.cancel_scope)
+            if options.hold_memory:
+                block = await _hold(options.hold_memory)
+                if block is None:
+                    nursery.cancel_scope.cancel(reason="--hold-memory failed")
+                    return 1
+                held.enter_context(block)
+            await trio.sleep(options.startup_delay)
+            if options.fail_start:
+                if options.fail_start_message is not None:
+                    print(options.fail_start_message, file=sys.stderr)
+                print(
+                    f"error: failed to load model '{options.model}': simulated failure",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                nursery.cancel_scope.cancel(reason="--fail-start")
+                return 1
+            url = await _start_server(nursery, options)
+            if url is None:
+                nursery.cancel_scope.cancel(reason="bind failed")
+                return 1
+            log(f"responder {options.model} listening on {url} pid={os.getpid()}")
+            task_status.started(url)
+        return 0
+
+
+def hold_memory(size: int) -> mmap.mmap:
+    """``size`` bytes of private anonymous memory, every page written, so all resident.
+
+    Writing (not reading) is what matters: a read maps the shared zero page, and
+    memory never touched is only promised, so RSS and PSS would not show it.
+    Raises OSError (or OverflowError) when the kernel refuses the mapping; a
+    mapping granted but not backed ends in the kernel's OOM killer, as a real
+    server's would.
+    """
+    block = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for offset in range(0, size, mmap.PAGESIZE):
+        block[offset] = 1
+    return block
+
+
+async def _hold(size: int) -> mmap.mmap | None:
+    """--hold-memory: the held block, or None after printing why the kernel refused it."""
+    try:
+        # In a thread, so a signal is still noticed while gigabytes are touched.
+        block = await trio.to_thread.run_sync(hold_memory, size)
+    except (OSError, OverflowError) as error:
+        print(f"error: cannot hold {format_size(size)}: {error}", file=sys.stderr, flush=True)
+        return None
+    log(f"holding {format_size(size)} (--hold-memory)")
+    return block
 
 
 async def _start_server(nursery: trio.Nursery, options: ResponderOptions) -> str | None:
