@@ -17,7 +17,7 @@ the :class:`Learned` records.
 never less than a floor raised after an out-of-memory start, never more than
 the resource itself (a model that ran alone may always run alone).
 
-**Eviction cost**: ``load_seconds × (1 + demand)``, where ``load_seconds`` is
+**Eviction cost**: ``load_seconds * (1 + demand)``, where ``load_seconds`` is
 the moving average of its loads (:data:`DEFAULT_LOAD_SECONDS` before the
 first) and ``demand`` counts its recent requests, each weighted by
 ``2^(-age / DEMAND_HALF_LIFE)``: the expected seconds of loading that evicting
@@ -118,7 +118,7 @@ class _Demand:
     def read(self, now: float) -> float:
         if self.value == 0.0:
             return 0.0
-        return self.value * 2.0 ** (-max(0.0, now - self.at) / DEMAND_HALF_LIFE)
+        return float(self.value * 2.0 ** (-max(0.0, now - self.at) / DEMAND_HALF_LIFE))
 
 
 @final
