@@ -73,7 +73,7 @@ class _Band(msgspec.Struct):
     why: str | None = None
 
     def overlaps(self, since: float, until: float) -> bool:
-        return self.start <= until and (self.end is None or self.end >= since)
+        return since <= until and self.start <= until and (self.end is None or self.end >= since)
 
 
 @final
