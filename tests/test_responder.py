@@ -910,6 +910,46 @@ async def test_fail_start_exits_1_with_error_line() -> None:
     assert not any("listening" in out for out in responder.stdout)
 
 
+async def test_fail_start_message_is_printed_before_the_error_line() -> None:
+    """Issue 10: tests stage an out-of-memory start in the server's own words."""
+    message = "CUDA error: out of memory"
+    with trio.fail_after(TIMEOUT):
+        async with run_responder(
+            "--fail-start", "--fail-start-message", message, "--model", "q", listening=False
+        ) as responder:
+            assert await responder.process.wait() == 1
+            await responder.wait_for_eof()
+    assert responder.stderr == [message, "error: failed to load model 'q': simulated failure"]
+    assert not any("listening" in out for out in responder.stdout)
+
+
+def _resident_bytes(pid: int) -> int:
+    """VmRSS from /proc/<pid>/status: the plain kernel view, independent of footprint.py."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+async def test_hold_memory_is_resident_before_listening() -> None:
+    """Issue 10: once the listening line is out, the held memory is already resident."""
+    with trio.fail_after(TIMEOUT):
+        async with run_responder("--hold-memory", "64MiB") as responder:
+            assert _resident_bytes(responder.process.pid) >= 64 << 20
+            assert responder.stdout[0] == "holding 64 MiB (--hold-memory)"
+            assert " listening on " in responder.stdout[1]
+            async with httpx.AsyncClient(base_url=responder.url) as client:
+                assert (await client.get("/health")).status_code == 200
+
+
+async def test_hold_memory_refused_by_the_kernel_exits_1() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with run_responder("--hold-memory", "4096TiB", listening=False) as responder:
+            assert await responder.process.wait() == 1
+            line = await responder.wait_for_line("error:", stderr=True)
+    assert line.startswith("error: cannot hold 4294967296 MiB: ")
+
+
 @pytest.mark.parametrize("token_delay", ["0", "0.001"])
 async def test_crash_after_tokens_cuts_stream_and_exits_3(token_delay: str) -> None:
     with trio.fail_after(TIMEOUT):
@@ -1025,6 +1065,24 @@ def test_options_defaults_and_validation() -> None:
     assert options.crash_after_tokens is None
     assert build_parser().prog == "trio-swap responder"
     for bad in (["--port", "0", "--token-delay", "-1"], ["--port", "70000"], []):
+        with pytest.raises(SystemExit) as excinfo:
+            parse_options(bad)
+        assert excinfo.value.code == 2
+
+
+def test_hold_memory_and_fail_start_message_options() -> None:
+    defaults = parse_options(["--port", "0"])
+    assert (defaults.hold_memory, defaults.fail_start_message) == (0, None)
+    options = parse_options(
+        ["--port", "0", "--hold-memory", "1.5GiB", "--fail-start", "--fail-start-message", "x"]
+    )
+    assert (options.hold_memory, options.fail_start_message) == (3 << 29, "x")
+    assert parse_options(["--port", "0", "--hold-memory", "1048576"]).hold_memory == 1 << 20
+    for bad in (
+        ["--port", "0", "--hold-memory", "12XB"],
+        ["--port", "0", "--hold-memory", "-1"],
+        ["--port", "0", "--fail-start-message", "x"],  # without --fail-start
+    ):
         with pytest.raises(SystemExit) as excinfo:
             parse_options(bad)
         assert excinfo.value.code == 2

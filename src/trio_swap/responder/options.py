@@ -6,8 +6,6 @@ import argparse
 
 import msgspec
 
-from trio_swap.fit.sizes import SizeError, parse_size
-
 __all__ = ["ResponderOptions", "build_parser", "parse_options"]
 
 
@@ -44,11 +42,18 @@ def _count(text: str) -> int:
     return value
 
 
+#: Binary units only: the responder's own small parser (it shares no code with the proxy).
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
+_SIZE_UNITS |= {"g": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
+
+
 def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except SizeError as error:
-        raise argparse.ArgumentTypeError(str(error)) from error
+    """``64MiB``, ``1G``, ``4096``: bytes."""
+    digits = text.strip().rstrip("BbIiKkMmGgTt")
+    unit = text.strip()[len(digits) :].lower()
+    if not digits.isdigit() or unit not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size such as 64MiB or 1GiB, got {text!r}")
+    return int(digits) * _SIZE_UNITS[unit]
 
 
 def _port(text: str) -> int:

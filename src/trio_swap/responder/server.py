@@ -32,7 +32,6 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
-from trio_swap.fit.sizes import format_size
 from trio_swap.responder.app import ResponderApp, log
 from trio_swap.responder.options import ResponderOptions, parse_options
 
@@ -132,9 +131,10 @@ async def _hold(size: int) -> mmap.mmap | None:
         # In a thread, so a signal is still noticed while gigabytes are touched.
         block = await trio.to_thread.run_sync(hold_memory, size)
     except (OSError, OverflowError) as error:
-        print(f"error: cannot hold {format_size(size)}: {error}", file=sys.stderr, flush=True)
+        message = f"error: cannot hold {size / (1 << 20):.0f} MiB: {error}"
+        print(message, file=sys.stderr, flush=True)
         return None
-    log(f"holding {format_size(size)} (--hold-memory)")
+    log(f"holding {size / (1 << 20):.0f} MiB (--hold-memory)")
     return block
 
 
