@@ -57,12 +57,18 @@ class TrioSwap:
 
 
 def start_trio_swap(
-    tmp: Path, models: dict[str, dict[str, object]], api_key: str | None
+    tmp: Path,
+    models: dict[str, dict[str, object]],
+    api_key: str | None,
+    *,
+    settings: dict[str, object] | None = None,
 ) -> TrioSwap:
-    """Write a config, spawn trio-swap in its own session, wait until /health answers."""
+    """Write a config (``settings``: more top-level keys, such as ``resources``), spawn
+    trio-swap in its own session, wait until /health answers."""
     lines = ["healthCheckTimeout: 30", "logLevel: info"]
     if api_key:
         lines += ["apiKeys:", f"  - {api_key}"]
+    lines += [f"{key}: {json.dumps(value)}" for key, value in (settings or {}).items()]
     lines.append("models:")
     for model_id, entry in models.items():
         lines.append(f"  {json.dumps(model_id)}:")

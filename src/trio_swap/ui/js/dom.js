@@ -56,3 +56,20 @@ export function when(date) {
   const today = new Date().toDateString() === date.toDateString();
   return today ? date.toLocaleTimeString() : date.toLocaleString();
 }
+
+/** Bytes in binary units, as trio-swap writes sizes: "21.0 GiB", "512 MiB"; "–" when unknown. */
+export function bytes(value) {
+  if (value === null || value === undefined || value < 0 || Number.isNaN(value)) return "–";
+  for (const [unit, factor] of [["TiB", 2 ** 40], ["GiB", 2 ** 30], ["MiB", 2 ** 20], ["KiB", 2 ** 10]]) {
+    if (value >= factor) {
+      const scaled = value / factor;
+      return `${scaled < 100 ? scaled.toFixed(1) : Math.round(scaled)} ${unit}`;
+    }
+  }
+  return `${Math.round(value)} B`;
+}
+
+/** A clock time with seconds ("14:03:27"), for moments within the last hour. */
+export function clockTime(epochSeconds) {
+  return new Date(epochSeconds * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+}

@@ -1,7 +1,9 @@
-// Models: every configured model with its live state; load and unload buttons.
+// Models: every configured model with its live state; load and unload buttons; and,
+// when trio-swap fits models by memory, what each needs and the Memory panel.
 
 import { api } from "../api.js";
-import { clear, h, seconds } from "../dom.js";
+import { bytes, clear, h, seconds } from "../dom.js";
+import { memoryPanel } from "../memory.js";
 import { modelPath, on, state } from "../store.js";
 
 export const title = "Models";
@@ -9,17 +11,49 @@ export const title = "Models";
 /** Model id -> "load" | "unload" while that request is under way. */
 const pending = new Map();
 
+/** The optional columns the rows have data for (rows gain them when fit by memory is on). */
+function optionalColumns(rows) {
+  return {
+    needs: rows.some((model) => model.needs && Object.keys(model.needs).length > 0),
+    load: rows.some((model) => "load_seconds" in model),
+  };
+}
+
+/** "ram 1.2 GiB · vram0 20.0 GiB"; the title says what was last measured. */
+function needsCell(model) {
+  const needs = Object.entries(model.needs ?? {});
+  if (!needs.length) return h("td", { class: "num", dataset: { field: "needs" } }, h("span", { class: "muted" }, "–"));
+  const measured = Object.entries(model.footprint ?? {}).map(([name, size]) => `${name} ${bytes(size)}`);
+  return h(
+    "td",
+    {
+      class: "num",
+      dataset: { field: "needs" },
+      title: measured.length ? `last measured: ${measured.join(", ")}` : "not measured yet",
+    },
+    needs.map(([name, size]) => `${name} ${bytes(size)}`).join(" · "),
+  );
+}
+
 export function mount(root) {
   const banner = h("div", { class: "error-banner", hidden: true, role: "alert" });
   const summary = h("span", { class: "muted" });
   const unloadAll = h("button", { type: "button", onclick: () => act(null, "unload") }, "Unload all");
   const body = h("tbody");
-  const table = h(
-    "table",
-    { id: "models" },
-    h(
-      "thead",
-      {},
+  const head = h("thead");
+  const table = h("table", { id: "models" }, head, body);
+  const empty = h("div", { class: "empty" }, "Waiting for trio-swap…");
+  const memory = memoryPanel();
+  root.append(
+    h("div", { class: "page-head" }, h("h1", {}, "Models"), summary, h("span", { class: "spacer" }), unloadAll),
+    banner,
+    h("div", { class: "panel" }, table, empty),
+    memory.element,
+  );
+  let columns = { needs: false, load: false };
+
+  function renderHead() {
+    head.replaceChildren(
       h(
         "tr",
         {},
@@ -30,18 +64,13 @@ export function mount(root) {
         h("th", { class: "num" }, "Queued"),
         h("th", { class: "num" }, "Loads"),
         h("th", { class: "num", title: "time from start to ready, last load" }, "Ready in"),
+        columns.load ? h("th", { class: "num", title: "time from start to ready, moving average" }, "Avg load") : null,
+        columns.needs ? h("th", { class: "num", title: "memory reserved for it while it runs" }, "Needs") : null,
         h("th", { class: "num" }, "PID"),
         h("th", {}),
       ),
-    ),
-    body,
-  );
-  const empty = h("div", { class: "empty" }, "Waiting for trio-swap…");
-  root.append(
-    h("div", { class: "page-head" }, h("h1", {}, "Models"), summary, h("span", { class: "spacer" }), unloadAll),
-    banner,
-    h("div", { class: "panel" }, table, empty),
-  );
+    );
+  }
 
   function showError(message) {
     banner.textContent = message;
@@ -83,6 +112,8 @@ export function mount(root) {
       h("td", { class: "num", dataset: { field: "queued" } }, model.queued),
       h("td", { class: "num", dataset: { field: "start_count" } }, model.start_count),
       h("td", { class: "num" }, seconds(model.last_ready_seconds)),
+      columns.load ? h("td", { class: "num", dataset: { field: "load_seconds" } }, seconds(model.load_seconds)) : null,
+      columns.needs ? needsCell(model) : null,
       h("td", { class: "num mono" }, model.pid ?? "–"),
       h(
         "td",
@@ -114,6 +145,8 @@ export function mount(root) {
   }
 
   function renderAll() {
+    columns = optionalColumns([...state.models.values()]);
+    renderHead();
     clear(body).append(...[...state.models.values()].map(row));
     empty.hidden = state.models.size > 0;
     if (state.connection === "live" && state.models.size === 0) empty.textContent = "No models configured.";
@@ -121,6 +154,11 @@ export function mount(root) {
   }
 
   function renderOne(model) {
+    const wanted = optionalColumns([...state.models.values()]);
+    if (wanted.needs !== columns.needs || wanted.load !== columns.load) {
+      renderAll();
+      return;
+    }
     const old = body.querySelector(`tr[data-model="${CSS.escape(model.id)}"]`);
     if (old) old.replaceWith(row(model));
     else body.append(row(model));
@@ -128,6 +166,6 @@ export function mount(root) {
   }
 
   renderAll();
-  const stops = [on("models", renderAll), on("model", renderOne)];
+  const stops = [on("models", renderAll), on("model", renderOne), memory.stop];
   return () => stops.forEach((stop) => stop());
 }
