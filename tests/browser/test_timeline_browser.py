@@ -83,7 +83,6 @@ def test_the_timeline_shows_each_models_bands_live(trio_swap: TrioSwap, page: Pa
     expect(coder.locator('.tl-band[data-state="stopping"]')).to_have_count(1)
     expect(chat.locator('.tl-band[data-state="ready"][data-open="true"]')).to_have_count(1)
     expect(summary).to_contain_text("3 loads · 2 evictions")
-    screenshot(page, "timeline")
 
     # The window toggle: 15 minutes, kept in the URL.
     page.get_by_role("button", name="15 min").click()
@@ -195,6 +194,7 @@ def test_canned_timeline_marks_say_who_evicted_and_why(trio_swap: TrioSwap, page
     assert box is not None and mark_box is not None
     centre = mark_box["x"] + mark_box["width"] / 2
     assert abs((centre - box["x"]) / box["width"] - 50 / 60) < 0.02
+    screenshot(page, "timeline")  # an hour's worth, for docs/ui.md
 
 
 def canned_fit(enabled: bool) -> dict[str, object]:
