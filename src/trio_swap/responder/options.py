@@ -48,12 +48,16 @@ _SIZE_UNITS |= {"g": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
 
 
 def _size(text: str) -> int:
-    """``64MiB``, ``1G``, ``4096``: bytes."""
-    digits = text.strip().rstrip("BbIiKkMmGgTt")
-    unit = text.strip()[len(digits) :].lower()
-    if not digits.isdigit() or unit not in _SIZE_UNITS:
+    """``64MiB``, ``1.5G``, ``4096``: bytes."""
+    number = text.strip().rstrip("BbIiKkMmGgTt")
+    unit = text.strip()[len(number) :].lower()
+    try:
+        value = float(number) if number.replace(".", "", 1).isdigit() else -1.0
+    except ValueError:
+        value = -1.0
+    if value < 0 or unit not in _SIZE_UNITS:
         raise argparse.ArgumentTypeError(f"expected a size such as 64MiB or 1GiB, got {text!r}")
-    return int(digits) * _SIZE_UNITS[unit]
+    return int(value * _SIZE_UNITS[unit])
 
 
 def _port(text: str) -> int:
