@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the activity log in this SQLite file (overrides store.path; default: memory)",
     )
     serve.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where what trio-swap learns about each model (measured memory, load times) "
+        "is kept across restarts (default: $STATE_DIRECTORY under systemd, else "
+        "$XDG_STATE_HOME/trio-swap or ~/.local/state/trio-swap)",
+    )
+    serve.add_argument(
         "--h2c",
         action="store_true",
         help="also serve cleartext HTTP/2 (Upgrade: h2c, prior knowledge); off by default: "
@@ -244,6 +251,7 @@ def _positive_float(text: str) -> float:
 
 def _serve(args: argparse.Namespace) -> int:
     from trio_swap.config import ConfigError, load_config, load_demo_config
+    from trio_swap.fit.state import default_state_dir
     from trio_swap.server import RunningServer, serve
 
     if args.watch_config and not args.config:
@@ -273,6 +281,7 @@ def _serve(args: argparse.Namespace) -> int:
                     config_path=args.config,
                     watch_config=args.watch_config,
                     h2c=args.h2c,
+                    state_dir=args.state_dir or default_state_dir(),
                 )
             )
             _print_banner(server, config.source, list(config.models))

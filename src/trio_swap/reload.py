@@ -40,6 +40,8 @@ import trio
 
 from trio_swap.config import Config, ConfigError, ModelConfig, load_config
 from trio_swap.config.diff import NOT_RELOADED, ConfigDiff, diff_configs
+from trio_swap.fit.ledger import FitLedger
+from trio_swap.fit.state import estimates
 from trio_swap.policy import build_policy
 from trio_swap.router import Router
 from trio_swap.systemd import Notifier
@@ -218,7 +220,9 @@ class Reloader:
     async def _apply(self, new: Config, outcome: list[str]) -> ConfigDiff:
         try:
             diff = diff_configs(self._config, new)
-            policy = build_policy(new)
+            ledger = self._router.ledger
+            policy = build_policy(new, ledger)
+            sizes = estimates(new)
         except Exception as exc:  # a bug, as in _load: a failed reload, never a dead server
             log.exception("config reload failed (a bug); still serving the previous config")
             reason = f"cannot be applied (a bug in trio-swap): {type(exc).__name__}: {exc}"
@@ -250,9 +254,16 @@ class Reloader:
                 health_check_timeout=new.health_check_timeout,
                 restart=frozenset(diff.restart),
                 spawn=self._spawn,
+                prepare=partial(_learn_config, ledger, new, sizes),
                 applied=switch_http,
             )
         return diff
+
+
+def _learn_config(ledger: FitLedger | None, config: Config, sizes: dict[str, int]) -> None:
+    """In the router's step, before the new policy decides: the ledger's new config."""
+    if ledger is not None:
+        ledger.reconfigure(config.resources, config.models, ports=config.ports, estimates=sizes)
 
 
 async def watch_config_file(

@@ -26,7 +26,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from typing import assert_never, final
+from typing import Final, assert_never, final
 
 import msgspec
 import trio
@@ -36,7 +36,10 @@ from trio_swap.config.address import Upstream
 from trio_swap.config.diff import same_process
 from trio_swap.config.model import ModelConfig, SchedulerConfig
 from trio_swap.errors import ModelStartFailed, ModelUnloaded, ShuttingDown, SwapError
+from trio_swap.fit.ledger import FitLedger
+from trio_swap.fit.oom import exhausted_resources
 from trio_swap.policy.base import SwapPolicy
+from trio_swap.policy.fit import FitPolicy
 from trio_swap.reasons import StopReason
 from trio_swap.scheduling import (
     Decision,
@@ -51,11 +54,15 @@ from trio_swap.scheduling import (
     StartSwap,
     StopModels,
 )
+from trio_swap.upstream.footprint import FootprintProbe
 from trio_swap.upstream.process import ModelProcess, ProcessState
 
-__all__ = ["Admission", "Lease", "Router"]
+__all__ = ["MEASURE_EVERY", "Admission", "Lease", "Router"]
 
 log = logging.getLogger("trio_swap.router")
+
+#: Seconds between measurements of a running model's memory (the first is at ready).
+MEASURE_EVERY: Final = 5.0
 
 
 @final
@@ -95,6 +102,15 @@ class _RequestFinished(msgspec.Struct, frozen=True):
 class _SwapDone(msgspec.Struct, frozen=True):
     swap_id: int
     error: SwapError | None
+    #: Seconds from spawn to ready when this swap started the process; None otherwise.
+    load_seconds: float | None = None
+
+
+class _Measured(msgspec.Struct, frozen=True):
+    """A running model's memory footprint, bytes per resource."""
+
+    model: str
+    footprint: dict[str, int]
 
 
 class _StopsDone(msgspec.Struct, frozen=True):
@@ -127,6 +143,7 @@ class _Reconfigured(msgspec.Struct, frozen=True):
     health_check_timeout: float
     restart: AbstractSet[str]
     spawn: Callable[[ModelConfig, float], ModelProcess]
+    prepare: Callable[[], None]
     applied: Callable[[], None]
     reply: Reply[None]
 
@@ -146,6 +163,7 @@ _Event = (
     | _StopAllRequested
     | _Reconfigured
     | _Tick
+    | _Measured
 )
 
 
@@ -159,9 +177,23 @@ class Router:
         policy: SwapPolicy,
         settings: SchedulerConfig | None = None,
         on_tick: Callable[[], None] = lambda: None,
+        *,
+        ledger: FitLedger | None = None,
+        footprint: FootprintProbe | None = None,
+        on_evict: Callable[[str, str, str], None] | None = None,
+        measure_every: float = MEASURE_EVERY,
     ) -> None:
         self._processes = dict(processes)
         self._on_tick = on_tick
+        self._policy = policy
+        #: What was learned about each model (needs, load times, demand); None: nothing.
+        self.ledger = ledger
+        self._footprint = footprint
+        self._measure_every = measure_every
+        #: Told (victim, target, why) as a swap evicts a model (the timeline).
+        self._on_evict = on_evict
+        #: Models whose last start ran out of memory and were retried once already.
+        self._oom_retried: set[str] = set()
         settings = settings or SchedulerConfig()
         self.scheduler = FifoScheduler(
             {name: _limits(proc.model, settings) for name, proc in processes.items()},
@@ -261,6 +293,7 @@ class Router:
         health_check_timeout: float,
         restart: AbstractSet[str],
         spawn: Callable[[ModelConfig, float], ModelProcess],
+        prepare: Callable[[], None] = lambda: None,
         applied: Callable[[], None] = lambda: None,
     ) -> None:
         """Switch to a reloaded config in one router step; returns once it is in effect.
@@ -272,6 +305,8 @@ class Router:
         scheduler's call (:meth:`FifoScheduler.on_reconfigure`); the stops it
         orders go on in the background, never cutting a request in flight.
 
+        ``prepare`` runs in the router task first in that step, before the
+        scheduler asks the new policy anything (the ledger's new config).
         ``applied`` runs in the router task within that same step, whether or
         not this caller is still waiting (cancelled, it may not be): the place
         for what must switch together with the router (the HTTP layer's config).
@@ -284,6 +319,7 @@ class Router:
             health_check_timeout,
             frozenset(restart),
             spawn,
+            prepare,
             applied,
             reply,
         )
@@ -338,9 +374,13 @@ class Router:
 
     def _dispatch(self, event: _Event, now: float) -> list[Decision]:
         scheduler = self.scheduler
+        if self.ledger is not None:
+            self.ledger.tick(now)
         match event:
             case _RequestArrived(request_id=rid, model=model, reply=reply, on_wait=on_wait):
                 self._waiting[rid] = reply
+                if self.ledger is not None:
+                    self.ledger.requested(model, now)
                 decisions = scheduler.on_request(rid, model, now)
                 if on_wait is not None:
                     waits = _admission(rid, decisions)
@@ -350,17 +390,28 @@ class Router:
             case _RequestFinished(request_id=rid):
                 self._waiting.pop(rid, None)
                 return scheduler.on_finished(rid, now)
-            case _SwapDone(swap_id=swap_id, error=error):
-                self._swap_scopes.pop(swap_id, None)
+            case _SwapDone(swap_id=swap_id, error=error, load_seconds=seconds):
+                target = self._swap_scopes.pop(swap_id, ("", trio.CancelScope()))[0]
                 if error is None:
                     self.swap_count += 1
-                return scheduler.on_swap_done(swap_id, error, now)
+                    self._oom_retried.discard(target)
+                    if self.ledger is not None and seconds is not None:
+                        self.ledger.loaded(target, seconds)
+                    self._start_measuring(target)
+                retry = error is not None and self._retry_after_oom(target, error)
+                return scheduler.on_swap_done(swap_id, error, now, retry=retry)
+            case _Measured(model=model, footprint=footprint):
+                if self.ledger is not None and self.ledger.measured(model, footprint):
+                    return scheduler.on_policy_inputs_changed(now)
+                return []
             case _StopsDone(stop_id=stop_id):
                 unload_reply = self._unload_replies.pop(stop_id, None)
                 if unload_reply is not None:
                     unload_reply.set(None)
                 return scheduler.on_stops_done(stop_id, now)
             case _ModelStopped(model=model):
+                if self.ledger is not None:
+                    self.ledger.stopped(model)
                 return scheduler.on_model_stopped(model, now)
             case _UnloadRequested(models=models, reply=reply):
                 decisions = scheduler.on_unload(models, now)
@@ -407,6 +458,8 @@ class Router:
                         )
                     else:
                         log.info("swap %d: loading %s", swap_id, target)
+                    for victim in victims:
+                        self._tell_eviction(victim, target)
                     scope = trio.CancelScope()
                     self._swap_scopes[swap_id] = (target, scope)
                     self._nursery.start_soon(self._run_swap, decision, scope)
@@ -449,6 +502,11 @@ class Router:
                 self._processes[name] = event.spawn(model, timeout)
             else:  # queued before any ensure_ready this step decides: the order holds
                 process.reconfigure(model, health_check_timeout=timeout)
+        self._policy = event.policy
+        try:
+            event.prepare()
+        except Exception:  # the caller's bug must not end the router (and the server)
+            log.exception("reload: preparing the new config's policy inputs failed")
         decisions = self.scheduler.on_reconfigure(
             {name: _limits(model, event.settings) for name, model in event.models.items()},
             event.policy,
@@ -479,6 +537,8 @@ class Router:
         async with trio.open_nursery() as nursery:
             for victim in swap.victims:
                 nursery.start_soon(self._stop_one, victim, StopReason.SWAP)
+        process = self._processes[swap.target]
+        starts_before = process.start_count
         with scope:
             try:
                 # Cancelled while the victims stopped (the target was unloaded or
@@ -486,7 +546,7 @@ class Router:
                 # reached the process (a no-op, it was stopped), so a start sent
                 # now would run a model nobody wants, untracked. Send none.
                 await trio.lowlevel.checkpoint_if_cancelled()
-                await self._processes[swap.target].ensure_ready()
+                await process.ensure_ready()
             except ModelStartFailed as exc:
                 error = exc
         if scope.cancelled_caught:
@@ -497,7 +557,71 @@ class Router:
             log.info("swap %d: %s ready after %.3fs", swap.swap_id, swap.target, elapsed)
         else:
             log.warning("swap %d: %s failed: %s", swap.swap_id, swap.target, error.message)
-        self._send.send_nowait(_SwapDone(swap.swap_id, error))
+        loaded = process.last_ready_seconds if process.start_count != starts_before else None
+        self._send.send_nowait(_SwapDone(swap.swap_id, error, loaded if error is None else None))
+
+    def _retry_after_oom(self, model: str, error: SwapError) -> bool:
+        """A start that ran out of memory beside other models: learn, and try once more.
+
+        The ledger raises the model's need so it no longer fits beside what was
+        resident; the scheduler then queues the waiters again and the next
+        placement evicts more. Only once in a row per model, and only when
+        something else was resident (alone, more room cannot be made).
+        """
+        ledger = self.ledger
+        if ledger is None or not ledger.resources or not isinstance(error, ModelStartFailed):
+            return False
+        if model in self._oom_retried:
+            self._oom_retried.discard(model)
+            return False
+        exhausted = exhausted_resources(error.log_tail, error.reason, ledger.resources)
+        if exhausted is None:
+            return False
+        resident = [m for m in self.scheduler.running() if m != model]
+        if not ledger.out_of_memory(model, resident, exhausted):
+            return False
+        self._oom_retried.add(model)
+        log.warning(
+            "model %s ran out of memory (%s) beside %s: its need is raised; loading it again "
+            "after evicting more",
+            model,
+            ", ".join(exhausted),
+            ", ".join(resident),
+        )
+        return True
+
+    def _tell_eviction(self, victim: str, target: str) -> None:
+        """Log (and tell the timeline) why ``victim`` goes for ``target``."""
+        policy = self._policy
+        if isinstance(policy, FitPolicy):
+            why = policy.explain(target, victim)
+        else:
+            why = f"the swap policy does not let it run beside {target}"
+        log.info("evicting %s for %s: %s", victim, target, why)
+        if self._on_evict is not None:
+            self._on_evict(victim, target, why)
+
+    def _start_measuring(self, model: str) -> None:
+        """Measure a model that just became ready, then every ``measure_every`` seconds."""
+        process = self._processes.get(model)
+        if self._footprint is None or self._nursery is None or process is None:
+            return
+        pid = process.pid
+        if pid is not None:
+            self._nursery.start_soon(self._measure, model, process, pid)
+
+    async def _measure(self, model: str, process: ModelProcess, pid: int) -> None:
+        assert self._footprint is not None
+        while process.state is ProcessState.READY and process.pid == pid:
+            try:
+                footprint = await self._footprint(pid)
+            except OSError as exc:  # /proc vanished under us: the process is going
+                log.debug("measuring %s failed: %s", model, exc)
+                return
+            if process.pid != pid:
+                return  # a measurement of a process that is gone means nothing
+            self._send.send_nowait(_Measured(model, footprint))
+            await trio.sleep(self._measure_every)
 
     async def _stop_one(self, model: str, reason: StopReason) -> None:
         process = self._processes.get(model)

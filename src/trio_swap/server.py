@@ -32,6 +32,7 @@ import os
 import signal
 from collections.abc import Callable, Mapping
 from functools import partial
+from pathlib import Path
 from typing import Final, final
 
 import trio
@@ -39,6 +40,8 @@ from hypercorn.config import Config as HypercornConfig
 
 from trio_swap.config.model import Config, ModelConfig
 from trio_swap.errors import SwapError
+from trio_swap.fit.ledger import FitLedger
+from trio_swap.fit.state import STATE_FILE, estimates, keep_saved, read_learned
 from trio_swap.http.access import AccessControl
 from trio_swap.http.app import DEFAULT_MAX_BODY_BYTES, build_app
 from trio_swap.http.inference import InferenceRoutes
@@ -56,6 +59,7 @@ from trio_swap.policy import build_policy
 from trio_swap.reload import Reloader, ReloadReport, ReloadUnavailable, watch_config_file
 from trio_swap.router import Router
 from trio_swap.systemd import Notifier, Watchdog, status_line
+from trio_swap.upstream.footprint import FootprintProbe, footprint_probe
 from trio_swap.upstream.launcher import OrphanGuard
 from trio_swap.upstream.logs import LogBook
 from trio_swap.upstream.process import ModelProcess
@@ -140,6 +144,8 @@ async def serve(
     config_path: str | os.PathLike[str] | None = None,
     watch_config: bool = False,
     h2c: bool = False,
+    state_dir: str | os.PathLike[str] | None = None,
+    footprint: FootprintProbe | None = None,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run trio-swap until SIGTERM/SIGINT (or :meth:`RunningServer.stop`).
@@ -148,7 +154,10 @@ async def serve(
     ``config_path``: the file ``config`` was loaded from; reloads (SIGHUP,
     ``POST /api/config/reload``) read it again. ``watch_config``: also reload
     when it changes (polled every second). ``h2c``: also serve cleartext
-    HTTP/2 (off by default: docs/security.md).
+    HTTP/2 (off by default: docs/security.md). ``state_dir``: where what was
+    learned about the models (memory, load times) is kept across restarts; None
+    keeps it in memory only. ``footprint``: how a running model's memory is
+    measured (a fake in tests; /proc and NVML by default).
 
     Shutdown has a hard deadline: requests get ``shutdown_timeout`` to finish,
     then every connection still open is cut, whatever its client does
@@ -186,16 +195,29 @@ async def serve(
                 return process
 
             watchdog = Watchdog(notifier)
+            state_file = Path(state_dir) / STATE_FILE if state_dir is not None else None
+            ledger = FitLedger(
+                config.resources,
+                config.models,
+                ports=config.ports,
+                estimates=estimates(config),
+                learned=read_learned(state_file) if state_file is not None else None,
+            )
             router = Router(
                 {m.id: spawn(m, config.health_check_timeout) for m in config.models.values()},
-                build_policy(config),
+                build_policy(config, ledger),
                 config.routing.scheduler,
                 on_tick=watchdog.on_tick,
+                ledger=ledger,
+                footprint=footprint if footprint is not None else footprint_probe(),
+                on_evict=lambda victim, target, why: timeline.evicted(victim, by=target, why=why),
             )
             processes = router.processes  # live: a reload adds to it and retires from it
             router_box.append(router)
             metrics.watch(processes, router)
             await supervisors.start(router.run)
+            if state_file is not None:
+                supervisors.start_soon(keep_saved, ledger, state_file)
             supervisors.start_soon(watchdog.run, router.tick)  # pings come from the router task
 
             activity = _activity_log(config, activity_db)

@@ -5,8 +5,8 @@ The parts, each with one job:
 - :mod:`.sizes`: ``24GiB`` and friends, both ways;
 - :mod:`.ledger`: what trio-swap has learned per model (measured peaks, load
   times, how often it is asked for) and the effective need derived from it;
-- :mod:`.policy`: the pure swap policy that keeps the running set within
-  capacity, evicting the cheapest-to-reload models;
 - :mod:`.state`: the ledger's small JSON file, so a restart does not forget;
 - :mod:`.oom`: recognising an out-of-memory death in a server's output.
+
+The pure swap policy built on the ledger is :mod:`trio_swap.policy.fit`.
 """

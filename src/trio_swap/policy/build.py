@@ -6,8 +6,8 @@ from functools import partial
 
 from trio_swap.config.model import Config
 from trio_swap.fit.ledger import FitLedger, learned_matrix_cost
-from trio_swap.fit.policy import FitPolicy
 from trio_swap.policy.base import SwapPolicy
+from trio_swap.policy.fit import FitPolicy
 from trio_swap.policy.groups import GroupsPolicy
 from trio_swap.policy.matrix import MatrixPolicy
 

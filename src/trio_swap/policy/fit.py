@@ -74,6 +74,8 @@ class FitPolicy:
     def __init__(self, ledger: FitLedger, inner: SwapPolicy | None = None) -> None:
         self.ledger = ledger
         self.inner = inner
+        #: The latest plan per target: what :meth:`explain` describes (a memo, not state).
+        self._latest: dict[str, FitPlan] = {}
 
     def evictions(
         self, target: str, running: Sequence[str], context: Placement = NO_CONTEXT
@@ -107,7 +109,7 @@ class FitPolicy:
             name: sum(needs[m].get(name, 0) for m in staying) + own.get(name, 0)
             for name in capacity
         }
-        return FitPlan(
+        result = FitPlan(
             evict=evict,
             inner=tuple(inner),
             fit=chosen,
@@ -121,6 +123,15 @@ class FitPolicy:
             costs={m: ledger.eviction_cost(m) for m in chosen},
             fits=all(used_after[name] <= size for name, size in capacity.items()),
         )
+        self._latest[target] = result
+        return result
+
+    def explain(self, target: str, victim: str) -> str:
+        """Why the latest plan for ``target`` evicts ``victim`` (the router asks as it swaps)."""
+        plan = self._latest.get(target)
+        if plan is None or victim not in plan.evict:
+            return f"evicted for {target}"
+        return self.explain_victim(target, plan, victim)
 
     def explain_victim(self, target: str, plan: FitPlan, victim: str) -> str:
         """Why ``victim`` goes, in one sentence (the timeline and the log show it)."""
