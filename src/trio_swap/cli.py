@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--running", default="", metavar="A,B", help="comma-separated models loaded now"
     )
     plan.add_argument("--request", required=True, metavar="MODEL", help="the requested model")
+    plan.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="read what `serve` learned about the models from here (same default as serve)",
+    )
     plan.add_argument("--format", choices=("text", "json"), default="text")
 
     commands.add_parser(
@@ -203,10 +208,13 @@ def _check(path: str, output: str = "text") -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import msgspec
 
     from trio_swap.config import ConfigError, load_config
     from trio_swap.explain import plan
+    from trio_swap.fit.state import STATE_FILE, default_state_dir, estimates, read_learned
 
     try:
         config = load_config(args.config)
@@ -214,8 +222,12 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     running = [name.strip() for name in args.running.split(",") if name.strip()]
+    state = Path(args.state_dir) if args.state_dir else default_state_dir()
+    learned = read_learned(state / STATE_FILE) if config.resources or config.routing.matrix else {}
     try:
-        result, sentence = plan(config, running, args.request)
+        result, sentence = plan(
+            config, running, args.request, learned=learned, estimates=estimates(config)
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

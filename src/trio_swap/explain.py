@@ -8,27 +8,39 @@ request for X stop, and why".
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import msgspec
 
 from trio_swap.config.model import Config
-from trio_swap.policy import GroupsPolicy, build_policy
+from trio_swap.fit.ledger import FORMULA, FitLedger, Learned
+from trio_swap.fit.sizes import format_size
+from trio_swap.policy import FitPolicy, GroupsPolicy, build_policy
+from trio_swap.policy.base import SwapPolicy
+from trio_swap.policy.matrix import MatrixPolicy
 
 __all__ = ["PlanResult", "describe", "plan"]
 
 
-class PlanResult(msgspec.Struct, frozen=True):
-    """The JSON answer of ``trio-swap plan``; ``set`` and ``cost`` are null for groups."""
+class PlanResult(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The JSON answer of ``trio-swap plan``; ``set`` and ``cost`` are null for groups;
+    ``fit`` (with ``resources:``) holds the numbers fit by memory decided with."""
 
     evict: list[str]
     set: str | None
     cost: int | None
+    fit: dict[str, object] | None = None
 
 
 def describe(config: Config) -> dict[str, object]:
     """The ``check --format json`` document, in definition order."""
     policy = build_policy(config)
+    if isinstance(policy, FitPolicy):
+        result_fit: dict[str, object] = {
+            "resources": dict(config.resources),
+            "needs": {m.id: dict(m.needs) for m in config.models.values() if m.needs},
+        }
+        policy = policy.inner or policy
     result: dict[str, object] = {
         "router": config.routing.router,
         "models": list(config.models),
@@ -43,18 +55,24 @@ def describe(config: Config) -> dict[str, object]:
             }
             for group in policy.groups
         }
-    else:
-        from trio_swap.policy.matrix import MatrixPolicy
-
-        assert isinstance(policy, MatrixPolicy)
+    elif isinstance(policy, MatrixPolicy):
         result["sets"] = {
             name: [sorted(combination) for combination in policy.expand_set(name)]
             for name in policy.set_names
         }
+    if config.resources:
+        result["fit"] = result_fit
     return result
 
 
-def plan(config: Config, running: Sequence[str], request: str) -> tuple[PlanResult, str]:
+def plan(
+    config: Config,
+    running: Sequence[str],
+    request: str,
+    *,
+    learned: Mapping[str, Learned] | None = None,
+    estimates: Mapping[str, int] | None = None,
+) -> tuple[PlanResult, str]:
     """What the policy does for ``request`` with ``running`` loaded: (JSON answer, sentence).
 
     Raises:
@@ -70,15 +88,59 @@ def plan(config: Config, running: Sequence[str], request: str) -> tuple[PlanResu
             raise ValueError(f"unknown running model {name!r} (not a model id or alias)")
         if model not in resolved:
             resolved.append(model)
-    policy = build_policy(config)
+    ledger = FitLedger(
+        config.resources, config.models, ports=config.ports, estimates=estimates, learned=learned
+    )
+    policy = build_policy(config, ledger)
+    if isinstance(policy, FitPolicy):
+        return _fit_plan(policy, target, resolved)
+    return _inner_plan(policy, target, resolved)
+
+
+def _inner_plan(policy: SwapPolicy, target: str, resolved: list[str]) -> tuple[PlanResult, str]:
     if isinstance(policy, GroupsPolicy):
         evicted = policy.evictions(target, resolved)
         return PlanResult(list(evicted), None, None), policy.explain(target, resolved)
-    from trio_swap.policy.matrix import MatrixPolicy
-
     assert isinstance(policy, MatrixPolicy)
     chosen = policy.plan(target, resolved)
     return (
         PlanResult(list(chosen.evict), chosen.set_name, chosen.cost),
         policy.explain(target, resolved),
     )
+
+
+def _fit_plan(policy: FitPolicy, target: str, resolved: list[str]) -> tuple[PlanResult, str]:
+    """The inner policy's answer, then what fit adds, with every number it used."""
+    ledger = policy.ledger
+    chosen = policy.plan(target, resolved)
+    if policy.inner is not None:
+        inner, sentence = _inner_plan(policy.inner, target, resolved)
+        head = sentence + " "
+    else:
+        inner, head = PlanResult([], None, None), ""
+    models = {
+        model: {
+            "need": ledger.need(model),
+            "basis": ledger.basis(model),
+            "load_seconds": ledger.load_seconds(model),
+            "eviction_cost": round(ledger.eviction_cost(model), 6),
+        }
+        for model in dict.fromkeys([target, *resolved])
+    }
+    fit: dict[str, object] = {
+        "resources": chosen.capacity,
+        "need": chosen.need,
+        "free_before": chosen.free_before,
+        "used_after": chosen.used_after,
+        "evicts": list(chosen.fit),
+        "fits": chosen.fits,
+        "models": models,
+        "formula": FORMULA,
+    }
+    if chosen.fit:
+        why = "; ".join(policy.explain_victim(target, chosen, m) for m in chosen.fit)
+        sentence = f"{head}Fit by memory evicts {', '.join(chosen.fit)}: {why}."
+    else:
+        needs = ", ".join(f"{n} {format_size(s)}" for n, s in chosen.need.items())
+        sentence = f"{head}{target} needs {needs or 'nothing declared'} and fits beside the rest."
+    return PlanResult(list(chosen.evict), inner.set, inner.cost, fit), sentence

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Final, final
@@ -40,6 +39,7 @@ from trio_swap.config.model import ModelConfig
 __all__ = [
     "DEFAULT_LOAD_SECONDS",
     "DEMAND_HALF_LIFE",
+    "FORMULA",
     "LOAD_SMOOTHING",
     "MARGIN",
     "Basis",
@@ -51,13 +51,24 @@ __all__ = [
 
 #: Headroom added to a measured or estimated size (10 %): allocations grow a
 #: little after the first measurement (buffers, a longer KV cache in use).
-MARGIN: Final = 0.10
+_MARGIN_PERCENT: Final = 10
+MARGIN: Final = _MARGIN_PERCENT / 100
 #: Weight of the newest load in the moving average of load times.
 LOAD_SMOOTHING: Final = 0.3
 #: The load time assumed before a model was ever loaded.
 DEFAULT_LOAD_SECONDS: Final = 1.0
 #: A request this many seconds old counts half as much in ``demand``.
 DEMAND_HALF_LIFE: Final = 600.0
+
+
+#: The rules above in one paragraph, for ``/api/fit`` and ``trio-swap plan`` readers.
+FORMULA: Final = (
+    "eviction cost = load_seconds * (1 + demand); demand = recent requests, each weighted "
+    f"2^(-age / {DEMAND_HALF_LIFE:g} s). Victims: the set that frees enough of every "
+    "resource with the fewest pinned, then busy models, then the lowest total cost. "
+    f"Need = declared, else measured peak + {MARGIN:.0%}, else model files + {MARGIN:.0%}, "
+    "else the whole resource."
+)
 
 
 class Basis(enum.StrEnum):
@@ -289,6 +300,19 @@ class FitLedger:
             seconds = DEFAULT_LOAD_SECONDS
         return seconds * (1.0 + self.demand(model))
 
+    def use(self, running: Iterable[str]) -> dict[str, dict[str, int]]:
+        """Per resource: ``capacity``, ``reserved`` (effective needs of ``running``) and
+        ``used`` (their last measurements): ``/api/fit`` and ``/metrics`` show the same."""
+        models = list(running)
+        return {
+            name: {
+                "capacity": capacity,
+                "reserved": sum(self.need(m).get(name, 0) for m in models),
+                "used": sum(self._footprint.get(m, {}).get(name, 0) for m in models),
+            }
+            for name, capacity in self.resources.items()
+        }
+
     def learned(self) -> dict[str, Learned]:
         """What to save: the current models, and what was loaded for models not in the config
         now (a model commented out for a while keeps what was learned about it)."""
@@ -318,7 +342,8 @@ class FitLedger:
 
 
 def _with_margin(size: int) -> int:
-    return math.ceil(size * (1.0 + MARGIN))
+    """``size`` plus :data:`MARGIN`, in whole bytes (integer arithmetic: exact)."""
+    return size + -(-size * _MARGIN_PERCENT // 100)
 
 
 def learned_matrix_cost(ledger: FitLedger, model: str) -> int | None:

@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 from trio_swap import __version__
 from trio_swap.errors import BodyTooLarge, ModelNotFound, SwapError
 from trio_swap.http.errors import error_response, json_response, plain_error
+from trio_swap.http.fit_view import fit_document, fit_fields
 from trio_swap.http.logs import register_log_routes
 from trio_swap.http.observe import register_observe_routes
 from trio_swap.http.state import AppState, model_rows
@@ -103,9 +104,14 @@ def build_app(
                     "name": model.name,
                     "description": model.description,
                     "pid": process.pid,
+                    **fit_fields(state.router.ledger, model_id),
                 }
             )
         return json_response({"running": rows})
+
+    @app.get("/api/fit")
+    async def api_fit() -> Response:
+        return json_response(fit_document(state.router.ledger, state.processes))
 
     @app.get("/api/models")
     async def api_models() -> Response:

@@ -15,6 +15,7 @@ from typing import final
 import httpx
 
 from trio_swap.config.model import Config
+from trio_swap.http.fit_view import fit_fields
 from trio_swap.http.upstream_client import UpstreamClient
 from trio_swap.observe.record import Observer
 from trio_swap.observe.timeline import Timeline
@@ -75,6 +76,7 @@ def model_rows(state: AppState) -> list[dict[str, object]]:
                 "in_flight": scheduler.in_flight(model_id),
                 "queued": scheduler.queued(model_id),
                 "ttl": model.ttl,
+                **fit_fields(state.router.ledger, model_id),
             }
         )
     return rows

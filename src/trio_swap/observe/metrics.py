@@ -263,6 +263,7 @@ class _LiveCollector(Collector):
                 "Loads the router completed (a cold start with nothing to evict included).",
                 value=router.swap_count,
             )
+            yield from _fit_gauges(router, self.processes)
         rss = _resident_bytes()
         if rss is not None:
             yield GaugeMetricFamily(
@@ -270,6 +271,35 @@ class _LiveCollector(Collector):
                 "Resident memory of the trio-swap process (not its models).",
                 value=rss,
             )
+
+
+def _fit_gauges(router: Router, processes: Mapping[str, ModelProcess]) -> Iterator[Metric]:
+    """Per resource of ``resources:``: capacity, reserved and measured use; per model, needs."""
+    ledger = router.ledger
+    if ledger is None or not ledger.resources:
+        return
+    families = {
+        key: GaugeMetricFamily(f"trio_swap_resource_{key}_bytes", text, labels=["resource"])
+        for key, text in (
+            ("capacity", "What the box has for models (resources:)."),
+            ("reserved", "Effective needs of the models running now (what fit decides with)."),
+            ("used", "Memory the running models' process trees were last measured to hold."),
+        )
+    }
+    running = [m for m, p in processes.items() if p.state.value != "stopped"]
+    for name, use in ledger.use(running).items():  # the same numbers as /api/fit
+        for key, family in families.items():
+            family.add_metric([name], use[key])
+    yield from families.values()
+    need = GaugeMetricFamily(
+        "trio_swap_model_need_bytes",
+        "A model's effective need per resource (declared, measured or estimated).",
+        labels=["model", "resource"],
+    )
+    for model in processes:
+        for name, size in ledger.need(model).items():
+            need.add_metric([model, name], size)
+    yield need
 
 
 def _info() -> Metric:

@@ -1,0 +1,315 @@
+"""Fit by memory, the pure part: needs, the ledger's learning, and the victim choice.
+
+The victim set is checked against brute force over every subset on small
+random cases: it never leaves the running set over capacity when some set
+would fit, never evicts when the target fits, and has the lowest rank
+(pinned, busy, cost, size) of all sets that make room.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trio_swap.config.matrix_dsl import compile_matrix
+from trio_swap.config.model import GroupConfig, ModelConfig
+from trio_swap.fit.ledger import (
+    DEMAND_HALF_LIFE,
+    FitLedger,
+    Learned,
+    fingerprint,
+    learned_matrix_cost,
+)
+from trio_swap.fit.oom import exhausted_resources
+from trio_swap.policy import GroupsPolicy
+from trio_swap.policy.base import Placement
+from trio_swap.policy.fit import EXACT_LIMIT, FitPolicy
+from trio_swap.policy.matrix import MatrixPolicy
+
+MiB = 1 << 20
+
+
+def model(model_id: str, cmd: str = "server", **needs: int) -> ModelConfig:
+    return ModelConfig(
+        id=model_id, cmd=(cmd, model_id), proxy="http://127.0.0.1:1", needs=dict(needs)
+    )
+
+
+def ledger_of(capacity: dict[str, int], sizes: dict[str, dict[str, int]]) -> FitLedger:
+    return FitLedger(capacity, {m: model(m, **need) for m, need in sizes.items()})
+
+
+# --- the effective need --------------------------------------------------------------
+
+
+def test_need_is_declared_then_measured_then_estimated_then_everything() -> None:
+    models = {
+        "declared": model("declared", ram=100 * MiB),
+        "measured": model("measured"),
+        "estimated": model("estimated"),
+        "unknown": model("unknown"),
+    }
+    ledger = FitLedger({"ram": 1024 * MiB}, models, estimates={"estimated": 200 * MiB})
+    ledger.measured("measured", {"ram": 300 * MiB})
+    assert ledger.need("declared") == {"ram": 100 * MiB}
+    assert ledger.need("measured") == {"ram": 330 * MiB}
+    assert ledger.need("estimated") == {"ram": 220 * MiB}
+    assert ledger.need("unknown") == {"ram": 1024 * MiB}
+    assert ledger.basis("declared") == {"ram": "declared"}
+    assert ledger.basis("measured") == {"ram": "measured"}
+    assert ledger.basis("estimated") == {"ram": "estimated"}
+    assert ledger.basis("unknown") == {"ram": "unknown"}
+
+
+def test_a_measured_overrun_beats_the_declaration() -> None:
+    ledger = FitLedger({"ram": 1024 * MiB}, {"a": model("a", ram=100 * MiB)})
+    assert not ledger.measured("a", {"ram": 90 * MiB})  # within: the declaration stands
+    assert ledger.need("a") == {"ram": 100 * MiB}
+    assert ledger.measured("a", {"ram": 250 * MiB})
+    assert ledger.need("a") == {"ram": 275 * MiB}
+    assert ledger.basis("a") == {"ram": "measured"}
+
+
+def test_need_never_exceeds_the_resource() -> None:
+    ledger = FitLedger({"ram": 100 * MiB}, {"a": model("a")})
+    ledger.measured("a", {"ram": 500 * MiB})
+    assert ledger.need("a") == {"ram": 100 * MiB}
+
+
+def test_peak_is_kept_while_the_command_is_the_same_and_forgotten_when_it_changes() -> None:
+    small = model("a", cmd="server-ctx-4k")
+    ledger = FitLedger({"ram": 1024 * MiB}, {"a": small})
+    ledger.measured("a", {"ram": 300 * MiB})
+    ledger.loaded("a", 2.0)
+    saved = ledger.learned()
+    again = FitLedger({"ram": 1024 * MiB}, {"a": small}, learned=saved)
+    assert again.peak("a") == {"ram": 300 * MiB}
+    assert again.load_seconds("a") == 2.0
+    bigger = model("a", cmd="server-ctx-32k")
+    changed = FitLedger({"ram": 1024 * MiB}, {"a": bigger}, learned=saved)
+    assert changed.peak("a") == {}
+    assert changed.load_seconds("a") is None
+
+
+def test_fingerprint_ignores_the_assigned_port_only() -> None:
+    a = ModelConfig(id="a", cmd=("srv", "--port", "5800", "-c", "5800"), proxy="http://h:5800")
+    b = ModelConfig(id="a", cmd=("srv", "--port", "5801", "-c", "5800"), proxy="http://h:5801")
+    assert fingerprint(a, 5800) != fingerprint(b, 5801)  # -c 5800 stayed: differs after all
+    c = ModelConfig(id="a", cmd=("srv", "--port", "5801", "-c", "5801"), proxy="http://h:5801")
+    assert fingerprint(a, 5800) == fingerprint(c, 5801)
+
+
+def test_load_time_is_a_moving_average() -> None:
+    ledger = FitLedger({}, {"a": model("a")})
+    ledger.loaded("a", 10.0)
+    ledger.loaded("a", 20.0)
+    assert ledger.load_seconds("a") == pytest.approx(13.0)
+    assert learned_matrix_cost(ledger, "a") == 13
+
+
+def test_demand_halves_every_half_life() -> None:
+    ledger = FitLedger({}, {"a": model("a")})
+    ledger.requested("a", 0.0)
+    ledger.requested("a", 0.0)
+    ledger.tick(DEMAND_HALF_LIFE)
+    assert ledger.demand("a") == pytest.approx(1.0)
+    assert ledger.eviction_cost("a") == pytest.approx(2.0)  # 1 s default x (1 + 1)
+
+
+def test_out_of_memory_raises_the_floor_above_what_was_free() -> None:
+    ledger = ledger_of({"ram": 1000}, {"a": {"ram": 300}, "b": {"ram": 400}})
+    assert not ledger.out_of_memory("a", [])  # alone: more room cannot be made
+    assert ledger.out_of_memory("a", ["b"], ["ram"])
+    assert ledger.need("a") == {"ram": 601}  # no longer fits beside b (400)
+    policy = FitPolicy(ledger)
+    assert policy.evictions("a", ["b"]) == ("b",)
+
+
+@pytest.mark.parametrize(
+    ("lines", "reason", "expected"),
+    [
+        (["CUDA error: out of memory"], "exit status 1", ("vram0",)),
+        (["ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9 MiB failed"], "", ("vram0",)),
+        (["terminate called after throwing an instance of 'std::bad_alloc'"], "", ("ram",)),
+        (["loading..."], "process exited before becoming ready (killed by SIGKILL)", ("ram",)),
+        (["error: unknown argument --foo"], "exit status 1", None),
+    ],
+)
+def test_out_of_memory_messages(
+    lines: list[str], reason: str, expected: tuple[str, ...] | None
+) -> None:
+    assert exhausted_resources(lines, reason, {"ram": 1, "vram0": 1}) == expected
+
+
+# --- the policy on fixed cases --------------------------------------------------------
+
+
+def test_models_share_while_they_fit_and_the_cheapest_goes() -> None:
+    ledger = ledger_of({"ram": 1000}, {"a": {"ram": 400}, "b": {"ram": 400}, "c": {"ram": 400}})
+    policy = FitPolicy(ledger)
+    assert policy.evictions("b", ["a"]) == ()
+    for _ in range(3):
+        ledger.requested("a", 0.0)
+    ledger.requested("b", 0.0)
+    assert policy.evictions("c", ["a", "b"]) == ("b",)  # a is asked for more often
+
+
+def test_idle_victims_before_busy_ones_and_pinned_last() -> None:
+    ledger = ledger_of({"ram": 10}, {m: {"ram": 5} for m in "abc"})
+    ledger.loaded("a", 1.0)
+    ledger.loaded("b", 100.0)  # b is far more expensive to reload...
+    policy = FitPolicy(ledger)
+    assert policy.evictions("c", ["a", "b"]) == ("a",)
+    busy = Placement(busy=frozenset({"a"}))
+    assert policy.evictions("c", ["a", "b"], busy) == ("b",)  # ...but a is busy
+    pinned = Placement(pinned=frozenset({"b"}), busy=frozenset({"a"}))
+    assert policy.evictions("c", ["a", "b"], pinned) == ("a",)
+
+
+def test_a_model_already_stopping_costs_nothing() -> None:
+    ledger = ledger_of({"ram": 10}, {m: {"ram": 5} for m in "abc"})
+    ledger.loaded("b", 100.0)
+    policy = FitPolicy(ledger)
+    assert policy.evictions("c", ["a", "b"], Placement(stopping=frozenset({"b"}))) == ("b",)
+
+
+def test_a_resident_target_evicts_nothing_for_room() -> None:
+    ledger = ledger_of({"ram": 10}, {"a": {"ram": 6}, "b": {"ram": 6}})
+    policy = FitPolicy(ledger)
+    assert policy.evictions("a", ["b"], Placement(resident=True)) == ()
+    assert policy.evictions("a", ["b"]) == ("b",)
+
+
+def test_fit_composes_with_groups() -> None:
+    sizes = {"a": {"ram": 2}, "b": {"ram": 2}, "c": {"ram": 7}}
+    ledger = ledger_of({"ram": 10}, sizes)
+    groups = GroupsPolicy(
+        [GroupConfig(name="g", members=("a", "b"), swap=True, exclusive=False)],
+        ["a", "b", "c"],
+    )
+    policy = FitPolicy(ledger, groups)
+    assert policy.evictions("b", ["a"]) == ("a",)  # the group swaps, though both fit
+    plan = policy.plan("a", ["b", "c"])
+    assert plan.inner == ("b",)
+    assert plan.fit == ()  # with b gone, a fits beside c
+
+
+def test_fit_composes_with_the_matrix_and_feeds_it_learned_costs() -> None:
+    ledger = ledger_of({"ram": 10}, {"a": {"ram": 6}, "b": {"ram": 6}, "c": {"ram": 3}})
+    matrix = MatrixPolicy(
+        compile_matrix({"all": "a & b & c"}, models=["a", "b", "c"]),
+        learned_cost=lambda m: learned_matrix_cost(ledger, m),
+    )
+    policy = FitPolicy(ledger, matrix)
+    assert matrix.evictions("a", ["b", "c"]) == ()  # the matrix allows all three...
+    assert policy.evictions("a", ["b", "c"]) == ("b",)  # ...memory does not
+    ledger.loaded("b", 30.0)
+    assert matrix.evict_cost("b") == 30
+    assert matrix.evict_cost("c") == 1
+
+
+# --- the policy against brute force -----------------------------------------------------
+
+NAMES = tuple("abcdefg")
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> tuple[FitLedger, str, list[str], Placement]:
+    resources = draw(st.sampled_from([("ram",), ("ram", "vram0")]))
+    capacity = {r: draw(st.integers(4, 40)) for r in resources}
+    count = draw(st.integers(2, len(NAMES)))
+    names = NAMES[:count]
+    sizes = {m: {r: draw(st.integers(0, capacity[r])) for r in resources} for m in names}
+    ledger = ledger_of(capacity, sizes)
+    for name in names:
+        if draw(st.booleans()):
+            ledger.loaded(name, draw(st.floats(0.1, 50.0)))
+        for _ in range(draw(st.integers(0, 3))):
+            ledger.requested(name, 0.0)
+    target = draw(st.sampled_from(names))
+    others = [m for m in names if m != target]
+    running = draw(st.lists(st.sampled_from(others), unique=True, max_size=len(others)))
+    pick = st.sets(st.sampled_from(others), max_size=2) if others else st.just(set())
+    context = Placement(
+        busy=frozenset(draw(pick)), pinned=frozenset(draw(pick)), stopping=frozenset(draw(pick))
+    )
+    return ledger, target, running, context
+
+
+def used(ledger: FitLedger, models: list[str], resource: str) -> int:
+    return sum(ledger.need(m)[resource] for m in models)
+
+
+@settings(max_examples=400)
+@given(cases())
+def test_victims_are_the_best_subset_by_brute_force(
+    case: tuple[FitLedger, str, list[str], Placement],
+) -> None:
+    ledger, target, running, context = case
+    policy = FitPolicy(ledger)
+    evicted = policy.evictions(target, running, context)
+    capacity = ledger.resources
+
+    def fits(victims: tuple[str, ...]) -> bool:
+        staying = [m for m in running if m not in victims]
+        need = ledger.need(target)
+        return all(used(ledger, staying, r) + need[r] <= capacity[r] for r in capacity)
+
+    def rank(victims: tuple[str, ...]) -> tuple[int, int, float, int]:
+        return (
+            sum(1 for m in victims if m in context.pinned),
+            sum(1 for m in victims if m in context.busy),
+            round(
+                sum(0.0 if m in context.stopping else ledger.eviction_cost(m) for m in victims), 9
+            ),
+            len(victims),
+        )
+
+    assert set(evicted) <= set(running)
+    assert target not in evicted
+    assert list(evicted) == [m for m in running if m in evicted]  # running's order
+    if fits(()):
+        assert evicted == ()  # never evicts when the target fits
+        return
+    subsets = [
+        tuple(combo)
+        for size in range(1, len(running) + 1)
+        for combo in itertools.combinations(running, size)
+    ]
+    good = [s for s in subsets if fits(s)]
+    if not good:  # even alone it is over (its need is capped at the resource: cannot happen)
+        assert evicted == tuple(running)
+        return
+    assert fits(evicted)  # never over capacity
+    assert rank(evicted) == min(rank(s) for s in good)  # minimal cost
+
+
+@settings(max_examples=50)
+@given(st.integers(EXACT_LIMIT + 1, EXACT_LIMIT + 8), st.integers(1, 6))
+def test_many_running_models_use_the_greedy_search_and_still_make_room(
+    count: int, target_size: int
+) -> None:
+    names = [f"m{i}" for i in range(count)]
+    sizes = {m: {"ram": 1} for m in names}
+    sizes["t"] = {"ram": target_size}
+    ledger = ledger_of({"ram": count}, sizes)
+    evicted = FitPolicy(ledger).evictions("t", names)
+    assert len(evicted) == target_size  # exactly enough: one unit each
+
+
+def test_saved_state_round_trips(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from trio_swap.fit.state import encode_learned, read_learned, write_state
+
+    assert isinstance(tmp_path, Path)
+    path = tmp_path / "state" / "learned.json"
+    learned = {"a": Learned(fingerprint="f", peak={"ram": 5}, load_seconds=1.5, loads=2)}
+    write_state(path, encode_learned(learned))
+    assert read_learned(path) == learned
+    path.write_text("{not json")
+    assert read_learned(path) == {}  # logged and ignored: learning starts again
+    assert read_learned(tmp_path / "missing.json") == {}
