@@ -226,11 +226,12 @@ RULES: tuple[Rule, ...] = (
             "cli",
             "explain",
             "responder",
+            "fit",
         ),
         "config/ is the bottom layer: every layer reads the config, it reads none of them",
     ),
     Rule(
-        ("policy", "scheduling"),
+        ("policy", "scheduling", "fit"),
         (
             "upstream",
             "router",
@@ -299,8 +300,12 @@ IO_LIBRARIES = ("trio", "quart", "quart_trio", "hypercorn", "httpx", "h11", "wer
     [
         (("policy", "scheduling"), "the decisions are pure: no I/O, no clock, no tasks"),
         (("config",), "loading a config reads one file; it starts nothing and serves nothing"),
+        (
+            ("fit.ledger", "fit.oom"),
+            "what fit decides with is data the router feeds; only fit.state does I/O",
+        ),
     ],
-    ids=["policy+scheduling", "config"],
+    ids=["policy+scheduling", "config", "fit"],
 )
 def test_pure_layers_load_no_io_library(
     graph: ImportGraph, importers: tuple[str, ...], why: str

@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 import msgspec
 
 from trio_swap.config.model import Config
+from trio_swap.config.sizes import format_size
 from trio_swap.fit.ledger import FORMULA, FitLedger, Learned
-from trio_swap.fit.sizes import format_size
 from trio_swap.policy import FitPolicy, GroupsPolicy, build_policy
 from trio_swap.policy.base import SwapPolicy
 from trio_swap.policy.matrix import MatrixPolicy

@@ -1,6 +1,6 @@
 """``resources:`` (what the box has for models) and per-model ``needs:``, validated.
 
-Sizes are parsed by :func:`trio_swap.fit.sizes.parse_size`; every problem is a
+Sizes are parsed by :func:`trio_swap.config.sizes.parse_size`; every problem is a
 located :class:`~trio_swap.config.errors.ConfigError`. Resource names are free
 (``ram``, ``vram0``, ``slots``...); ``ram`` and ``vramN`` are the ones
 trio-swap measures itself (docs/configuration.md#resources).
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from trio_swap.config.sizes import SizeError, format_size, parse_size
 from trio_swap.config.validate import NOT_PRINTABLE
 from trio_swap.config.yamlsource import Document, KeyPath
-from trio_swap.fit.sizes import SizeError, format_size, parse_size
 
 __all__ = ["check_needs", "check_resources"]
 

@@ -25,8 +25,8 @@ from typing import Final, final
 
 import msgspec
 
+from trio_swap.config.sizes import format_size
 from trio_swap.fit.ledger import FitLedger
-from trio_swap.fit.sizes import format_size
 from trio_swap.policy.base import NO_CONTEXT, Placement, SwapPolicy
 
 __all__ = ["EXACT_LIMIT", "FitPlan", "FitPolicy", "victim_key"]
