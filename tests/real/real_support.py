@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,9 +40,12 @@ def free_port_range(count: int) -> int:
     return free_port()
 
 
-def write_config(path: Path, server: Path, models: dict[str, Path]) -> Path:
-    """A llama-swap format config with one entry per tiny model."""
+def write_config(
+    path: Path, server: Path, models: dict[str, Path], *, top: Sequence[str] = ()
+) -> Path:
+    """A llama-swap format config with one entry per tiny model; ``top``: more top-level lines."""
     lines = [
+        *top,
         "healthCheckTimeout: 60",
         f"startPort: {free_port_range(10)}",
         "models:",
@@ -118,9 +122,11 @@ class TrioSwapServer:
                 os.kill(pid, signal.SIGKILL)
 
 
-def start_trio_swap(tmp: Path, server: Path, models: dict[str, Path]) -> TrioSwapServer:
+def start_trio_swap(
+    tmp: Path, server: Path, models: dict[str, Path], *, top: Sequence[str] = ()
+) -> TrioSwapServer:
     """Spawn trio-swap in its own session and wait until /health answers 200."""
-    config = write_config(tmp / "config.yaml", server, models)
+    config = write_config(tmp / "config.yaml", server, models, top=top)
     port = free_port()
     log = tmp / "trio-swap.log"
     cmd = [
@@ -132,6 +138,8 @@ def start_trio_swap(tmp: Path, server: Path, models: dict[str, Path]) -> TrioSwa
         str(config),
         "--listen",
         f"127.0.0.1:{port}",
+        "--state-dir",
+        str(tmp / "state"),  # what it learns stays with the test
     ]
     with log.open("wb") as out:
         proc = subprocess.Popen(

@@ -9,17 +9,19 @@ orphaned llama-server after SIGTERM. Each test runs its own trio-swap process
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 import trio
-from real_support import TrioSwapServer, cmdline, pid_alive
+from real_support import TrioSwapServer, cmdline, pid_alive, start_trio_swap
 
 pytestmark = pytest.mark.real
 
@@ -208,3 +210,63 @@ async def test_sigkill_of_trio_swap_still_leaves_no_llama_server(trio_swap: Trio
             timeout=5.0,
             what=f"llama-server {trio_swap.upstream_pids()} to die with its trio-swap",
         )
+
+
+@pytest.fixture
+def fit_trio_swap(
+    tmp_path: Path, llama_server_bin: Path, tiny_models: dict[str, Path]
+) -> Iterator[TrioSwapServer]:
+    """trio-swap serving tiny-a and tiny-b with fit by memory (4 GiB of RAM, no groups)."""
+    handle = start_trio_swap(
+        tmp_path, llama_server_bin, tiny_models, top=("resources:", "  ram: 4GiB")
+    )
+    try:
+        yield handle
+    finally:
+        if handle.proc.poll() is None:
+            handle.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                handle.proc.wait(timeout=15)
+        handle.kill_everything()
+
+
+async def test_fit_estimates_from_the_gguf_then_measures_the_real_server(
+    fit_trio_swap: TrioSwapServer,
+) -> None:
+    """Before a load the need comes from the -m file; after, from the server's own memory;
+    two small llama-servers then run side by side (no groups: fit decides)."""
+    server = fit_trio_swap
+    with trio.fail_after(TEST_LIMIT):
+        async with http(server) as h:
+            fit = await get_json(h, "/api/fit")
+            assert fit["enabled"] is True
+            rows = {row["id"]: row for row in fit["models"]}
+            size = server.models["tiny-a"].stat().st_size
+            assert rows["tiny-a"]["basis"] == {"ram": "estimated"}
+            assert rows["tiny-a"]["needs"]["ram"] == size + -(-size * 10 // 100)
+
+            await chat(h, "tiny-a")
+            pid_a = await model_pid(h, "tiny-a")
+
+            async def measured(model: str) -> dict[str, Any]:
+                while True:
+                    row = next(
+                        r for r in (await get_json(h, "/api/fit"))["models"] if r["id"] == model
+                    )
+                    if row["footprint"]:
+                        return dict(row)
+                    await trio.sleep(0.05)
+
+            row_a = await measured("tiny-a")
+            assert row_a["basis"] == {"ram": "measured"}
+            assert row_a["footprint"]["ram"] > 1 << 20  # a real server holds megabytes
+            assert row_a["load_seconds"] is not None
+
+            await chat(h, "tiny-b")
+            assert pid_alive(pid_a), "tiny-a was evicted though both fit in 4 GiB"
+            running = sorted(r["model"] for r in (await get_json(h, "/running"))["running"])
+            assert running == ["tiny-a", "tiny-b"]
+            row_b = await measured("tiny-b")
+            use = (await get_json(h, "/api/fit"))["resources"]["ram"]
+            assert use["used"] >= row_a["footprint"]["ram"] // 2 + row_b["footprint"]["ram"] // 2
+            assert use["reserved"] <= use["capacity"]
