@@ -348,6 +348,10 @@ async def test_a_swap_leaves_loading_ready_and_stopping_bands_for_the_victim() -
             assert list(lanes) == ["A", "B"]
             a_states = [(b["state"], b["reason"]) for b in lanes["A"]]
             assert a_states == [("loading", None), ("ready", None), ("stopping", "swap")]
+            # The router said who needed the room, and why.
+            stop = lanes["A"][-1]
+            assert stop["evicted_by"] == "B"
+            assert "B" in stop["why"]
             assert all(b["end"] is not None for b in lanes["A"])
             assert [b["state"] for b in lanes["B"]] == ["loading", "ready"]
             assert lanes["B"][-1]["end"] is None

@@ -68,8 +68,9 @@ def test_the_timeline_shows_each_models_bands_live(trio_swap: TrioSwap, page: Pa
     expect(chat.locator('.tl-band[data-state="loading"]')).to_have_count(1)
     expect(chat.locator('.tl-band[data-state="ready"]')).to_have_count(1)
     expect(chat.locator('.tl-band[data-state="stopping"][data-reason="swap"]')).to_have_count(1)
-    expect(chat.locator('.tl-mark[data-reason="swap"]')).to_have_attribute(
-        "title", re.compile("evicted by a swap")
+    expect(chat.locator('.tl-mark[data-reason="swap"][data-evicted-by="coder"]')).to_have_attribute(
+        "title",
+        re.compile("evicted by a swap for coder\n.*ram"),  # fit's reason names the resource
     )
     expect(coder.locator('.tl-band[data-state="ready"][data-open="true"]')).to_have_count(1)
     summary = page.locator("#timeline-summary")

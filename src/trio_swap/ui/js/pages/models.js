@@ -11,11 +11,11 @@ export const title = "Models";
 /** Model id -> "load" | "unload" while that request is under way. */
 const pending = new Map();
 
-/** The optional columns the rows have data for (rows gain them when fit by memory is on). */
+/** The optional columns the rows have data for (fit by memory fills them in). */
 function optionalColumns(rows) {
   return {
     needs: rows.some((model) => model.needs && Object.keys(model.needs).length > 0),
-    load: rows.some((model) => "load_seconds" in model),
+    load: rows.some((model) => model.load_seconds != null),
   };
 }
 
