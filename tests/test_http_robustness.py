@@ -651,6 +651,7 @@ async def test_odd_paths_and_query_values_never_get_a_5xx(
         "/v1/models?limit=-1&x=%00",
         "/api/models?x=" + "%00" * 2000,
         "/running?x=%ff",
+        "/api/fit?x=%ff",
         "/logs?no-history=%ff",
         "/metrics?name[]=%00",
         "/ui/%2e%2e/%2e%2e/etc/passwd",
@@ -676,6 +677,10 @@ async def test_odd_paths_and_query_values_never_get_a_5xx(
         "/api/activity?before=abc",
         "/api/activity?before=99999999999999999999999999",
         "/api/activity?before=-99999999999999999999999999",
+        "/api/timeline?since=nan",
+        "/api/timeline?since=inf",
+        "/api/timeline?since=1_0",
+        "/api/timeline?since=" + "9" * 5000,
     ]
     cases = [
         *(case(f"GET {p[:60]}", http_request("GET", p), *ok_or_refused) for p in paths),
