@@ -8,13 +8,15 @@ throughout, with the same /proc reader an operator would trust.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import msgspec
+import pytest
 import trio
 
 from tests.conftest import Harness, chat, make_config, responder_model, running, wait_for
+from trio_swap import server as server_module
 from trio_swap.config.model import Config, ModelConfig
 from trio_swap.upstream.footprint import measure_footprint
 
@@ -169,6 +171,28 @@ async def test_out_of_memory_at_start_evicts_more_and_retries_once(tmp_path: Pat
         assert needs["ram"] > RAM_BUDGET - 200 * MiB  # no longer fits beside resident
 
 
+async def test_out_of_memory_after_a_swap_with_victims_evicts_the_rest(tmp_path: Path) -> None:
+    """The victims were gone before the start: only what stayed counts as resident."""
+    flag = tmp_path / "second-start"
+    a = responder_model("a", needs={"ram": 300 * MiB})
+    b = responder_model("b", needs={"ram": 500 * MiB})
+    base = responder_model("c", needs={"ram": 400 * MiB})
+    script = (
+        f'if [ -e "{flag}" ]; then exec "$@"; fi; touch "{flag}"; '
+        'echo "CUDA error: out of memory" >&2; exit 1'
+    )
+    c = msgspec.structs.replace(base, cmd=("sh", "-c", script, "sh", *base.cmd))
+    async with running(fit_config(a, b, c, ram=1024 * MiB), state_dir=tmp_path) as harness:
+        await ask(harness, "a")
+        await ask(harness, "b")
+        assert running_models(harness) == {"a", "b"}
+        # c (400) fits beside b (500) once a (300) goes; that start dies of OOM, so
+        # b goes too and c is loaded once more.
+        await ask(harness, "c")
+        assert running_models(harness) == {"c"}
+        assert harness.server.processes["c"].start_count == 2
+
+
 async def test_out_of_memory_twice_is_one_clear_error(tmp_path: Path) -> None:
     resident = responder_model("resident", needs={"ram": 200 * MiB})
     doomed = responder_model(
@@ -204,6 +228,28 @@ async def test_a_restart_keeps_learned_footprints_and_load_times(tmp_path: Path)
         assert row["needs"] == before["needs"]
         assert row["load_seconds"] == before["load_seconds"]
         assert row["load_seconds"] is not None
+
+
+async def test_serve_measures_gpu_memory_through_the_detected_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """serve() asks for NVML itself (the fake stands in for a GPU with two devices)."""
+
+    class FakeNvml:
+        def used_by(self, pids: Collection[int]) -> dict[int, int]:
+            return {0: 3 * len(pids) * MiB, 1: 0}
+
+    monkeypatch.setattr(server_module, "detect_gpu_reader", FakeNvml)
+    config = msgspec.structs.replace(
+        make_config(responder_model("a")),
+        resources={"ram": RAM_BUDGET, "vram0": 8192 * MiB, "vram1": 8192 * MiB},
+    )
+    async with running(config, state_dir=tmp_path) as harness:
+        await ask(harness, "a")
+        row = await wait_measured(harness, "a")
+        assert row["footprint"] == {"ram": row["footprint"]["ram"], "vram0": 3 * MiB, "vram1": 0}  # type: ignore[index]
+        assert row["basis"] == {"ram": "measured", "vram0": "measured", "vram1": "measured"}
+        assert row["needs"]["vram1"] == 0  # type: ignore[index]  # a measured 0: needs none
 
 
 async def test_without_resources_nothing_changes_but_rows_have_the_fields(

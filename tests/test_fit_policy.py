@@ -9,6 +9,7 @@ would fit, never evicts when the target fits, and has the lowest rank
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -24,6 +25,7 @@ from trio_swap.fit.ledger import (
     learned_matrix_cost,
 )
 from trio_swap.fit.oom import exhausted_resources
+from trio_swap.fit.state import encode_learned, read_learned, write_state
 from trio_swap.policy import GroupsPolicy
 from trio_swap.policy.base import Placement
 from trio_swap.policy.fit import EXACT_LIMIT, FitPolicy
@@ -177,10 +179,25 @@ def test_a_model_already_stopping_costs_nothing() -> None:
 
 
 def test_a_resident_target_evicts_nothing_for_room() -> None:
-    ledger = ledger_of({"ram": 10}, {"a": {"ram": 6}, "b": {"ram": 6}})
+    ledger = ledger_of({"ram": 10}, {"a": {"ram": 6}, "b": {"ram": 6}, "c": {"ram": 6}})
     policy = FitPolicy(ledger)
     assert policy.evictions("a", ["b"], Placement(resident=True)) == ()
     assert policy.evictions("a", ["b"]) == ("b",)
+    # even when the others alone are over (a measured overrun, a smaller reload)
+    assert policy.evictions("a", ["b", "c"], Placement(resident=True)) == ()
+
+
+def test_an_unknown_model_loads_beside_pinned_ones_instead_of_being_refused() -> None:
+    ledger = FitLedger(
+        {"ram": 1000},
+        {"embed": model("embed", ram=100), "llm": model("llm"), "x": model("x", ram=50)},
+    )
+    policy = FitPolicy(ledger)
+    pinned = Placement(pinned=frozenset({"embed"}))
+    plan = policy.plan("llm", ["embed", "x"], pinned)
+    assert plan.evict == ("x",)  # everything but the pinned model goes
+    assert plan.need == {"ram": 900}
+    assert policy.plan("llm", ["embed", "x"]).evict == ("embed", "x")  # unpinned: all
 
 
 def test_fit_composes_with_groups() -> None:
@@ -300,16 +317,55 @@ def test_many_running_models_use_the_greedy_search_and_still_make_room(
     assert len(evicted) == target_size  # exactly enough: one unit each
 
 
-def test_saved_state_round_trips(tmp_path: object) -> None:
-    from pathlib import Path
-
-    from trio_swap.fit.state import encode_learned, read_learned, write_state
-
-    assert isinstance(tmp_path, Path)
+def test_saved_state_round_trips_and_merges_with_another_writer(tmp_path: Path) -> None:
     path = tmp_path / "state" / "learned.json"
-    learned = {"a": Learned(fingerprint="f", peak={"ram": 5}, load_seconds=1.5, loads=2)}
-    write_state(path, encode_learned(learned))
-    assert read_learned(path) == learned
+    ours = {"f1": Learned(fingerprint="f1", model="a", peak={"ram": 5}, updated=10.0)}
+    write_state(path, encode_learned(ours))
+    assert read_learned(path) == ours
+    # Another instance sharing the directory learned another command, and a newer f1.
+    theirs = {
+        "f2": Learned(fingerprint="f2", model="b", load_seconds=2.0, updated=11.0),
+        "f1": Learned(fingerprint="f1", model="a", peak={"ram": 9}, updated=12.0),
+    }
+    write_state(path, encode_learned(theirs))
+    write_state(path, encode_learned(ours))  # our older f1 does not undo theirs
+    merged = read_learned(path)
+    assert set(merged) == {"f1", "f2"}
+    assert merged["f1"].peak == {"ram": 9}
     path.write_text("{not json")
     assert read_learned(path) == {}  # logged and ignored: learning starts again
     assert read_learned(tmp_path / "missing.json") == {}
+
+
+def test_reverting_a_command_finds_what_was_learned_for_it() -> None:
+    first = model("a", cmd="server-ctx-4k")
+    ledger = FitLedger({"ram": 1024 * MiB}, {"a": first}, clock=lambda: 1.0)
+    ledger.measured("a", {"ram": 300 * MiB})
+    ledger.reconfigure({"ram": 1024 * MiB}, {"a": model("a", cmd="server-ctx-32k")})
+    assert ledger.peak("a") == {}
+    ledger.reconfigure({"ram": 1024 * MiB}, {"a": first})
+    assert ledger.peak("a") == {"ram": 300 * MiB}
+    again = FitLedger({"ram": 1024 * MiB}, {"a": first}, learned=ledger.learned())
+    assert again.peak("a") == {"ram": 300 * MiB}
+
+
+def test_a_replaced_process_is_not_learned_for_the_new_command() -> None:
+    old = model("a", cmd="server-big")
+    ledger = FitLedger({"ram": 1024 * MiB}, {"a": old})
+    ledger.reconfigure({"ram": 1024 * MiB}, {"a": model("a", cmd="server-small")})
+    assert not ledger.measured("a", {"ram": 900 * MiB}, started_with=old)
+    assert ledger.peak("a") == {}
+    assert ledger.measured("a", {"ram": 10 * MiB}, started_with=model("a", cmd="server-small"))
+
+
+def test_a_measured_zero_is_knowledge_and_unmeasured_resources_default_to_zero() -> None:
+    ledger = FitLedger(
+        {"ram": 100 * MiB, "vram0": 24 * 1024 * MiB, "slots": 4},
+        {"cpu": model("cpu"), "counted": model("counted", slots=2)},
+    )
+    assert ledger.basis("cpu") == {"ram": "unknown", "vram0": "unknown", "slots": "undeclared"}
+    assert ledger.need("cpu")["slots"] == 0
+    ledger.measured("cpu", {"ram": 10 * MiB, "vram0": 0})
+    assert ledger.need("cpu")["vram0"] == 0
+    assert ledger.basis("cpu")["vram0"] == "measured"
+    assert ledger.need("counted")["slots"] == 2

@@ -207,8 +207,8 @@ async def test_fake_gpu_reader_adds_vram_per_device() -> None:
     with trio.fail_after(TIMEOUT):
         async with holding(_holder(1, fork=True), holders=2) as tree:
             measured = measure_footprint(tree.process.pid, gpu)
-    assert set(measured) == {"ram", "vram0", "vram1"}  # device 2: the tree uses none there
-    assert (measured["vram0"], measured["vram1"]) == (3 * MIB, 5 * MIB)
+    assert set(measured) == {"ram", "vram0", "vram1", "vram2"}  # device 2: a measured 0
+    assert (measured["vram0"], measured["vram1"], measured["vram2"]) == (3 * MIB, 5 * MIB, 0)
     assert gpu.asked == [set(tree.holders)]
 
 

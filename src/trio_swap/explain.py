@@ -13,10 +13,10 @@ from collections.abc import Mapping, Sequence
 import msgspec
 
 from trio_swap.config.model import Config
-from trio_swap.config.sizes import format_size
 from trio_swap.fit.ledger import FORMULA, FitLedger, Learned
 from trio_swap.policy import FitPolicy, GroupsPolicy, build_policy
-from trio_swap.policy.base import SwapPolicy
+from trio_swap.policy.base import Placement, SwapPolicy
+from trio_swap.policy.fit import amount, shortage
 from trio_swap.policy.matrix import MatrixPolicy
 
 __all__ = ["PlanResult", "describe", "plan"]
@@ -112,7 +112,8 @@ def _inner_plan(policy: SwapPolicy, target: str, resolved: list[str]) -> tuple[P
 def _fit_plan(policy: FitPolicy, target: str, resolved: list[str]) -> tuple[PlanResult, str]:
     """The inner policy's answer, then what fit adds, with every number it used."""
     ledger = policy.ledger
-    chosen = policy.plan(target, resolved)
+    # As serve decides: a target already running needs no room.
+    chosen = policy.plan(target, resolved, Placement(resident=target in resolved))
     if policy.inner is not None:
         inner, sentence = _inner_plan(policy.inner, target, resolved)
         head = sentence + " "
@@ -138,9 +139,14 @@ def _fit_plan(policy: FitPolicy, target: str, resolved: list[str]) -> tuple[Plan
         "formula": FORMULA,
     }
     if chosen.fit:
-        why = "; ".join(policy.explain_victim(target, chosen, m) for m in chosen.fit)
-        sentence = f"{head}Fit by memory evicts {', '.join(chosen.fit)}: {why}."
+        costs = ", ".join(f"{m} {chosen.costs[m]:.2f}s" for m in chosen.fit)
+        sentence = (
+            f"{head}Fit by memory evicts {', '.join(chosen.fit)}: {target} needs "
+            f"{shortage(chosen)}, and this is the cheapest set to reload (expected {costs})."
+        )
+    elif not chosen.fits and target in resolved:
+        sentence = f"{head}{target} is already running: it needs no room."
     else:
-        needs = ", ".join(f"{n} {format_size(s)}" for n, s in chosen.need.items())
+        needs = ", ".join(f"{n} {amount(n, s)}" for n, s in chosen.need.items())
         sentence = f"{head}{target} needs {needs or 'nothing declared'} and fits beside the rest."
     return PlanResult(list(chosen.evict), inner.set, inner.cost, fit), sentence

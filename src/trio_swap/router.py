@@ -111,6 +111,8 @@ class _Measured(msgspec.Struct, frozen=True):
 
     model: str
     footprint: dict[str, int]
+    #: The config the measured process was started with (a reload may have replaced it).
+    started_with: ModelConfig
 
 
 class _StopsDone(msgspec.Struct, frozen=True):
@@ -194,6 +196,10 @@ class Router:
         self._on_evict = on_evict
         #: Models whose last start ran out of memory and were retried once already.
         self._oom_retried: set[str] = set()
+        #: Swap id -> its victims (stopped before its target started).
+        self._swap_victims: dict[int, tuple[str, ...]] = {}
+        #: PIDs a measuring task watches (one task per process).
+        self._measuring: set[int] = set()
         settings = settings or SchedulerConfig()
         self.scheduler = FifoScheduler(
             {name: _limits(proc.model, settings) for name, proc in processes.items()},
@@ -392,16 +398,22 @@ class Router:
                 return scheduler.on_finished(rid, now)
             case _SwapDone(swap_id=swap_id, error=error, load_seconds=seconds):
                 target = self._swap_scopes.pop(swap_id, ("", trio.CancelScope()))[0]
+                victims = self._swap_victims.pop(swap_id, ())
+                retry = False
                 if error is None:
                     self.swap_count += 1
-                    self._oom_retried.discard(target)
                     if self.ledger is not None and seconds is not None:
                         self.ledger.loaded(target, seconds)
                     self._start_measuring(target)
-                retry = error is not None and self._retry_after_oom(target, error)
+                else:
+                    retry = self._retry_after_oom(target, victims, error)
+                if retry:
+                    self._oom_retried.add(target)
+                else:  # a success, or a failure that is not retried: the next OOM may be
+                    self._oom_retried.discard(target)
                 return scheduler.on_swap_done(swap_id, error, now, retry=retry)
-            case _Measured(model=model, footprint=footprint):
-                if self.ledger is not None and self.ledger.measured(model, footprint):
+            case _Measured(model=model, footprint=footprint, started_with=config):
+                if self.ledger is not None and self.ledger.measured(model, footprint, config):
                     return scheduler.on_policy_inputs_changed(now)
                 return []
             case _StopsDone(stop_id=stop_id):
@@ -460,6 +472,7 @@ class Router:
                         log.info("swap %d: loading %s", swap_id, target)
                     for victim in victims:
                         self._tell_eviction(victim, target)
+                    self._swap_victims[swap_id] = victims
                     scope = trio.CancelScope()
                     self._swap_scopes[swap_id] = (target, scope)
                     self._nursery.start_soon(self._run_swap, decision, scope)
@@ -560,7 +573,7 @@ class Router:
         loaded = process.last_ready_seconds if process.start_count != starts_before else None
         self._send.send_nowait(_SwapDone(swap.swap_id, error, loaded if error is None else None))
 
-    def _retry_after_oom(self, model: str, error: SwapError) -> bool:
+    def _retry_after_oom(self, model: str, victims: tuple[str, ...], error: SwapError) -> bool:
         """A start that ran out of memory beside other models: learn, and try once more.
 
         The ledger raises the model's need so it no longer fits beside what was
@@ -572,15 +585,14 @@ class Router:
         if ledger is None or not ledger.resources or not isinstance(error, ModelStartFailed):
             return False
         if model in self._oom_retried:
-            self._oom_retried.discard(model)
             return False
         exhausted = exhausted_resources(error.log_tail, error.reason, ledger.resources)
         if exhausted is None:
             return False
-        resident = [m for m in self.scheduler.running() if m != model]
+        # The swap's victims were gone before the start: only the others were resident.
+        resident = [m for m in self.scheduler.running() if m != model and m not in victims]
         if not ledger.out_of_memory(model, resident, exhausted):
             return False
-        self._oom_retried.add(model)
         log.warning(
             "model %s ran out of memory (%s) beside %s: its need is raised; loading it again "
             "after evicting more",
@@ -607,21 +619,28 @@ class Router:
         if self._footprint is None or self._nursery is None or process is None:
             return
         pid = process.pid
-        if pid is not None:
-            self._nursery.start_soon(self._measure, model, process, pid)
+        if pid is not None and pid not in self._measuring:
+            self._measuring.add(pid)
+            self._nursery.start_soon(self._measure, model, process, pid, process.model)
 
-    async def _measure(self, model: str, process: ModelProcess, pid: int) -> None:
+    async def _measure(
+        self, model: str, process: ModelProcess, pid: int, started_with: ModelConfig
+    ) -> None:
+        """One process's measurements, for as long as it is ready (one task per pid)."""
         assert self._footprint is not None
-        while process.state is ProcessState.READY and process.pid == pid:
-            try:
-                footprint = await self._footprint(pid)
-            except OSError as exc:  # /proc vanished under us: the process is going
-                log.debug("measuring %s failed: %s", model, exc)
-                return
-            if process.pid != pid:
-                return  # a measurement of a process that is gone means nothing
-            self._send.send_nowait(_Measured(model, footprint))
-            await trio.sleep(self._measure_every)
+        try:
+            while process.state is ProcessState.READY and process.pid == pid:
+                try:
+                    footprint = await self._footprint(pid)
+                except OSError as exc:  # /proc vanished under us: the process is going
+                    log.debug("measuring %s failed: %s", model, exc)
+                    return
+                if process.pid != pid:
+                    return  # a measurement of a process that is gone means nothing
+                self._send.send_nowait(_Measured(model, footprint, started_with))
+                await trio.sleep(self._measure_every)
+        finally:
+            self._measuring.discard(pid)
 
     async def _stop_one(self, model: str, reason: StopReason) -> None:
         process = self._processes.get(model)

@@ -59,7 +59,7 @@ from trio_swap.policy import build_policy
 from trio_swap.reload import Reloader, ReloadReport, ReloadUnavailable, watch_config_file
 from trio_swap.router import Router
 from trio_swap.systemd import Notifier, Watchdog, status_line
-from trio_swap.upstream.footprint import FootprintProbe, footprint_probe
+from trio_swap.upstream.footprint import FootprintProbe, detect_gpu_reader, footprint_probe
 from trio_swap.upstream.launcher import OrphanGuard
 from trio_swap.upstream.logs import LogBook
 from trio_swap.upstream.process import ModelProcess
@@ -209,7 +209,7 @@ async def serve(
                 config.routing.scheduler,
                 on_tick=watchdog.on_tick,
                 ledger=ledger,
-                footprint=footprint if footprint is not None else footprint_probe(),
+                footprint=footprint if footprint is not None else default_footprint_probe(),
                 on_evict=lambda victim, target, why: timeline.evicted(victim, by=target, why=why),
             )
             processes = router.processes  # live: a reload adds to it and retires from it
@@ -321,6 +321,11 @@ async def serve(
         with trio.CancelScope(shield=True):
             await guard.aclose()
     log.info("stopped")
+
+
+def default_footprint_probe() -> FootprintProbe:
+    """RAM from /proc, and GPU memory through NVML when the ``gpu`` extra and a GPU are there."""
+    return footprint_probe(detect_gpu_reader())
 
 
 def _status_line(server: RunningServer) -> str:

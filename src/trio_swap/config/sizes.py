@@ -33,7 +33,7 @@ _UNITS: Final[dict[str, int]] = {
     "gb": 1000**3,
     "tb": 1000**4,
 }
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+_SIZE = re.compile(r"\s*(\d{1,30}(?:\.\d{1,30})?)\s*([a-zA-Z]*)\s*", re.ASCII)
 
 
 class SizeError(ValueError):

@@ -14,6 +14,9 @@ the :class:`Learned` records.
 3. else an estimate: the size of the model files its ``cmd`` names, plus the margin;
 4. else the whole resource (nothing to go on: it needs everything free);
 
+except for a resource trio-swap does not measure (anything but ``ram`` and
+``vramN``, e.g. ``slots``): not declared, it is 0 (nothing could ever tell);
+
 never less than a floor raised after an out-of-memory start, never more than
 the resource itself (a model that ran alone may always run alone).
 
@@ -29,7 +32,8 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final, final
 
 import msgspec
@@ -46,6 +50,7 @@ __all__ = [
     "FitLedger",
     "Learned",
     "fingerprint",
+    "is_measured",
     "learned_matrix_cost",
 ]
 
@@ -75,16 +80,22 @@ class Basis(enum.StrEnum):
     """Where an effective need comes from (shown in the UI, ``/api/fit`` and ``plan``)."""
 
     DECLARED = "declared"
+    #: A resource trio-swap cannot measure (``slots``), not declared: 0.
+    UNDECLARED = "undeclared"
     MEASURED = "measured"
     ESTIMATED = "estimated"
     UNKNOWN = "unknown"
 
 
 class Learned(msgspec.Struct, kw_only=True):
-    """What survives a restart about one model (only while its command stays the same)."""
+    """What survives a restart about one command of a model (its :func:`fingerprint`)."""
 
-    #: :func:`fingerprint` of the command the numbers were learned with.
+    #: :func:`fingerprint` of the command the numbers were learned with (the key).
     fingerprint: str
+    #: The model id it was learned under (for people reading the file).
+    model: str = ""
+    #: Wall-clock time of the last change (the file keeps the most recent entries).
+    updated: float = 0.0
     #: Highest footprint ever measured, bytes per resource.
     peak: dict[str, int] = msgspec.field(default_factory=dict)
     #: Lowest need allowed, raised when a start ran out of memory.
@@ -95,6 +106,12 @@ class Learned(msgspec.Struct, kw_only=True):
 
 
 _PORT_TOKEN = re.compile(r"(?<!\d)(\d{2,5})(?!\d)")
+_MEASURED = re.compile(r"ram|vram\d+")
+
+
+def is_measured(resource: str) -> bool:
+    """Whether trio-swap measures ``resource`` itself (``ram``, ``vram0``, ``vram1``...)."""
+    return _MEASURED.fullmatch(resource) is not None
 
 
 def fingerprint(model: ModelConfig, port: int | None = None) -> str:
@@ -149,12 +166,17 @@ class FitLedger:
         ports: Mapping[str, int] | None = None,
         estimates: Mapping[str, int] | None = None,
         learned: Mapping[str, Learned] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.resources: dict[str, int] = dict(resources)
         self._models: dict[str, ModelConfig] = {}
         self._ports: dict[str, int] = {}
         self._estimates: dict[str, int] = {}
+        #: Every command ever learned (the file's and this run's), by fingerprint.
+        self._entries: dict[str, Learned] = dict(learned or {})
+        #: Model id -> the entry of its current command.
         self._learned: dict[str, Learned] = {}
+        self._clock = clock
         self._footprint: dict[str, dict[str, int]] = {}
         self._demand: dict[str, _Demand] = {}
         #: The latest time the router reported (demand is read at it).
@@ -163,7 +185,6 @@ class FitLedger:
         self.version = 0
         #: Set when something worth saving changed; the saver clears it.
         self.dirty = False
-        self._stored = dict(learned or {})
         self.reconfigure(resources, models, ports=ports, estimates=estimates)
 
     # -- inputs (the router task) ------------------------------------------------
@@ -182,15 +203,20 @@ class FitLedger:
         self._ports = dict(ports or {})
         self._estimates = dict(estimates or {})
         for model_id, model in models.items():
-            print_ = fingerprint(model, self._ports.get(model_id))
-            known = self._learned.get(model_id) or self._stored.get(model_id)
-            if known is None or known.fingerprint != print_:
-                if known is not None:
-                    self._footprint.pop(model_id, None)
-                known = Learned(fingerprint=print_)
+            key = self.fingerprint(model_id, model)
+            known = self._entries.get(key)
+            if known is None:
+                known = self._entries[key] = Learned(fingerprint=key, model=model_id)
             self._learned[model_id] = known
             self._demand.setdefault(model_id, _Demand())
+        for model_id in list(self._learned):
+            if model_id not in models:
+                del self._learned[model_id]
         self.version += 1
+
+    def fingerprint(self, model_id: str, model: ModelConfig) -> str:
+        """:func:`fingerprint` with the port this config assigned to ``model_id``."""
+        return fingerprint(model, self._ports.get(model_id))
 
     def tick(self, now: float) -> None:
         """The router's clock, before it asks the scheduler anything."""
@@ -203,17 +229,29 @@ class FitLedger:
             demand.add(now)
             self.version += 1
 
-    def measured(self, model: str, footprint: Mapping[str, int]) -> bool:
-        """A measurement of a running model; True when its effective need changed."""
+    def measured(
+        self, model: str, footprint: Mapping[str, int], started_with: ModelConfig | None = None
+    ) -> bool:
+        """A measurement of a running model; True when its effective need changed.
+
+        ``started_with`` is the config its process runs: a process a reload
+        replaced (still finishing its requests) is not the current command, so
+        its numbers are not learned for it.
+        """
         learned = self._learned.get(model)
         if learned is None:
+            return False
+        if (
+            started_with is not None
+            and self.fingerprint(model, started_with) != learned.fingerprint
+        ):
             return False
         before = self.need(model)
         self._footprint[model] = dict(footprint)
         for name, size in footprint.items():
-            if size > learned.peak.get(name, 0):
-                learned.peak[name] = size
-                self.dirty = True
+            if name not in learned.peak or size > learned.peak[name]:
+                learned.peak[name] = size  # a measured 0 counts: it is knowledge
+                self._touch(learned)
         changed = self.need(model) != before
         if changed:
             self.version += 1
@@ -229,7 +267,7 @@ class FitLedger:
         else:
             learned.load_seconds += LOAD_SMOOTHING * (seconds - learned.load_seconds)
         learned.loads += 1
-        self.dirty = True
+        self._touch(learned)
         self.version += 1
 
     def stopped(self, model: str) -> None:
@@ -264,9 +302,13 @@ class FitLedger:
                 learned.floor[name] = floor
                 changed = True
         if changed:
-            self.dirty = True
+            self._touch(learned)
             self.version += 1
         return changed
+
+    def _touch(self, learned: Learned) -> None:
+        learned.updated = self._clock()
+        self.dirty = True
 
     # -- outputs (pure reads) -------------------------------------------------------
 
@@ -314,10 +356,9 @@ class FitLedger:
         }
 
     def learned(self) -> dict[str, Learned]:
-        """What to save: the current models, and what was loaded for models not in the config
-        now (a model commented out for a while keeps what was learned about it)."""
-        current = {m: msgspec.structs.replace(self._learned[m]) for m in self._models}
-        return {**self._stored, **current}
+        """What to save, by fingerprint: every command learned, in the config or not (a
+        model commented out, or a flag tried and reverted, keeps its numbers)."""
+        return {key: entry for key, entry in self._entries.items() if entry.updated or entry.loads}
 
     def _needs(self, model: str) -> dict[str, tuple[int, Basis]]:
         config = self._models.get(model)
@@ -327,7 +368,9 @@ class FitLedger:
             declared = config.needs.get(name) if config is not None else None
             peak = learned.peak.get(name) if learned is not None else None
             estimate = self._estimates.get(model)
-            if declared is not None and (peak is None or peak <= declared):
+            if declared is None and not is_measured(name):
+                size, basis = 0, Basis.UNDECLARED  # nothing else will ever tell
+            elif declared is not None and (peak is None or peak <= declared):
                 size, basis = declared, Basis.DECLARED
             elif peak is not None:
                 size, basis = _with_margin(peak), Basis.MEASURED

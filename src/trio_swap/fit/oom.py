@@ -20,7 +20,7 @@ _DEVICE: Final = re.compile(
     r"ErrorOutOfDeviceMemory|out of device memory|"
     r"failed to allocate (?:CUDA|ROCm|Metal|Vulkan|SYCL)\d*\s*buffer|"
     r"ggml_backend_\w+_buffer_type_alloc_buffer: allocating [^\n]* failed|"
-    r"MTLHeap|Insufficient Memory \(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory\)|"
+    r"Insufficient Memory \(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory\)|"
     r"torch\.(?:cuda\.)?OutOfMemoryError|CUDA out of memory",
     re.IGNORECASE,
 )

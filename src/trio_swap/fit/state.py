@@ -1,16 +1,24 @@
-"""The ledger's file: measured peaks, out-of-memory floors and load times per model.
+"""The ledger's file: measured peaks, out-of-memory floors and load times per command.
 
-JSON, one object keyed by model id, written atomically (a temporary file in
-the same directory, then a rename) so a crash never leaves half a file. A file
-that cannot be read or parsed is logged and ignored: learning starts again,
-trio-swap still starts.
+JSON, one object keyed by the command's fingerprint (so two configs, or two
+trio-swap instances, that name different commands the same model id never
+overwrite each other, and reverting a flag finds its old numbers). Saving
+merges with what is on disk under an exclusive ``flock`` (another instance may
+share the directory), keeps the :data:`MAX_ENTRIES` most recently updated,
+and replaces the file atomically (a temporary file, fsync, rename, fsync of
+the directory), so a crash never leaves half a file. A file that cannot be
+read or parsed is logged and ignored: learning starts again, trio-swap still
+starts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Final
 
@@ -22,6 +30,7 @@ from trio_swap.config.model import Config
 from trio_swap.fit.ledger import FitLedger, Learned
 
 __all__ = [
+    "MAX_ENTRIES",
     "STATE_FILE",
     "default_state_dir",
     "encode_learned",
@@ -34,13 +43,16 @@ __all__ = [
 log = logging.getLogger("trio_swap.fit")
 
 STATE_FILE: Final = "learned.json"
-#: Larger than any real ledger (a few hundred bytes per model): refuse to read more.
+#: Commands the file remembers (a few hundred bytes each); the oldest go first.
+MAX_ENTRIES: Final = 1000
+#: Larger than any real ledger: refuse to read more.
 _MAX_BYTES: Final = 16 << 20
+_VERSION: Final = 2
 
 
 class _StateFile(msgspec.Struct, kw_only=True):
-    version: int = 1
-    models: dict[str, Learned] = msgspec.field(default_factory=dict)
+    version: int = _VERSION
+    entries: dict[str, Learned] = msgspec.field(default_factory=dict)
 
 
 def estimates(config: Config) -> dict[str, int]:
@@ -59,7 +71,7 @@ def default_state_dir() -> Path:
 
 
 def read_learned(path: Path) -> dict[str, Learned]:
-    """What an earlier run learned; ``{}`` when there is no usable file (logged)."""
+    """What earlier runs learned, by fingerprint; ``{}`` when there is no usable file."""
     try:
         with path.open("rb") as file:
             data = file.read(_MAX_BYTES + 1)
@@ -71,26 +83,71 @@ def read_learned(path: Path) -> dict[str, Learned]:
     try:
         if len(data) > _MAX_BYTES:
             raise msgspec.DecodeError("file too large")
-        return msgspec.json.decode(data, type=_StateFile).models
+        state = msgspec.json.decode(data, type=_StateFile)
     except msgspec.DecodeError as exc:
         log.warning("ignoring %s: not a trio-swap state file (%s)", path, exc)
         return {}
+    if state.version != _VERSION:
+        log.warning("ignoring %s: state file version %d (expected %d)", path, state.version, 2)
+        return {}
+    return {key: entry for key, entry in state.entries.items() if entry.fingerprint == key}
 
 
 def encode_learned(learned: Mapping[str, Learned]) -> bytes:
-    """The file's bytes (encode in the router's thread: the ledger changes there)."""
-    return msgspec.json.format(msgspec.json.encode(_StateFile(models=dict(learned))))
+    """The entries to save, as bytes (encode in the router's thread: the ledger changes there)."""
+    return msgspec.json.encode(_StateFile(entries=dict(learned)))
 
 
 def write_state(path: Path, data: bytes) -> None:
-    """Replace the file atomically (blocking: run it in a thread)."""
+    """Merge ``data`` (from :func:`encode_learned`) into the file (blocking: run in a thread).
+
+    An entry on disk that is newer than ours (another instance learned more
+    since) is kept; everything else of ours wins.
+    """
+    ours = msgspec.json.decode(data, type=_StateFile).entries
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with temporary.open("wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    with _locked(path.with_name(path.name + ".lock")):
+        merged = read_learned(path)
+        for key, entry in ours.items():
+            theirs = merged.get(key)
+            if theirs is None or theirs.updated <= entry.updated:
+                merged[key] = entry
+        if len(merged) > MAX_ENTRIES:
+            newest = sorted(merged.values(), key=lambda e: e.updated, reverse=True)
+            merged = {e.fingerprint: e for e in newest[:MAX_ENTRIES]}
+        text = msgspec.json.format(msgspec.json.encode(_StateFile(entries=merged)))
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(text)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        _fsync_directory(path.parent)
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    with lock_path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (ext4 and xfs want the directory synced too)."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 #: Seconds between saves while something new was learned.

@@ -26,13 +26,14 @@ from typing import Final, final
 import msgspec
 
 from trio_swap.config.sizes import format_size
-from trio_swap.fit.ledger import FitLedger
+from trio_swap.fit.ledger import Basis, FitLedger, is_measured
 from trio_swap.policy.base import NO_CONTEXT, Placement, SwapPolicy
 
-__all__ = ["EXACT_LIMIT", "FitPlan", "FitPolicy", "victim_key"]
+__all__ = ["EXACT_LIMIT", "FitPlan", "FitPolicy", "amount", "shortage", "victim_key"]
 
-#: Most candidate victims searched exactly (2^n subsets at worst; pruning keeps it small).
-EXACT_LIMIT: Final = 16
+#: Most candidate victims searched exactly (2^n subsets at worst, ~10 ms at 12; pruning
+#: usually keeps it far smaller). Beyond it the greedy search runs.
+EXACT_LIMIT: Final = 12
 
 #: A victim set's rank: lower is better (the module docstring's order).
 _Key = tuple[int, int, float, int, tuple[int, ...]]
@@ -76,6 +77,10 @@ class FitPolicy:
         self.inner = inner
         #: The latest plan per target: what :meth:`explain` describes (a memo, not state).
         self._latest: dict[str, FitPlan] = {}
+        #: Plans of this router step (the scheduler asks again for each queued request),
+        #: valid while the ledger's version and clock are unchanged.
+        self._cache: dict[tuple[str, tuple[str, ...], Placement], FitPlan] = {}
+        self._cache_key: tuple[int, float] = (-1, 0.0)
 
     def evictions(
         self, target: str, running: Sequence[str], context: Placement = NO_CONTEXT
@@ -84,32 +89,43 @@ class FitPolicy:
 
     def plan(self, target: str, running: Sequence[str], context: Placement = NO_CONTEXT) -> FitPlan:
         ledger = self.ledger
+        if self._cache_key != (ledger.version, ledger.now):
+            self._cache.clear()
+            self._cache_key = (ledger.version, ledger.now)
+        key = (target, tuple(running), context)
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = self._cache[key] = self._plan(target, running, context)
+        self._latest[target] = cached
+        return cached
+
+    def _plan(self, target: str, running: Sequence[str], context: Placement) -> FitPlan:
+        ledger = self.ledger
         running = [m for m in dict.fromkeys(running) if m != target]
         inner = self.inner.evictions(target, running, context) if self.inner else ()
         kept = [m for m in running if m not in inner]
         capacity = ledger.resources
-        need = ledger.need(target)
         needs = {m: ledger.need(m) for m in kept}
-        # A target already running needs no room: any overcommit found by a new
-        # measurement is settled at the next load, never by cutting a ready model.
-        own = {} if context.resident else need
+        need = self._target_need(target, kept, needs, context)
         over = {
-            name: sum(n.get(name, 0) for n in needs.values()) + own.get(name, 0) - size
+            name: sum(n.get(name, 0) for n in needs.values()) + need.get(name, 0) - size
             for name, size in capacity.items()
         }
         over = {name: excess for name, excess in over.items() if excess > 0}
         chosen: tuple[str, ...] = ()
-        if over:
+        # A target already running needs no room: an overcommit a new measurement
+        # found is settled at the next load, never by cutting a ready model.
+        if over and not context.resident:
             cost = {m: ledger.eviction_cost(m) for m in kept}
             picked = _cheapest(kept, needs, over, context, cost)
             chosen = tuple(kept[i] for i in picked)
         evict = tuple(m for m in running if m in inner or m in chosen)
         staying = [m for m in kept if m not in chosen]
         used_after = {
-            name: sum(needs[m].get(name, 0) for m in staying) + own.get(name, 0)
+            name: sum(needs[m].get(name, 0) for m in staying) + need.get(name, 0)
             for name in capacity
         }
-        result = FitPlan(
+        return FitPlan(
             evict=evict,
             inner=tuple(inner),
             fit=chosen,
@@ -123,8 +139,25 @@ class FitPolicy:
             costs={m: ledger.eviction_cost(m) for m in chosen},
             fits=all(used_after[name] <= size for name, size in capacity.items()),
         )
-        self._latest[target] = result
-        return result
+
+    def _target_need(
+        self,
+        target: str,
+        kept: Sequence[str],
+        needs: Mapping[str, Mapping[str, int]],
+        context: Placement,
+    ) -> dict[str, int]:
+        """The target's need; where it is unknown ("the whole resource"), the whole
+        resource *but what pinned models hold*: they cannot go, so it is loaded
+        beside them and measured, rather than refused forever."""
+        need = self.ledger.need(target)
+        basis = self.ledger.basis(target)
+        pinned = [m for m in kept if m in context.pinned]
+        for name, size in self.ledger.resources.items():
+            if basis.get(name) == Basis.UNKNOWN.value and pinned:
+                held = sum(needs[m].get(name, 0) for m in pinned)
+                need[name] = max(0, size - held)
+        return need
 
     def explain(self, target: str, victim: str) -> str:
         """Why the latest plan for ``target`` evicts ``victim`` (the router asks as it swaps)."""
@@ -137,16 +170,26 @@ class FitPolicy:
         """Why ``victim`` goes, in one sentence (the timeline and the log show it)."""
         if victim in plan.inner:
             return f"the swap policy evicts it for {target}"
-        short = [
-            f"{name} {format_size(plan.need[name])} with {format_size(max(0, free))} free"
-            for name, free in plan.free_before.items()
-            if plan.need.get(name, 0) > free
-        ]
         cost = plan.costs.get(victim, 0.0)
         return (
-            f"{target} needs {'; '.join(short) or 'room'}: {victim} was the cheapest "
-            f"to reload (expected {cost:.2f}s of loading)"
+            f"{target} needs {shortage(plan)}: {victim} is in the cheapest set to reload "
+            f"(expected {cost:.2f}s of loading for it)"
         )
+
+
+def shortage(plan: FitPlan) -> str:
+    """``ram 400 MiB with 224 MiB free``, per resource the target did not fit in."""
+    short = [
+        f"{name} {amount(name, plan.need[name])} with {amount(name, max(0, free))} free"
+        for name, free in plan.free_before.items()
+        if plan.need.get(name, 0) > free
+    ]
+    return "; ".join(short) or "room"
+
+
+def amount(resource: str, size: int) -> str:
+    """Bytes for memory, a plain number for a counted resource (``slots``)."""
+    return format_size(size) if is_measured(resource) else str(size)
 
 
 def _cheapest(

@@ -55,7 +55,7 @@ def _size(text: str) -> int:
         value = float(number) if number.replace(".", "", 1).isdigit() else -1.0
     except ValueError:
         value = -1.0
-    if value < 0 or unit not in _SIZE_UNITS:
+    if value < 0 or unit not in _SIZE_UNITS or len(number) > 20:
         raise argparse.ArgumentTypeError(f"expected a size such as 64MiB or 1GiB, got {text!r}")
     return int(value * _SIZE_UNITS[unit])
 

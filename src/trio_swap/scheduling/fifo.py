@@ -294,8 +294,8 @@ class FifoScheduler:
         target = self._models[swap.target]
         decisions: list[Decision] = []
         stopping = any(swap.target in models for models in self._stops.values())
-        if error is not None and retry and not target.removed and not swap.requeue:
-            target.phase = Phase.STOPPING if stopping else Phase.COLD
+        if error is not None and retry and not (target.removed or swap.requeue or stopping):
+            target.phase = Phase.COLD
             for rid in swap.waiters:
                 self._requests[rid].stage = _Stage.QUEUED
                 self._enqueue(rid)

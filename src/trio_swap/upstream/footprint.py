@@ -281,16 +281,16 @@ def detect_gpu_reader() -> GpuMemoryReader | None:
 def measure_footprint(pid: int, gpu: GpuMemoryReader | None) -> dict[str, int]:
     """The memory ``pid``'s process tree holds: ``{"ram": bytes, "vram<i>": bytes, ...}``.
 
-    ``ram`` is always present (0 if the process is gone); ``vram<i>`` only for
-    devices where the tree uses memory. Blocks on /proc and NVML: call it from a
-    thread (:func:`footprint_probe`) when on the event loop.
+    ``ram`` is always present (0 if the process is gone); ``vram<i>`` for every
+    device the reader could read, 0 included: a measured 0 is knowledge (a CPU
+    model needs no GPU memory), a missing device is not. Blocks on /proc and
+    NVML: call it from a thread (:func:`footprint_probe`) when on the event loop.
     """
     tree = process_tree(pid)
     footprint = {"ram": sum(_ram_of(member) for member in tree)}
     if gpu is not None and tree:
         for device, used in sorted(gpu.used_by(tree).items()):
-            if used > 0:
-                footprint[f"vram{device}"] = used
+            footprint[f"vram{device}"] = used
     return footprint
 
 

@@ -210,6 +210,15 @@ class LogRing:
             return []
         return [line for _, line in list(self._entries)[-count:]]
 
+    def tail_since(self, sequence: int, count: int) -> list[str]:
+        """The last ``count`` lines stored after ``sequence`` (:meth:`last_sequence` earlier)."""
+        newer = [line for seq, line in self._entries if seq > sequence]
+        return newer[-count:] if count > 0 else []
+
+    def last_sequence(self) -> int:
+        """The sequence of the newest line (-1 when empty): a mark for :meth:`tail_since`."""
+        return self._entries[-1][0] if self._entries else -1
+
     def lines(self) -> list[str]:
         return [line for _, line in self._entries]
 

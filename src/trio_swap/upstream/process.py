@@ -190,6 +190,8 @@ class ModelProcess:
         self._stop_waiters: list[Reply[None]] = []
         #: Replaced at each (re)start, so a stop given to one life never reaches the next.
         self._stop_order = _StopOrder()
+        #: The log ring's last line before the current spawn (error messages quote after it).
+        self._since = -1
         #: Settings from a reload that wait for the running process to stop.
         self._next_model: ModelConfig | None = None
 
@@ -330,6 +332,8 @@ class ModelProcess:
             return _LifeEnd.NOT_STARTED
         self.start_count += 1
         started = trio.current_time()
+        # An error quotes this start's output only, never an older run's last lines.
+        self._since = self.log.last_sequence()
         argv = self.model.cmd
         try:
             child = self._launch(argv, env=self._environment())
@@ -402,13 +406,13 @@ class ModelProcess:
                 self._hooks.start_failed(self.model.id)
                 self._fail_ready_waiters(
                     f"process exited before becoming ready ({_describe(child)})",
-                    self.log.tail(ERROR_TAIL_LINES),
+                    self.log.tail_since(self._since, ERROR_TAIL_LINES),
                 )
                 return _LifeEnd.FAILED
             # STOPPING (a stop was ordered as it exited by itself): it ended as ordered
             return _LifeEnd.STOPPED if reached_ready else _LifeEnd.FAILED
         if outcome is _Waited.TIMEOUT:  # STARTING -> STOPPED
-            tail = self.log.tail(ERROR_TAIL_LINES)
+            tail = self.log.tail_since(self._since, ERROR_TAIL_LINES)
             self._hooks.start_failed(self.model.id)
             await self._terminate(child, ABANDON_GRACE, "health check timed out")
             self._fail_ready_waiters(
