@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 
 from tests.conftest import free_port
 from trio_swap.errors import UpstreamFailed
@@ -129,4 +131,111 @@ async def test_a_request_the_server_received_is_never_sent_twice() -> None:
                 )
             nursery.cancel_scope.cancel()
     assert received == [b"1", b"2"]
+    await client.aclose()
+
+
+def _sockets_to(port: int) -> int:
+    """This process's TCP sockets whose *remote* port is ``port`` (any state), from /proc."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            count += link.startswith("socket:[") and link[8:-1] in inodes
+    return count
+
+
+async def keep_alive_server(
+    headers: bytes, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Answers every request with ``ok`` and ``headers``; never closes a connection itself."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        buffer = b""
+        with contextlib.suppress(trio.BrokenResourceError):
+            while data := await stream.receive_some(65536):
+                buffer += data
+                while b"\r\n\r\n" in buffer:
+                    head, buffer = buffer.split(b"\r\n\r\n", 1)
+                    length = next(
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    )
+                    buffer = buffer[length:]
+                    await stream.send_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n" + headers + b"\r\nok"
+                    )
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, handler, 0)
+        task_status.started(listeners[0].socket.getsockname()[1])
+
+
+async def post(client: UpstreamClient, upstream: Upstream) -> None:
+    answer = await client.send(
+        upstream, method=b"POST", target=b"/", headers=[], body=b"x", model="m"
+    )
+    try:
+        assert b"".join([c async for c in answer.iter_raw()]) == b"ok"
+    finally:
+        await answer.aclose()
+
+
+async def test_retire_closes_idle_connections_at_once_and_never_pools_one_in_use() -> None:
+    client = UpstreamClient()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(keep_alive_server, b"")
+            upstream = Upstream(f"http://127.0.0.1:{port}")
+            await post(client, upstream)
+            assert client.idle_connections(upstream) == 1
+            assert _sockets_to(port) == 1
+            busy = await client.send(
+                upstream, method=b"POST", target=b"/", headers=[], body=b"x", model="m"
+            )
+            client.retire(upstream)  # the model's process is told to stop
+            # No checkpoint in between: the idle socket is already closed.
+            assert client.idle_connections(upstream) == 0
+            assert _sockets_to(port) == 1  # only the one in use
+            assert b"".join([c async for c in busy.iter_raw()]) == b"ok"
+            await busy.aclose()  # its response is over: closed, not pooled
+            assert client.idle_connections(upstream) == 0
+            assert _sockets_to(port) == 0
+            await post(client, upstream)  # a new process there: new connections pool again
+            assert client.idle_connections(upstream) == 1
+            nursery.cancel_scope.cancel()
+    await client.aclose()
+
+
+async def test_idle_connections_expire_before_the_servers_keep_alive_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client = UpstreamClient()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.run)
+            short = await nursery.start(keep_alive_server, b"keep-alive: timeout=3, max=100\r\n")
+            silent = await nursery.start(keep_alive_server, b"")
+            three, default = (
+                Upstream(f"http://127.0.0.1:{short}"),
+                Upstream(f"http://127.0.0.1:{silent}"),
+            )
+            await post(client, three)
+            await post(client, default)
+            await trio.sleep(1.5)
+            assert client.idle_connections(three) == 1
+            await trio.sleep(1.0)  # 2.5 s idle: past 3 s minus the 1 s margin, swept
+            assert client.idle_connections(three) == 0
+            assert client.idle_connections(default) == 1  # no header: 4 s
+            await trio.sleep(2.0)
+            assert client.idle_connections(default) == 0
+            assert _sockets_to(short) == _sockets_to(silent) == 0  # nothing left in CLOSE-WAIT
+            nursery.cancel_scope.cancel()
     await client.aclose()

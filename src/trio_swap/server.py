@@ -38,6 +38,7 @@ from typing import Final, final
 import trio
 from hypercorn.config import Config as HypercornConfig
 
+from trio_swap.config.address import Upstream
 from trio_swap.config.model import Config, ModelConfig
 from trio_swap.errors import SwapError
 from trio_swap.fit.ledger import FitLedger
@@ -49,7 +50,7 @@ from trio_swap.http.listener import HttpServer
 from trio_swap.http.peers import PeerForwarder
 from trio_swap.http.reload_route import register_reload_route
 from trio_swap.http.state import AppState
-from trio_swap.http.upstream_client import UpstreamClient
+from trio_swap.http.upstream_client import ConnectionRetirer, UpstreamClient
 from trio_swap.observe.activity import ActivityLog
 from trio_swap.observe.hooks import HookFanout
 from trio_swap.observe.metrics import Metrics
@@ -180,6 +181,14 @@ async def serve(
 
             metrics = Metrics()
             timeline = Timeline()
+            upstream_client = UpstreamClient()
+
+            def upstream_of(model: str) -> Upstream | None:
+                process = router_box[0].processes.get(model) if router_box else None
+                return process.upstream if process is not None else None
+
+            # Pooled connections to a model are closed whenever its process changes.
+            retirer = ConnectionRetirer(upstream_client, upstream_of)
 
             def spawn(model: ModelConfig, health_check_timeout: float) -> ModelProcess:
                 """A supervised process for ``model``: at startup, and for models a reload adds."""
@@ -189,7 +198,7 @@ async def serve(
                     log_ring=logs.add_model(model.id, echo=echo_upstream),
                     guard=guard,
                     on_stopped=on_stopped,
-                    hooks=HookFanout(metrics, timeline),
+                    hooks=HookFanout(metrics, timeline, retirer),
                 )
                 supervisors.start_soon(process.run)
                 return process
@@ -223,7 +232,7 @@ async def serve(
             activity = _activity_log(config, activity_db)
             await supervisors.start(activity.run)  # the last rows are written when cancelled
             observer = Observer(metrics, activity)
-            upstream_client = UpstreamClient()
+            supervisors.start_soon(upstream_client.run)  # expired idle connections closed
             peers = PeerForwarder() if config.peers else None
             state = AppState(
                 config=config,

@@ -13,14 +13,33 @@ Errors: anything that breaks before the response head arrives is raised as
 :class:`UpstreamFailed`. A request that fails on a *reused* connection before
 any response byte arrived is retried once on a fresh connection, because the
 server most likely closed that idle connection just before we wrote to it.
+
+Pool hygiene (docs/faster-swaps.md): a request is never sent on a connection
+that a stopped or restarted process owned, nor on one its server is about to
+close for idleness.
+
+- :meth:`UpstreamClient.retire` runs when a model's process starts, is told to
+  stop, crashes or ends (:class:`ConnectionRetirer`, a process hook): idle
+  connections to its address are closed at once, before the stop signal is
+  sent (an idle keep-alive connection holds llama-server's exit ~100 ms), and
+  connections in use are closed when their response ends instead of pooled.
+- An idle connection expires a second before the server's own keep-alive
+  timeout, learned from its ``Keep-Alive: timeout=N`` header (llama-server: 5
+  s), or after :data:`DEFAULT_IDLE_EXPIRY` when it sends none (uvicorn's
+  default is 5 s too). A server that ends a connection after ``max=N``
+  requests says ``Connection: close`` on the last one, which h11 honours.
+  :meth:`UpstreamClient.run`
+  closes expired and half-closed idle connections every second, so none
+  lingers in CLOSE-WAIT.
 """
 
 from __future__ import annotations
 
+import re
 import select
 import ssl
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Final, final
 
 import h11
@@ -28,8 +47,16 @@ import trio
 
 from trio_swap.config.address import Upstream
 from trio_swap.errors import UpstreamFailed
+from trio_swap.observe.hooks import ProcessHooks
+from trio_swap.reasons import StopReason
 
-__all__ = ["Upstream", "UpstreamClient", "UpstreamResponse"]
+__all__ = [
+    "DEFAULT_IDLE_EXPIRY",
+    "ConnectionRetirer",
+    "Upstream",
+    "UpstreamClient",
+    "UpstreamResponse",
+]
 
 _READ_SIZE: Final = 256 * 1024
 #: Bodies up to this size are copied into the head's buffer (one ``send_all``);
@@ -37,19 +64,40 @@ _READ_SIZE: Final = 256 * 1024
 _COALESCE_LIMIT: Final = 64 * 1024
 #: Idle keep-alive connections kept per upstream; more are closed after use.
 _MAX_IDLE_PER_UPSTREAM: Final = 128
-#: An idle connection older than this is closed instead of reused.
-_IDLE_EXPIRY: Final = 30.0
+#: An idle connection older than this is closed instead of reused, unless the
+#: server said how long it keeps one (``Keep-Alive: timeout=N``).
+DEFAULT_IDLE_EXPIRY: Final = 4.0
+#: Closed this long before the server's announced keep-alive timeout.
+_EXPIRY_MARGIN: Final = 1.0
+#: How often :meth:`UpstreamClient.run` sweeps the idle connections.
+SWEEP_INTERVAL: Final = 1.0
+_KEEP_ALIVE_TIMEOUT = re.compile(rb"timeout\s*=\s*(\d{1,9})", re.IGNORECASE)
+
+_Address = tuple[str, int]
 
 
 @final
 class _Connection:
-    __slots__ = ("h11", "idle_since", "reused", "stream")
+    __slots__ = ("expiry", "generation", "h11", "idle_since", "reused", "stream")
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.abc.Stream, generation: int) -> None:
         self.stream = stream
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
         self.reused = False
+        #: The process generation of its address when it was opened (see ``retire``).
+        self.generation = generation
+        #: Seconds it may stay idle (learned from the server's Keep-Alive header).
+        self.expiry = DEFAULT_IDLE_EXPIRY
+
+    def learn(self, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        """Read the server's ``Keep-Alive`` header after a response."""
+        for name, value in headers:
+            if name.lower() != b"keep-alive":
+                continue
+            found = _KEEP_ALIVE_TIMEOUT.search(value)
+            if found is not None:
+                self.expiry = max(0.0, int(found[1]) - _EXPIRY_MARGIN)
 
 
 @final
@@ -125,6 +173,7 @@ class UpstreamResponse:
             and connection.h11.our_state is h11.DONE
             and connection.h11.their_state is h11.DONE
         ):
+            connection.learn(self.headers)
             connection.h11.start_next_cycle()
             await self._client._release(self._upstream, connection)
         else:
@@ -137,9 +186,46 @@ class UpstreamClient:
 
     def __init__(self, *, connect_timeout: float = 30.0) -> None:
         self._connect_timeout = connect_timeout
-        self._idle: defaultdict[tuple[str, int], list[_Connection]] = defaultdict(list)
+        self._idle: defaultdict[_Address, list[_Connection]] = defaultdict(list)
+        #: Bumped by :meth:`retire`: connections of an older generation are never reused.
+        self._generation: defaultdict[_Address, int] = defaultdict(int)
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
+
+    def retire(self, upstream: Upstream) -> None:
+        """The process behind ``upstream`` is going (or a new one is starting there).
+
+        Closes every idle connection to it now, synchronously (so the server sees
+        them gone before any stop signal that follows), and makes connections in
+        use close when their response ends. Never blocks.
+        """
+        address = (upstream.host, upstream.port)
+        self._generation[address] += 1
+        idle = self._idle.pop(address, [])
+        for connection in idle:
+            _close_now(connection)
+
+    def idle_connections(self, upstream: Upstream) -> int:
+        """Idle pooled connections to ``upstream`` (for tests and the bench)."""
+        return len(self._idle.get((upstream.host, upstream.port), ()))
+
+    async def run(self, *, interval: float = SWEEP_INTERVAL) -> None:
+        """Close expired and half-closed idle connections every ``interval`` seconds."""
+        while True:
+            await trio.sleep(interval)
+            self.sweep()
+
+    def sweep(self) -> None:
+        now = trio.current_time()
+        for address, idle in list(self._idle.items()):
+            keep = [c for c in idle if _reusable(c, now)]
+            for connection in idle:
+                if connection not in keep:
+                    _close_now(connection)
+            if keep:
+                self._idle[address] = keep
+            else:
+                del self._idle[address]
 
     async def send(
         self,
@@ -234,16 +320,17 @@ class UpstreamClient:
             raise _EarlyClose(f"unexpected {type(event).__name__} before the response")
 
     async def _flush(self, upstream: Upstream) -> None:
-        idle = self._idle[(upstream.host, upstream.port)]
+        idle = self._idle.pop((upstream.host, upstream.port), [])
         while idle:
             await self._discard(idle.pop())
 
     async def _checkout(self, upstream: Upstream, model: str, *, reuse: bool) -> _Connection:
-        idle = self._idle[(upstream.host, upstream.port)]
+        address = (upstream.host, upstream.port)
+        idle = self._idle.get(address, [])
         now = trio.current_time()
         while reuse and idle:
             connection = idle.pop()
-            if now - connection.idle_since < _IDLE_EXPIRY and _still_open(connection.stream):
+            if _reusable(connection, now) and connection.generation == self._generation[address]:
                 connection.reused = True
                 return connection
             await self._discard(connection)
@@ -264,11 +351,17 @@ class UpstreamClient:
             raise UpstreamFailed(
                 model, f"cannot connect to {upstream.host}:{upstream.port}: {exc}"
             ) from exc
-        return _Connection(stream)
+        return _Connection(stream, self._generation[address])
 
     async def _release(self, upstream: Upstream, connection: _Connection) -> None:
-        idle = self._idle[(upstream.host, upstream.port)]
-        if self._closed or len(idle) >= _MAX_IDLE_PER_UPSTREAM:
+        address = (upstream.host, upstream.port)
+        idle = self._idle[address]
+        if (
+            self._closed
+            or len(idle) >= _MAX_IDLE_PER_UPSTREAM
+            or connection.generation != self._generation[address]  # its process is going
+            or connection.expiry <= 0
+        ):
             await self._discard(connection)
             return
         connection.idle_since = trio.current_time()
@@ -293,6 +386,21 @@ def _length(body: bytes | Sequence[bytes | memoryview]) -> int:
     return sum(len(piece) for piece in body)
 
 
+def _reusable(connection: _Connection, now: float) -> bool:
+    """Young enough for the server to keep it, and nothing arrived on it while idle."""
+    if now - connection.idle_since >= connection.expiry:
+        return False
+    return _still_open(connection.stream)
+
+
+def _close_now(connection: _Connection) -> None:
+    """Close the socket at once, without a checkpoint (a connection we abandon: no TLS goodbye)."""
+    stream = connection.stream
+    inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if isinstance(inner, trio.SocketStream):
+        inner.socket.close()
+
+
 def _still_open(stream: trio.abc.Stream) -> bool:
     """An idle keep-alive connection is reusable only if nothing is waiting to be read.
 
@@ -314,3 +422,35 @@ class _EarlyClose(Exception):
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@final
+class ConnectionRetirer(ProcessHooks):
+    """Process hooks that retire a model's pooled connections at every change of process.
+
+    ``upstream_of`` maps a model id to where its process listens (None once the
+    model left the config).
+    """
+
+    def __init__(
+        self, client: UpstreamClient, upstream_of: Callable[[str], Upstream | None]
+    ) -> None:
+        self._client = client
+        self._upstream_of = upstream_of
+
+    def _retire(self, model: str) -> None:
+        upstream = self._upstream_of(model)
+        if upstream is not None:
+            self._client.retire(upstream)
+
+    def starting(self, model: str) -> None:
+        self._retire(model)
+
+    def stopping(self, model: str, reason: StopReason) -> None:
+        self._retire(model)
+
+    def crashed(self, model: str) -> None:
+        self._retire(model)
+
+    def stopped(self, model: str) -> None:
+        self._retire(model)
