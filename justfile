@@ -42,3 +42,7 @@ fmt: setup
 # benchmarks against the responder called directly (see docs/benchmarks.md)
 bench *args: setup
     {{python}} bench/run.py {{args}}
+
+# fit by memory vs one at a time vs by count over a replayed trace (see docs/benchmarks.md)
+bench-churn *args: setup
+    {{python}} bench/churn.py {{args}}

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Final, final
 
 from common import quantile
-from procs import STARTUP_TIMEOUT, STOP_TIMEOUT, ProcessSet, free_ports, responder_argv
+from procs import REPO, STARTUP_TIMEOUT, STOP_TIMEOUT, ProcessSet, free_ports, responder_argv
 from run import machine
 from trio_swap.upstream.footprint import measure_footprint, process_tree
 
@@ -623,6 +623,20 @@ def parameters(args: argparse.Namespace, phases: Sequence[Phase]) -> str:
     )
 
 
+def revision() -> str:
+    """The commit measured, and whether src/ differed from it (others edit the tree too)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "src"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "unknown commit"
+    return f"commit {head or 'unknown'}" + (" with uncommitted changes in src/" if dirty else "")
+
+
 def _progress(text: str) -> None:
     print(f"[churn] {text}", file=sys.stderr, flush=True)
 
@@ -674,6 +688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     info = machine()
+    info["revision"] = revision()
     phases = make_trace(args.requests, args.seed, args.phase, args.hot)
     trace = [name for phase in phases for name in phase.requests]
     processes = ProcessSet()
@@ -686,12 +701,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             _progress(f"{scenario}: {r.loads} loads, {r.ready_seconds:.1f} s loading")
     finally:
         processes.kill_all()
+    if (now := revision()) != info["revision"]:
+        info["revision"] += f" at the start, {now} at the end (the tree changed during the run)"
     command = shlex.join([".venv/bin/python", "bench/churn.py", *(argv or sys.argv[1:])])
     print(
         f"# churn ({info['date']})\n\n`{command}`\n\n"
         f"{info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, "
         f"load average {info['loadavg']} before, "
-        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} after.\n"
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} after; {info['revision']}.\n"
     )
     print(markdown_table(results))
     print("\n" + parameters(args, phases))
@@ -702,7 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if needs:
                 text = ", ".join(f"{m} {n / MiB:.0f} MiB ({b})" for m, (b, n) in needs.items())
                 print(f"- {r.scenario}: ram needs after {when}: {text}")
-        if r.scenario == "fit" and r.needs_after:
+        if r.scenario == "fit" and r.needs and r.needs_after:
             print(paper_note(trace, r))
     return 0
 
