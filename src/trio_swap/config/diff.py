@@ -44,6 +44,7 @@ SETTINGS: Final = {
     "store_path": "store",
     "store_max_rows": "store",
     "resources": "resources",
+    "prefetch": "prefetch",
 }
 #: Config fields compared some other way, or not settings at all. Every Config
 #: field is in exactly one of these two tables (a test checks it), so a new

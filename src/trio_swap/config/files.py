@@ -2,8 +2,10 @@
 
 Before a model's first load nothing has been measured, so fit by memory
 (issue 10) estimates its need from the sizes of the files its ``cmd`` names;
-the same list is what a page-cache read-ahead would warm. Parsing follows
-llama.cpp's flags (llama-server, whisper-server and friends share them).
+the same list, with the paths a model's ``files:`` adds
+(:func:`weight_files`), is what the page-cache read-ahead warms
+(docs/faster-swaps.md). Parsing follows llama.cpp's flags (llama-server,
+whisper-server and friends share them).
 """
 
 from __future__ import annotations
@@ -14,7 +16,19 @@ import stat
 from collections.abc import Iterable, Sequence
 from typing import Final
 
-__all__ = ["MODEL_FILE_FLAGS", "files_bytes", "model_files"]
+from trio_swap.config.model import ModelConfig, PrefetchConfig
+from trio_swap.config.schema import RawPrefetch
+from trio_swap.config.sizes import SizeError, parse_size
+from trio_swap.config.yamlsource import Document, KeyPath
+
+__all__ = [
+    "MODEL_FILE_FLAGS",
+    "check_files",
+    "check_prefetch",
+    "files_bytes",
+    "model_files",
+    "weight_files",
+]
 
 #: Flags whose value is a file the server loads into memory.
 MODEL_FILE_FLAGS: Final = frozenset({"-m", "--model", "--mmproj", "--lora", "--model-draft", "-md"})
@@ -76,3 +90,48 @@ def files_bytes(paths: Iterable[str]) -> int:
             seen.add((info.st_dev, info.st_ino))
             total += info.st_size
     return total
+
+
+def weight_files(model: ModelConfig) -> tuple[str, ...]:
+    """Every file ``model`` loads: those its ``cmd`` names, then its ``files:``, once each."""
+    return tuple(dict.fromkeys((*model_files(model.cmd), *model.files)))
+
+
+def check_files(
+    model_id: str, raw: Sequence[str], doc: Document
+) -> tuple[tuple[str, ...], list[tuple[int, str]]]:
+    """``models.<id>.files``: the paths (duplicates dropped) and (line, warning) pairs.
+
+    A path that is not (yet) a regular file is a warning, not an error: disks
+    get mounted late, and the read-ahead skips a missing file until it exists.
+    """
+    paths: dict[str, None] = {}
+    warnings: list[tuple[int, str]] = []
+    for index, path in enumerate(raw):
+        where: KeyPath = ("models", model_id, "files", index)
+        if not path.strip():
+            raise doc.error(where, "a file path must not be empty")
+        if "\0" in path:
+            raise doc.error(where, "a file path must not contain a NUL character")
+        if path in paths:
+            continue
+        paths[path] = None
+        if not os.path.isfile(path):
+            what = "is not a regular file" if os.path.exists(path) else "does not exist (yet)"
+            warnings.append(
+                doc.warning(where, f"{path!r} {what}; it is not read ahead until it is")
+            )
+    return tuple(paths), warnings
+
+
+def check_prefetch(raw: bool | RawPrefetch, doc: Document) -> PrefetchConfig:
+    """Top-level ``prefetch:``: ``true`` (the default), ``false``, or ``{budget: SIZE}``."""
+    if isinstance(raw, bool):
+        return PrefetchConfig(enabled=raw)
+    if raw.budget is None:
+        return PrefetchConfig()
+    try:
+        budget = parse_size(raw.budget)
+    except SizeError as exc:
+        raise doc.error(("prefetch", "budget"), str(exc)) from None
+    return PrefetchConfig(budget=budget)

@@ -26,6 +26,7 @@ from typing import Final, final
 import msgspec
 
 from trio_swap.config.errors import ConfigError
+from trio_swap.config.files import check_files, check_prefetch
 from trio_swap.config.macros import (
     ExpansionBudget,
     MacroList,
@@ -187,6 +188,12 @@ class _Loader:
             if raw.needs:
                 needs = check_needs(model_id, raw.needs, resources, doc)
                 model_config = msgspec.structs.replace(model_config, needs=needs)
+            if raw.files or not raw.prefetch:
+                files, file_warnings = check_files(model_id, raw.files, doc)
+                self.warnings.extend(file_warnings)
+                model_config = msgspec.structs.replace(
+                    model_config, files=files, prefetch=raw.prefetch
+                )
             models[model_id] = model_config
         check_aliases(models, doc)
         peers = self._peers(peers_value, global_macros, models)
@@ -212,6 +219,7 @@ class _Loader:
             store_path=store_path,
             store_max_rows=store_rows,
             resources=resources,
+            prefetch=check_prefetch(raw_settings.prefetch, doc),
             peers=peers,
             warnings=tuple(text for _, text in sorted(self.warnings, key=lambda w: w[0])),
             ports=ports,

@@ -78,6 +78,11 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     filters: FilterConfig = msgspec.field(default_factory=FilterConfig)
     #: Declared memory per resource, in bytes (``needs:``); what is not declared is learned.
     needs: dict[str, int] = msgspec.field(default_factory=dict)
+    #: Weight files named by ``files:`` (macros expanded), beside those ``cmd`` names;
+    #: :func:`trio_swap.config.files.weight_files` gives both.
+    files: tuple[str, ...] = ()
+    #: False: its files are never read ahead, on start or while idle.
+    prefetch: bool = True
 
 
 @final
@@ -191,6 +196,17 @@ class RoutingConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 @final
+class PrefetchConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """``prefetch:``: model files read into the page cache on start and while idle."""
+
+    #: False (``prefetch: false``): no read-ahead on start, no idle prefetching.
+    enabled: bool = True
+    #: Bytes of model files idle prefetching may keep warm; None: a share of
+    #: MemAvailable (:data:`trio_swap.upstream.prefetch.DEFAULT_BUDGET_SHARE`).
+    budget: int | None = None
+
+
+@final
 class Config(msgspec.Struct, frozen=True, kw_only=True):
     """A whole configuration, ready to run."""
 
@@ -218,6 +234,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     store_max_rows: int = 0
     #: What the box has for models, bytes per resource (``resources:``); empty: no fit.
     resources: dict[str, int] = msgspec.field(default_factory=dict)
+    #: Reading model files ahead into the page cache (``prefetch:``).
+    prefetch: PrefetchConfig = msgspec.field(default_factory=PrefetchConfig)
     #: Remote servers by peer id, in config order.
     peers: dict[str, PeerConfig] = msgspec.field(default_factory=dict)
     #: Computed from ``models`` and ``peers`` on construction (a value passed in is

@@ -67,6 +67,10 @@ class RawModel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     macros: dict[str, MacroValue] = msgspec.field(default_factory=dict)
     #: Resource name -> size (``21GiB`` or bytes); trio-swap's own (docs/configuration.md).
     needs: dict[str, int | str] = msgspec.field(default_factory=dict)
+    #: More weight files to read ahead, beside those ``cmd`` names (docs/faster-swaps.md).
+    files: list[str] = msgspec.field(default_factory=list)
+    #: False: never read this model's files ahead (on start or while idle).
+    prefetch: bool = True
 
 
 class RawPeerTimeouts(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -95,6 +99,13 @@ class RawStore(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_rows: int = msgspec.field(default=0, name="maxRows")
 
 
+class RawPrefetch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``prefetch:`` as a mapping: how much page cache idle prefetching may fill."""
+
+    #: A size; unset: a share of MemAvailable (docs/faster-swaps.md).
+    budget: int | str | None = None
+
+
 class RawConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The top level of a config file, as written."""
 
@@ -118,6 +129,8 @@ class RawConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     store: RawStore | None = None
     #: Resource name -> size: what the box has for models (fit by memory).
     resources: dict[str, int | str] = msgspec.field(default_factory=dict)
+    #: ``false`` turns every read-ahead off; a mapping sets the idle prefetch budget.
+    prefetch: bool | RawPrefetch = True
 
 
 def _keys(struct: type[msgspec.Struct]) -> frozenset[str]:

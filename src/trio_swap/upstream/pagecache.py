@@ -1,0 +1,209 @@
+"""How much of a file is in Linux's page cache, dropping it, and reading it in.
+
+A model server's start is mostly reading its weights (docs/faster-swaps.md).
+Once a file's pages are in the page cache, the read costs a memory copy
+instead of a disk read, so trio-swap reads model files ahead of the server
+(:mod:`~trio_swap.upstream.readahead`) and while the box is idle
+(:mod:`~trio_swap.upstream.prefetch`). Everything here is synchronous and
+meant for a worker thread; nothing raises for a missing or unreadable file.
+
+**resident_bytes** is measured with ``mincore(2)``: the file is mapped
+read-only (``mmap`` with ``PROT_READ``, ``MAP_SHARED``, one window of at most
+:data:`WINDOW` bytes at a time), and the kernel reports, one byte per page,
+whether that page of the file is in the page cache. Mapping a file reads
+nothing and faults nothing in, so measuring does not change the answer. A
+resident page counts its full size, but the last page counts only the bytes of
+the file it holds, so a fully cached file has ``resident_bytes == size``. The
+answer is the page cache's (shared by every process), not one process's RSS.
+
+**Reading in** (:func:`warm`) reads the file with ``pread`` in blocks of
+:data:`BLOCK` bytes, skipping blocks ``mincore`` already finds resident, and
+checks a stop flag between blocks, so a caller can stop it within one block's
+read. It never reads more new bytes than it is allowed (``limit``): a read of a
+file larger than the page cache can hold would only evict its own beginning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import mmap
+import os
+import stat
+from collections.abc import Callable
+from typing import Final, final
+
+__all__ = [
+    "BLOCK",
+    "WINDOW",
+    "WarmResult",
+    "drop",
+    "file_size",
+    "resident_bytes",
+    "warm",
+]
+
+#: Bytes read per ``pread`` (and the granularity of a stop): big enough for the
+#: disk's full sequential speed, small enough to stop within a few milliseconds.
+BLOCK: Final = 16 << 20
+#: Bytes mapped at once by :func:`resident_bytes` (the page vector is 1/4096 of it).
+WINDOW: Final = 1 << 30
+
+_PAGE: Final = mmap.PAGESIZE
+# mincore's vector: bit 0 of each byte says "resident"; the other bits are reserved.
+_LOW_BIT: Final = bytes(i & 1 for i in range(256))
+_MAP_FAILED: Final = ctypes.c_void_p(-1).value
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    libc.munmap.restype = ctypes.c_int
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.restype = ctypes.c_int
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    return libc
+
+
+def file_size(path: str) -> int | None:
+    """The size of the regular file ``path``, or None (missing, unreadable, not a file)."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
+def resident_bytes(path: str) -> int:
+    """Bytes of ``path`` in the page cache now (``mincore`` over a read-only mapping).
+
+    0 for a missing, unreadable or empty file, and where ``mincore`` is not
+    available.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return 0
+    try:
+        size = os.fstat(fd).st_size
+        return sum(
+            _resident_in(fd, start, min(WINDOW, size - start), size)
+            for start in range(0, size, WINDOW)
+        )
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+
+
+def _resident_in(fd: int, start: int, length: int, size: int) -> int:
+    """Resident bytes of ``[start, start + length)``; ``start`` is page-aligned."""
+    pages = (length + _PAGE - 1) // _PAGE
+    libc = _libc()
+    address = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    if address is None or address == _MAP_FAILED:
+        raise OSError(ctypes.get_errno(), "mmap failed")
+    try:
+        vector = ctypes.create_string_buffer(pages)
+        if libc.mincore(address, length, vector) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        flags = vector.raw.translate(_LOW_BIT)
+    finally:
+        libc.munmap(address, length)
+    resident = flags.count(1) * _PAGE
+    end = start + pages * _PAGE
+    if end > size and flags[-1]:  # the last page holds only the file's tail
+        resident -= end - size
+    return resident
+
+
+def drop(path: str) -> None:
+    """Ask the kernel to drop ``path``'s clean, unmapped pages (``POSIX_FADV_DONTNEED``).
+
+    Pages a running process maps, or that are dirty, stay. Never raises.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@final
+class WarmResult:
+    """What one :func:`warm` did: bytes read from disk, and why it ended."""
+
+    __slots__ = ("read", "reason", "size")
+
+    def __init__(self, size: int, read: int, reason: str) -> None:
+        #: The file's size (0 when it could not be opened).
+        self.size = size
+        #: Bytes read (blocks found resident are not read and not counted).
+        self.read = read
+        #: ``done`` (end of file), ``stopped`` (the flag), ``limit``, or ``error: ...``.
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"WarmResult(size={self.size}, read={self.read}, reason={self.reason!r})"
+
+
+def warm(
+    path: str,
+    *,
+    stop: Callable[[], bool],
+    limit: int,
+    skip_resident: bool = True,
+    block: int = BLOCK,
+) -> WarmResult:
+    """Read ``path`` sequentially into the page cache, until done, ``stop()`` or ``limit``.
+
+    ``stop`` is called before each block (from this thread). ``limit`` bounds
+    the bytes read from disk (a block needing more is not read). With
+    ``skip_resident`` a block ``mincore`` finds fully resident is not read
+    (that costs a copy per byte; checking costs one byte per page).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:
+        return WarmResult(0, 0, f"error: {exc}")
+    read = 0
+    try:
+        size = os.fstat(fd).st_size
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger kernel read-ahead
+        buffer = bytearray(block)
+        view = memoryview(buffer)
+        for offset in range(0, size, block):
+            if stop():
+                return WarmResult(size, read, "stopped")
+            length = min(block, size - offset)
+            if skip_resident and _resident_in(fd, offset, length, size) >= length:
+                continue
+            if read + length > limit:
+                return WarmResult(size, read, "limit")
+            done = 0
+            while done < length:
+                got = os.preadv(fd, [view[done:length]], offset + done)
+                if got == 0:  # the file shrank under us
+                    return WarmResult(size, read + done, "done")
+                done += got
+            read += length
+        return WarmResult(size, read, "done")
+    except OSError as exc:
+        return WarmResult(0, read, f"error: {exc}")
+    finally:
+        os.close(fd)
