@@ -44,6 +44,7 @@ SETTINGS: Final = {
     "store_path": "store",
     "store_max_rows": "store",
     "resources": "resources",
+    "cache_disk_budget": "cacheDiskBudget",
     "prefetch": "prefetch",
 }
 #: Config fields compared some other way, or not settings at all. Every Config

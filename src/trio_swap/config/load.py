@@ -26,6 +26,7 @@ from typing import Final, final
 import msgspec
 
 from trio_swap.config.errors import ConfigError
+from trio_swap.config.kvcache import check_cache_budget, check_keep_cache
 from trio_swap.config.files import check_files, check_prefetch
 from trio_swap.config.macros import (
     ExpansionBudget,
@@ -185,6 +186,9 @@ class _Loader:
             check_model_leftovers(model_id, model, doc)
             raw = convert(_yaml11_bools(model), RawModel, ("models", model_id), doc)
             model_config = check_model(model_id, raw, settings, doc)
+            if raw.keep_cache:
+                check_keep_cache(model_id, model_config.cmd, doc)
+                model_config = msgspec.structs.replace(model_config, keep_cache=True)
             if raw.needs:
                 needs = check_needs(model_id, raw.needs, resources, doc)
                 model_config = msgspec.structs.replace(model_config, needs=needs)
@@ -215,6 +219,7 @@ class _Loader:
             preload=preload,
             api_keys=settings.api_keys,
             include_aliases_in_list=settings.include_aliases_in_list,
+            cache_disk_budget=check_cache_budget(raw_settings.cache_disk_budget, doc),
             metrics_max_in_memory=in_memory,
             store_path=store_path,
             store_max_rows=store_rows,

@@ -23,6 +23,8 @@ DEFAULT_START_PORT: Final = 5800
 DEFAULT_PEER_CONNECT_TIMEOUT: Final = 30.0
 #: Rows the in-memory activity log keeps (llama-swap's default).
 DEFAULT_METRICS_MAX_IN_MEMORY: Final = 1000
+#: Bytes of saved KV cache files (``keepCache``) kept on disk, all models together.
+DEFAULT_CACHE_DISK_BUDGET: Final = 20 * 2**30
 
 #: The literal placeholder kept in ``cmd_stop`` argv items, replaced by the PID at stop time.
 PID_PLACEHOLDER: Final = "${PID}"
@@ -75,6 +77,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     swappable: bool = True
     #: Stream loading progress to streaming clients that wait for this model to load.
     send_loading_state: bool = False
+    #: Save llama-server's slots before a stop, restore them after the next start.
+    keep_cache: bool = False
     filters: FilterConfig = msgspec.field(default_factory=FilterConfig)
     #: Declared memory per resource, in bytes (``needs:``); what is not declared is learned.
     needs: dict[str, int] = msgspec.field(default_factory=dict)
@@ -226,6 +230,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     api_keys: tuple[str, ...] = ()
     #: List every alias as its own /v1/models entry.
     include_aliases_in_list: bool = False
+    #: Bytes of saved KV cache files (``cacheDiskBudget``); the least recently used go first.
+    cache_disk_budget: int = DEFAULT_CACHE_DISK_BUDGET
     #: Rows the in-memory activity log keeps (``metricsMaxInMemory``).
     metrics_max_in_memory: int = DEFAULT_METRICS_MAX_IN_MEMORY
     #: SQLite file of the activity log (``store.path``); None keeps it in memory.

@@ -15,6 +15,7 @@ from typing import Final
 import msgspec
 
 from trio_swap.config.model import (
+    DEFAULT_CACHE_DISK_BUDGET,
     DEFAULT_HEALTH_CHECK_TIMEOUT,
     DEFAULT_METRICS_MAX_IN_MEMORY,
     DEFAULT_PEER_CONNECT_TIMEOUT,
@@ -61,6 +62,8 @@ class RawModel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     metadata: dict[str, object] = msgspec.field(default_factory=dict)
     concurrency_limit: int = msgspec.field(default=0, name="concurrencyLimit")
     swappable: bool = True
+    #: trio-swap's own: keep llama-server's KV cache across a swap (docs/faster-swaps.md).
+    keep_cache: bool = msgspec.field(default=False, name="keepCache")
     #: None: inherit the top-level ``sendLoadingState``.
     send_loading_state: bool | None = msgspec.field(default=None, name="sendLoadingState")
     filters: RawFilters = msgspec.field(default_factory=RawFilters)
@@ -122,6 +125,10 @@ class RawConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     send_loading_state: bool = msgspec.field(default=False, name="sendLoadingState")
     api_keys: list[str] = msgspec.field(default_factory=list, name="apiKeys")
     include_aliases_in_list: bool = msgspec.field(default=False, name="includeAliasesInList")
+    #: A size: saved KV cache files (``keepCache``) kept on disk, all models together.
+    cache_disk_budget: int | str = msgspec.field(
+        default=DEFAULT_CACHE_DISK_BUDGET, name="cacheDiskBudget"
+    )
     peers: dict[str, RawPeer] = msgspec.field(default_factory=dict)
     metrics_max_in_memory: int = msgspec.field(
         default=DEFAULT_METRICS_MAX_IN_MEMORY, name="metricsMaxInMemory"

@@ -8,10 +8,10 @@ issue #946 was a hang caused by exactly that).
 
 State transitions (the ``_handle`` and ``_run_once`` code marks them)::
 
-    STOPPED  --ensure_ready-->  STARTING  --health 200-->  READY
+    STOPPED  --ensure_ready-->  STARTING  --health 200 (then slots restored)-->  READY
     STARTING --exit/timeout-->  STOPPED   (waiters get ModelStartFailed with the log tail)
     STARTING --stop-->          STOPPING  (waiters get ModelStartFailed "stopped while starting")
-    READY    --stop-->          STOPPING  --exit-->  STOPPED
+    READY    --stop-->          STOPPING  (slots saved, then the signal)  --exit-->  STOPPED
     READY    --exit-->          STOPPING at once, then STOPPED (a crash; no restart)
 
 Every return to STOPPED from a process that was ready is reported through
@@ -30,10 +30,20 @@ supervisor whose model left the config.
 Stopping is ``cmdStop`` (if configured) or SIGTERM to the process group, then
 SIGKILL to the group after the grace period. Whatever ends the supervisor,
 cancellation included, the group is stopped before the exception propagates.
+
+With ``keepCache`` (llama-server), the KV cache is kept across stops
+(:mod:`~trio_swap.upstream.kvcache`): a ready server's slots are saved after
+the stop is decided and before the signal, within :data:`SAVE_SHARE` of the
+grace period, which the signal's grace then shrinks by, so a stop still ends
+by ``unloadTimeout``; after the next start's health check passes, still
+STARTING (so no request is forwarded yet), they are restored, racing the
+process's exit and a stop order like the health check does. Neither can fail
+a start or a stop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
@@ -52,9 +62,12 @@ from trio_swap.config.model import PID_PLACEHOLDER, ModelConfig
 from trio_swap.errors import ModelStartFailed
 from trio_swap.observe.hooks import ProcessHooks
 from trio_swap.reasons import StopReason
+from trio_swap.upstream.cache_disk import CacheDisk
+from trio_swap.upstream.kvcache import SAVE_SHARE, ModelCache
 from trio_swap.upstream.launcher import ChildProcess, Launcher, OrphanGuard, spawn
 from trio_swap.upstream.logs import LogRing
 from trio_swap.upstream.probe import HealthProbe, http_health_probe
+from trio_swap.upstream.slots import SlotApi
 
 __all__ = ["ModelProcess", "ProcessState"]
 
@@ -145,7 +158,11 @@ class _Reconfigure(msgspec.Struct, frozen=True):
     health_check_timeout: float
 
 
-_Command = _EnsureReady | _Stop | _Reconfigure
+class _ResponseSeen(msgspec.Struct, frozen=True):
+    cached_tokens: int
+
+
+_Command = _EnsureReady | _Stop | _Reconfigure | _ResponseSeen
 
 
 @final
@@ -163,6 +180,8 @@ class ModelProcess:
         guard: OrphanGuard | None = None,
         on_stopped: Callable[[str], None] | None = None,
         hooks: ProcessHooks | None = None,
+        cache_disk: CacheDisk | None = None,
+        slot_api: SlotApi | None = None,
     ) -> None:
         self.model = model
         self._upstream: Upstream | None = None
@@ -175,6 +194,12 @@ class ModelProcess:
         self._on_stopped = on_stopped
         #: Told of loads, failed starts, stops and crashes (the metrics).
         self._hooks = hooks if hooks is not None else ProcessHooks()
+        #: Its KV cache kept across stops (keepCache); None: trio-swap keeps none (tests).
+        self._cache = (
+            ModelCache(model, cache_disk, api=slot_api, hooks=cache_disk.hooks)
+            if cache_disk is not None
+            else None
+        )
         self._send, self._inbox = trio.open_memory_channel[_Command](math.inf)
         self._nursery: trio.Nursery | None = None
 
@@ -239,6 +264,19 @@ class ModelProcess:
         """
         self._send.send_nowait(_Reconfigure(model, health_check_timeout))
 
+    def response_seen(self, cached_tokens: int) -> None:
+        """A response of this model reused ``cached_tokens`` prompt tokens (llama.cpp's
+        ``timings.cache_n``): what a KV cache restore bought. Never blocks; dropped
+        unless a restore waits for this answer."""
+        if self._cache is not None and self._cache.checking:
+            with contextlib.suppress(trio.ClosedResourceError):  # the model left the config
+                self._send.send_nowait(_ResponseSeen(cached_tokens))
+
+    @property
+    def cache(self) -> ModelCache | None:
+        """The KV cache keeper (keepCache), for views and tests; None without a cache disk."""
+        return self._cache
+
     def close(self) -> None:
         """The model left the config: :meth:`run` returns once its messages are
         handled and no process is left (one still running is stopped, with its
@@ -282,10 +320,19 @@ class ModelProcess:
             case _Reconfigure(model=model, health_check_timeout=timeout):
                 self.health_check_timeout = timeout  # read when a start begins
                 if self.state is ProcessState.STOPPED or same_process(self.model, model):
-                    self.model = model
+                    self._apply(model)
                     self._next_model = None
                 else:  # applied once the running process is gone (in _life)
                     self._next_model = model
+            case _ResponseSeen(cached_tokens=cached):
+                if self._cache is not None:
+                    self._cache.response_seen(cached)
+
+    def _apply(self, model: ModelConfig) -> None:
+        """Settings from now on (the process, if any, runs with the same command)."""
+        self.model = model
+        if self._cache is not None:
+            self._cache.configure(model)
 
     def _begin_life(self) -> None:
         """STOPPED -> STARTING, and the life task that owns the process from here on."""
@@ -301,7 +348,8 @@ class ModelProcess:
                 end = await self._run_once()
                 self.state = ProcessState.STOPPED
                 if self._next_model is not None:  # a reload's settings, for the next start
-                    self.model, self._next_model = self._next_model, None
+                    self._apply(self._next_model)
+                    self._next_model = None
                 if end.was_ready and self._on_stopped is not None:
                     self._on_stopped(self.model.id)
                 for reply in self._stop_waiters:
@@ -372,6 +420,8 @@ class ModelProcess:
 
     async def _supervise(self, child: ChildProcess, started: float) -> _LifeEnd:
         outcome = await self._wait_ready(child, started)
+        if outcome is _Waited.READY and self._cache is not None and self._cache.active:
+            outcome = await self._restore_cache(child)  # still STARTING: nothing forwarded yet
         if outcome is _Waited.READY and self._stop_order.given.is_set():
             # The probe won the race in the same instant a stop arrived: the stop
             # already failed the waiters and set STOPPING; it is a stop, not a start.
@@ -422,8 +472,43 @@ class ModelProcess:
             )
             return _LifeEnd.FAILED
         # _Waited.STOP: STARTING or READY -> STOPPING
-        await self._terminate(child, self._stop_order.grace, self._stop_order.reason.description)
+        grace = self._stop_order.grace
+        if reached_ready:
+            grace = max(0.0, grace - await self._save_cache())
+        await self._terminate(child, grace, self._stop_order.reason.description)
         return _LifeEnd.STOPPED if reached_ready else _LifeEnd.FAILED
+
+    async def _restore_cache(self, child: ChildProcess) -> _Waited:
+        """keepCache: the saved slots back into the new server, for at most ``unloadTimeout``
+        (a save had half of it). An exit or a stop order meanwhile ends it, as in
+        :meth:`_wait_ready`; a failed restore is logged and the model served anyway."""
+        cache = self._cache
+        assert cache is not None
+        limit = self.model.unload_timeout
+        upstream = self.upstream
+
+        async def restore() -> None:
+            await cache.restore(upstream, limit)
+
+        return await race(
+            {
+                _Waited.READY: restore,
+                _Waited.EXITED: child.exited.wait,
+                _Waited.STOP: self._stop_order.given.wait,
+            }
+        )
+
+    async def _save_cache(self) -> float:
+        """keepCache: save the ready server's slots before the signal, for at most
+        :data:`SAVE_SHARE` of the grace period; returns the seconds it took (the
+        signal's grace shrinks by them: the stop still ends by ``unloadTimeout``)."""
+        cache = self._cache
+        order = self._stop_order
+        if cache is None or not cache.active or order.reason is StopReason.LEFT_CONFIG:
+            return 0.0
+        started = trio.current_time()
+        await cache.save(self.upstream, order.grace * SAVE_SHARE)
+        return trio.current_time() - started
 
     async def _wait_ready(self, child: ChildProcess, started: float) -> _Waited:
         if self.model.check_endpoint is None:
