@@ -112,13 +112,15 @@ def test_load_time_is_a_moving_average() -> None:
     assert learned_matrix_cost(ledger, "a") == 13
 
 
-def test_demand_halves_every_half_life() -> None:
-    ledger = FitLedger({}, {"a": model("a")})
+def test_demand_halves_every_half_life_of_requests_to_any_model() -> None:
+    ledger = FitLedger({}, {"a": model("a"), "b": model("b")})
     ledger.requested("a", 0.0)
     ledger.requested("a", 0.0)
-    ledger.tick(DEMAND_HALF_LIFE)
-    assert ledger.demand("a") == pytest.approx(1.0)
-    assert ledger.eviction_cost("a") == pytest.approx(2.0)  # 1 s default x (1 + 1)
+    assert ledger.demand("a") == pytest.approx(1.0 + 2 ** (-1 / DEMAND_HALF_LIFE))
+    for _ in range(int(DEMAND_HALF_LIFE)):
+        ledger.requested("b", 3600.0)  # time alone changes nothing: requests do
+    assert ledger.demand("a") == pytest.approx((1.0 + 2 ** (-1 / DEMAND_HALF_LIFE)) / 2)
+    assert ledger.eviction_cost("a") == pytest.approx(1.0 + ledger.demand("a"))
 
 
 def test_out_of_memory_raises_the_floor_above_what_was_free() -> None:
