@@ -23,6 +23,8 @@ Routes (anything else is a 404, a known path with the wrong method a 405):
     POST /sdapi/v1/txt2img, /sdapi/v1/img2img  AUTOMATIC1111's answer
     GET  /sdapi/v1/loras        []
     GET  /props                 llama-server's props, for ?model= or --model
+    GET  /slots, POST /slots/{id}?action=save|restore|erase  llama-server's slots
+                                (responder/slots.py; the actions need --slot-save-path)
     ANY  /echo/...              {"method", "path", "query", "body"} as received
     GET  /debug/requests        the last 100 requests as received (not /debug/*)
     GET  /debug/pid             {"pid": ...}
@@ -83,6 +85,7 @@ from trio_swap.responder.payloads import (
     rerank_body,
     responses_body,
 )
+from trio_swap.responder.slots import SlotFaults, SlotTable, prompt_tokens
 
 __all__ = ["RequestRecord", "ResponderApp", "log"]
 
@@ -118,6 +121,7 @@ _KNOWN_PATHS: Final = frozenset(
         "/completion",
         "/infill",
         "/props",
+        "/slots",
         "/v1/audio/transcriptions",
         "/v1/audio/speech",
         "/v1/audio/voices",
@@ -273,6 +277,15 @@ class ResponderApp:
         self._ready_at = trio.current_time() + options.load_delay
         self._requests: collections.deque[RequestRecord] = collections.deque(maxlen=_HISTORY)
         self._ids = itertools.count(1)
+        faults = SlotFaults(
+            save_delay=options.slot_save_delay,
+            save_fails=options.slot_save_fails,
+            restore_delay=options.slot_restore_delay,
+            restore_fails=options.slot_restore_fails,
+            restore_noop=options.slot_restore_noop,
+        )
+        #: With --slot-save-path, completions run in these and report timings.cache_n.
+        self._slots = SlotTable(options.parallel, options.slot_save_path, faults)
         self._models_body = _encode(
             {
                 "object": "list",
@@ -385,6 +398,10 @@ class ResponderApp:
                 await self._answer(exchange, _query_delay(query), build)
             case "GET", "/sdapi/v1/loras":
                 await self._answer(exchange, 0.0, lambda: b"[]")
+            case "GET", "/slots":
+                await self._answer(exchange, 0.0, self._slots.list_body)
+            case "POST", slot_path if slot_path.startswith("/slots/"):
+                await self._slot_action(exchange, slot_path[len("/slots/") :], query)
             case "GET", "/props":
                 model = _query_value(query, "model") or self._options.model
                 await self._answer(exchange, 0.0, lambda: llama.props_body(model))
@@ -405,7 +422,13 @@ class ResponderApp:
         request = parse_json_object(exchange.body)
         predicted_n = requested_tokens(request, self._options.tokens)
         model = model_of(request, self._options.model)
-        prompt_n = prompt_words(request.get("messages" if kind == "chat" else "prompt"))
+        prompt = request.get("messages" if kind == "chat" else "prompt")
+        prompt_n = prompt_words(prompt)
+        cache_n: int | None = None
+        if self._options.slot_save_path is not None:
+            tokens = prompt_tokens(prompt)
+            prompt_n = len(tokens)
+            cache_n = self._slots.assign(tokens)
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         completion_id = f"{prefix}-{os.getpid()}-{next(self._ids)}"
         created = int(time.time())
@@ -419,14 +442,33 @@ class ResponderApp:
                 prompt_n=prompt_n,
                 predicted_n=predicted_n,
                 elapsed_s=elapsed_s,
+                cache_n=cache_n,
             )
 
         def stream() -> TokenStream:
             return StreamTemplate(
-                kind=kind, completion_id=completion_id, created=created, model=model
+                kind=kind,
+                completion_id=completion_id,
+                created=created,
+                model=model,
+                cache_n=cache_n,
             )
 
         await self._generate(exchange, delay, request, prompt_n, predicted_n, whole, stream)
+
+    async def _slot_action(self, exchange: _Exchange, slot: str, query: bytes) -> None:
+        """POST /slots/{id}?action=save|restore|erase (llama-server's slot files)."""
+        if not self.loaded():
+            await _respond_loading(exchange)
+            return
+        action = _query_value(query, "action")
+
+        async def answer() -> None:
+            status, body = await self._slots.action(slot, action, exchange.body)
+            log(f"slot {slot} {action}: {status}")
+            await exchange.respond(status, body)
+
+        await self._until_disconnect(exchange, answer)
 
     async def _messages(self, exchange: _Exchange, delay: float) -> None:
         """POST /v1/messages, Anthropic's API."""

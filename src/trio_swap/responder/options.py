@@ -26,6 +26,13 @@ class ResponderOptions(msgspec.Struct, frozen=True, kw_only=True):
     crash_after_tokens: int | None = None
     ignore_sigterm: bool = False
     exit_after: float | None = None
+    parallel: int = 1
+    slot_save_path: str | None = None
+    slot_save_delay: float = 0.0
+    slot_save_fails: bool = False
+    slot_restore_delay: float = 0.0
+    slot_restore_fails: bool = False
+    slot_restore_noop: bool = False
 
 
 def _seconds(text: str) -> float:
@@ -149,7 +156,51 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="exit with status 0 S seconds after the process starts (a crash while idle)",
     )
+    _add_slot_options(parser)
     return parser
+
+
+def _add_slot_options(parser: argparse.ArgumentParser) -> None:
+    """llama-server's slots and their save/restore API (``responder/slots.py``)."""
+    add = parser.add_argument
+    add(
+        "-np",
+        "--parallel",
+        type=_count,
+        default=1,
+        metavar="N",
+        help="number of slots in GET /slots (default: %(default)s)",
+    )
+    add(
+        "--slot-save-path",
+        default=None,
+        metavar="DIR",
+        help=(
+            "as llama-server: POST /slots/{id}?action=save|restore|erase use files in DIR; "
+            "completions run in slots and report timings.cache_n (prompt tokens reused)"
+        ),
+    )
+    add(
+        "--slot-save-delay",
+        type=_seconds,
+        default=0.0,
+        metavar="S",
+        help="a save answers after S seconds (a hanging save)",
+    )
+    add("--slot-save-fails", action="store_true", help="a save answers 500")
+    add(
+        "--slot-restore-delay",
+        type=_seconds,
+        default=0.0,
+        metavar="S",
+        help="a restore answers after S seconds",
+    )
+    add("--slot-restore-fails", action="store_true", help="a restore answers 400, slot left empty")
+    add(
+        "--slot-restore-noop",
+        action="store_true",
+        help="a restore answers success but restores nothing (llama.cpp's silent no-op)",
+    )
 
 
 def parse_options(argv: list[str] | None = None) -> ResponderOptions:

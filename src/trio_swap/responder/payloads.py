@@ -139,18 +139,36 @@ def completion_text(predicted_n: int) -> str:
     return "".join(token_text(i) for i in range(predicted_n))
 
 
-def usage(prompt_n: int, predicted_n: int) -> JSONObject:
-    """The OpenAI `usage` object."""
-    return {
+def usage(prompt_n: int, predicted_n: int, cache_n: int | None = None) -> JSONObject:
+    """The OpenAI `usage` object (with llama-server's cached tokens when slots are on)."""
+    body: JSONObject = {
         "prompt_tokens": prompt_n,
         "completion_tokens": predicted_n,
         "total_tokens": prompt_n + predicted_n,
     }
+    if cache_n is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": cache_n}
+    return body
 
 
-def timings(prompt_n: int, predicted_n: int, elapsed_s: float) -> JSONObject:
-    """llama-server's `timings` object; the prompt is "processed" instantly."""
+def timings(
+    prompt_n: int, predicted_n: int, elapsed_s: float, cache_n: int | None = None
+) -> JSONObject:
+    """llama-server's `timings` object; the prompt is "processed" instantly.
+
+    With `cache_n` (slots on), `prompt_n` counts only the tokens processed, as
+    llama-server's does: the prompt minus the `cache_n` reused from the slot.
+    """
     elapsed_ms = elapsed_s * 1000.0
+    if cache_n is not None:
+        return {
+            "cache_n": cache_n,
+            "prompt_n": prompt_n - cache_n,
+            "prompt_ms": 0.0,
+            "predicted_n": predicted_n,
+            "predicted_ms": round(elapsed_ms, 3),
+            "predicted_per_second": round(predicted_n / max(elapsed_s, 1e-6), 3),
+        }
     return {
         "prompt_n": prompt_n,
         "prompt_ms": 0.0,
@@ -169,6 +187,7 @@ def completion_body(
     prompt_n: int,
     predicted_n: int,
     elapsed_s: float,
+    cache_n: int | None = None,
 ) -> bytes:
     """A whole non-streaming `chat.completion` or `text_completion` object."""
     text = completion_text(predicted_n)
@@ -188,8 +207,8 @@ def completion_body(
             "created": created,
             "model": model,
             "choices": [choice],
-            "usage": usage(prompt_n, predicted_n),
-            "timings": timings(prompt_n, predicted_n, elapsed_s),
+            "usage": usage(prompt_n, predicted_n, cache_n),
+            "timings": timings(prompt_n, predicted_n, elapsed_s, cache_n),
         }
     )
 
@@ -250,10 +269,19 @@ class StreamTemplate:
     Every event is `data: <json>\\n\\n`; `tail()` ends with `data: [DONE]`.
     """
 
-    __slots__ = ("_envelope", "_events", "_kind", "head")
+    __slots__ = ("_cache_n", "_envelope", "_events", "_kind", "head")
 
-    def __init__(self, *, kind: Kind, completion_id: str, created: int, model: str) -> None:
+    def __init__(
+        self,
+        *,
+        kind: Kind,
+        completion_id: str,
+        created: int,
+        model: str,
+        cache_n: int | None = None,
+    ) -> None:
         self._kind: Kind = kind
+        self._cache_n = cache_n
         self._envelope: JSONObject = {
             "id": completion_id,
             "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
@@ -276,8 +304,8 @@ class StreamTemplate:
         """The final `finish_reason: "stop"` event with usage and timings, then `[DONE]`."""
         event = self._event(
             self._token_choice("", "stop"),
-            usage=usage(prompt_n, predicted_n),
-            timings=timings(prompt_n, predicted_n, elapsed_s),
+            usage=usage(prompt_n, predicted_n, self._cache_n),
+            timings=timings(prompt_n, predicted_n, elapsed_s, self._cache_n),
         )
         return event + b"data: [DONE]\n\n"
 
