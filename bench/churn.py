@@ -57,6 +57,7 @@ from typing import Final, final
 from common import quantile
 from procs import REPO, STARTUP_TIMEOUT, STOP_TIMEOUT, ProcessSet, free_ports, responder_argv
 from run import machine
+from trio_swap.fit.ledger import DEMAND_HALF_LIFE
 from trio_swap.upstream.footprint import measure_footprint, process_tree
 
 MiB: Final = 1 << 20
@@ -524,8 +525,8 @@ def farthest(
 
 def formula(load_seconds: Mapping[str, float]) -> Chooser:
     """fit's own rule: the set freeing enough with the lowest ``load_seconds * (1 + demand)``,
-    then the fewest models. Demand is the request count: the 10-minute half-life
-    changes it by a few per cent over a trace this short."""
+    then the fewest models; demand weighs each request of a model ``2^(-k / 5)``, ``k``
+    the requests (to any model) after it (``trio_swap.fit.ledger``)."""
 
     def choose(
         running: Sequence[str],
@@ -536,13 +537,20 @@ def formula(load_seconds: Mapping[str, float]) -> Chooser:
         needs: Mapping[str, int],
         budget: int,
     ) -> tuple[str, ...]:
+        def demand(model: str) -> float:
+            return sum(
+                2.0 ** (-(index - i) / DEMAND_HALF_LIFE)
+                for i in range(index + 1)
+                if trace[i] == model
+            )
+
         over = sum(needs[m] for m in running) + needs[target] - budget
         best: tuple[float, int, tuple[str, ...]] | None = None
         for size in range(1, len(running) + 1):
             for victims in itertools.combinations(running, size):
                 if sum(needs[m] for m in victims) < over:
                     continue
-                cost = sum(load_seconds.get(m, 1.0) * (1 + counts[m]) for m in victims)
+                cost = sum(load_seconds.get(m, 1.0) * (1 + demand(m)) for m in victims)
                 key = (round(cost, 9), size, victims)
                 if best is None or key[:2] < best[:2]:
                     best = key

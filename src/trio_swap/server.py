@@ -39,6 +39,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 
 from trio_swap.config.address import Upstream
+from trio_swap.config.files import weight_files
 from trio_swap.config.model import Config, ModelConfig
 from trio_swap.errors import SwapError
 from trio_swap.fit.ledger import FitLedger
@@ -63,8 +64,11 @@ from trio_swap.systemd import Notifier, Watchdog, status_line
 from trio_swap.upstream.footprint import FootprintProbe, detect_gpu_reader, footprint_probe
 from trio_swap.upstream.launcher import OrphanGuard
 from trio_swap.upstream.logs import LogBook
+from trio_swap.upstream.prefetch import Prefetcher
 from trio_swap.upstream.process import ModelProcess
 from trio_swap.upstream.proxy_log import ProxyLogCapture
+from trio_swap.upstream.readahead import ReadAhead
+from trio_swap.upstream.residency import FileResidency
 
 __all__ = ["RunningServer", "serve"]
 
@@ -189,6 +193,28 @@ async def serve(
 
             # Pooled connections to a model are closed whenever its process changes.
             retirer = ConnectionRetirer(upstream_client, upstream_of)
+            # Model files read into the page cache on start and while idle (faster-swaps.md).
+            prefetch_box = [config.prefetch]  # a reload replaces it (switch_http)
+
+            def live_processes() -> Mapping[str, ModelProcess]:
+                return router_box[0].processes if router_box else {}
+
+            def files_to_read_ahead(model_id: str) -> tuple[str, ...]:
+                process = live_processes().get(model_id)
+                if process is None or not (prefetch_box[0].enabled and process.model.prefetch):
+                    return ()
+                return weight_files(process.model)
+
+            read_ahead = ReadAhead(files_to_read_ahead)
+            residency = FileResidency(
+                lambda: [path for p in live_processes().values() for path in weight_files(p.model)]
+            )
+            prefetcher = Prefetcher(
+                live_processes,
+                lambda: prefetch_box[0],
+                ledger=lambda: router_box[0].ledger if router_box else None,
+                residency=residency,
+            )
 
             def spawn(model: ModelConfig, health_check_timeout: float) -> ModelProcess:
                 """A supervised process for ``model``: at startup, and for models a reload adds."""
@@ -198,7 +224,7 @@ async def serve(
                     log_ring=logs.add_model(model.id, echo=echo_upstream),
                     guard=guard,
                     on_stopped=on_stopped,
-                    hooks=HookFanout(metrics, timeline, retirer),
+                    hooks=HookFanout(metrics, timeline, retirer, read_ahead, prefetcher),
                 )
                 supervisors.start_soon(process.run)
                 return process
@@ -224,7 +250,10 @@ async def serve(
             processes = router.processes  # live: a reload adds to it and retires from it
             router_box.append(router)
             metrics.watch(processes, router)
+            await supervisors.start(read_ahead.run)  # before any model can start
             await supervisors.start(router.run)
+            await supervisors.start(prefetcher.run)
+            await supervisors.start(residency.run)
             if state_file is not None:
                 supervisors.start_soon(keep_saved, ledger, state_file)
             supervisors.start_soon(watchdog.run, router.tick)  # pings come from the router task
@@ -241,6 +270,7 @@ async def serve(
                 upstream_client=upstream_client,
                 observer=observer,
                 timeline=timeline,
+                residency=residency,
             )
             admin = build_app(state, max_body_bytes=max_body_bytes, logs=logs)
             routes = InferenceRoutes(
@@ -258,6 +288,7 @@ async def serve(
                 """A reload's switch, in the router's step: every HTTP reader of the config."""
                 routes.swap_config(new)
                 state.config = new
+                prefetch_box[0] = new.prefetch
                 app.set_api_keys(new.api_keys)
 
             reloader = Reloader(

@@ -35,6 +35,7 @@ MODEL_FILE_FLAGS: Final = frozenset({"-m", "--model", "--mmproj", "--lora", "--m
 
 # llama.cpp's split GGUF (``gguf-split``): naming the first part loads them all.
 _SPLIT: Final = re.compile(r"^(?P<stem>.*)-00001-of-(?P<count>\d{5})\.gguf$")
+_PYTHON: Final = re.compile(r"python[\d.]*")
 
 
 def model_files(cmd: Sequence[str]) -> tuple[str, ...]:
@@ -45,10 +46,11 @@ def model_files(cmd: Sequence[str]) -> tuple[str, ...]:
     server's working directory). A flag with no value (last in ``cmd``, empty
     after ``=``, or followed by another flag) names nothing. The first part of a
     split GGUF (``x-00001-of-00003.gguf``) brings its other parts, which
-    llama.cpp loads with it.
+    llama.cpp loads with it. In ``python -m MODULE ...`` the ``-m`` is
+    Python's, not a model's.
     """
     found: dict[str, None] = {}  # an ordered set
-    index = 0
+    index = _after_python_module(cmd)
     while index < len(cmd):
         word = cmd[index]
         index += 1
@@ -63,6 +65,18 @@ def model_files(cmd: Sequence[str]) -> tuple[str, ...]:
         for path in _with_split_parts(value):
             found[path] = None
     return tuple(path for path in found if path)
+
+
+def _after_python_module(cmd: Sequence[str]) -> int:
+    """Where the server's own arguments begin: after ``python [options] -m MODULE``, else 0."""
+    if not cmd or _PYTHON.fullmatch(os.path.basename(cmd[0])) is None:
+        return 0
+    for index, word in enumerate(cmd[1:], start=1):
+        if word == "-m":
+            return index + 2
+        if not word.startswith("-"):
+            return 0  # a script: its arguments follow
+    return 0
 
 
 def _with_split_parts(path: str) -> list[str]:

@@ -14,6 +14,7 @@ from typing import final
 
 import httpx
 
+from trio_swap.config.files import weight_files
 from trio_swap.config.model import Config
 from trio_swap.http.fit_view import fit_fields
 from trio_swap.http.upstream_client import UpstreamClient
@@ -21,6 +22,7 @@ from trio_swap.observe.record import Observer
 from trio_swap.observe.timeline import Timeline
 from trio_swap.router import Router
 from trio_swap.upstream.process import ModelProcess
+from trio_swap.upstream.residency import FileResidency
 
 __all__ = ["AppState", "model_rows"]
 
@@ -42,6 +44,7 @@ class AppState:
         upstream_client: UpstreamClient,
         observer: Observer | None = None,
         timeline: Timeline | None = None,
+        residency: FileResidency | None = None,
     ) -> None:
         self.config = config
         self.router = router
@@ -51,6 +54,8 @@ class AppState:
         self.observer = observer
         #: Each model's loading / ready / stopping bands (``/api/timeline``).
         self.timeline = timeline
+        #: Size and page-cache residency of the model files (the rows' ``files``).
+        self.residency = residency
         self.started_at = int(time.time())
 
 
@@ -77,6 +82,19 @@ def model_rows(state: AppState) -> list[dict[str, object]]:
                 "queued": scheduler.queued(model_id),
                 "ttl": model.ttl,
                 **fit_fields(state.router.ledger, model_id),
+                "files": _files(state.residency, weight_files(model)),
             }
         )
     return rows
+
+
+def _files(residency: FileResidency | None, paths: tuple[str, ...]) -> list[dict[str, object]]:
+    """``{path, bytes, resident_bytes}`` per weight file, as last measured (null: not yet,
+    or the file is missing); measuring happens off the event loop (upstream/residency.py)."""
+    files: list[dict[str, object]] = []
+    for path in paths:
+        measured = residency.get(path) if residency is not None else None
+        size = measured.size if measured is not None else None
+        resident = measured.resident if measured is not None and size is not None else None
+        files.append({"path": path, "bytes": size, "resident_bytes": resident})
+    return files

@@ -1,0 +1,123 @@
+"""Tests for `trio_swap.upstream.pagecache`: residency, dropping, and the stoppable read.
+
+Real files on the test's own disk, real page cache: a file written and
+fsynced is clean, so ``POSIX_FADV_DONTNEED`` drops it; reads go through an fd
+with ``POSIX_FADV_RANDOM`` so the kernel's own read-ahead adds nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from trio_swap.upstream import pagecache
+from trio_swap.upstream.pagecache import drop, file_size, resident_bytes, warm
+
+MIB = 1 << 20
+
+
+def write_file(path: Path, size: int) -> Path:
+    """``size`` bytes that are not all zeros, on disk (fsynced: clean, so droppable)."""
+    chunk = os.urandom(MIB)
+    with path.open("wb") as file:
+        for offset in range(0, size, MIB):
+            file.write(chunk[: min(MIB, size - offset)])
+        file.flush()
+        os.fsync(file.fileno())
+    return path
+
+
+def dropped(path: Path) -> Path:
+    """``path`` with its pages dropped; skips the test where the page cache cannot be dropped."""
+    drop(str(path))
+    if resident_bytes(str(path)) != 0:
+        pytest.skip("the page cache of this file system cannot be dropped (tmpfs?)")
+    return path
+
+
+def read_without_readahead(path: Path, offset: int, length: int) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def weights(tmp_path: Path) -> Path:
+    """An 8 MiB file whose last page is partly used (so ``size`` is not page-aligned)."""
+    return dropped(write_file(tmp_path / "w.gguf", 8 * MIB + 100))
+
+
+def test_resident_bytes_follows_reads_and_drops(weights: Path) -> None:
+    path = str(weights)
+    size = 8 * MIB + 100
+    assert resident_bytes(path) == 0
+    read_without_readahead(weights, 2 * MIB, MIB)
+    assert resident_bytes(path) == MIB
+    read_without_readahead(weights, 0, size)
+    assert resident_bytes(path) == size  # the last page counts only the file's bytes
+    drop(path)
+    assert resident_bytes(path) == 0
+
+
+def test_mincore_and_cachestat_agree(weights: Path) -> None:
+    read_without_readahead(weights, 3 * MIB, 2 * MIB)
+    size = 8 * MIB + 100
+    fd = os.open(weights, os.O_RDONLY)
+    try:
+        by_mincore = pagecache._mincore(fd, 0, size, size)
+        by_cachestat = pagecache._cachestat(fd, 0, size)
+    finally:
+        os.close(fd)
+    assert by_mincore == 2 * MIB
+    if by_cachestat is None:
+        pytest.skip("this kernel has no cachestat (before Linux 6.5)")
+    assert by_cachestat == 2 * MIB
+
+
+def test_odd_paths_are_not_errors(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    for path in (str(tmp_path / "missing"), str(tmp_path), str(empty), "nul\0byte", ""):
+        assert resident_bytes(path) == 0
+        drop(path)  # never raises
+        assert warm(path, stop=lambda: False, limit=MIB).read == 0
+    assert file_size(str(tmp_path)) is None
+    assert file_size(str(tmp_path / "missing")) is None
+    assert file_size(str(empty)) == 0
+
+
+def test_warm_reads_the_whole_file_and_skips_what_is_cached(weights: Path) -> None:
+    path = str(weights)
+    size = 8 * MIB + 100
+    read_without_readahead(weights, 0, 2 * MIB)  # the first two blocks are cached
+    result = warm(path, stop=lambda: False, limit=size, block=MIB)
+    assert result.reason == "done"
+    assert result.size == size
+    assert result.read <= size - 2 * MIB  # cached blocks are not read again
+    assert resident_bytes(path) == size
+    again = warm(path, stop=lambda: False, limit=size, block=MIB)
+    assert (again.reason, again.read) == ("done", 0)
+
+
+def test_warm_stops_between_blocks(weights: Path) -> None:
+    asked: list[int] = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    result = warm(str(weights), stop=stop, limit=1 << 40, block=MIB, skip_resident=False)
+    assert (result.reason, result.read) == ("stopped", 2 * MIB)
+
+
+def test_warm_never_reads_past_its_limit(weights: Path) -> None:
+    result = warm(
+        str(weights), stop=lambda: False, limit=3 * MIB + 5, block=MIB, skip_resident=False
+    )
+    assert (result.reason, result.read) == ("limit", 3 * MIB)
+    assert resident_bytes(str(weights)) >= 3 * MIB

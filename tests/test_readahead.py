@@ -1,0 +1,173 @@
+"""Read-ahead on start (issue 11): a starting model's files are read into the page cache
+beside its own load, and the read stops when the model is ready, fails or stops.
+
+The hooks alone (`ReadAhead` under a trio nursery, real files or a warmer that
+waits for its stop flag), then end to end: a responder model whose ``files:``
+names a dropped file, started through trio-swap, shows the file resident in
+``/api/models``.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.conftest import make_config, responder_model, running, wait_for
+from tests.test_pagecache import MIB, dropped, write_file
+from trio_swap.config.model import PrefetchConfig
+from trio_swap.reasons import StopReason
+from trio_swap.upstream.pagecache import WarmResult, resident_bytes
+from trio_swap.upstream.readahead import MEMORY_SHARE, ReadAhead, ReadAheadResult
+
+PLENTY = 1 << 40
+
+
+class HeldWarmer:
+    """A warmer that reads nothing and returns only when told to stop (a slow disk)."""
+
+    def __init__(self) -> None:
+        self.called = threading.Event()
+        self.paths: list[str] = []
+
+    def __call__(self, path: str, *, stop: Callable[[], bool], limit: int) -> WarmResult:
+        self.paths.append(path)
+        self.called.set()
+        while not stop():
+            threading.Event().wait(0.001)
+        return WarmResult(0, 0, "stopped")
+
+
+async def finished(hooks: ReadAhead, model: str) -> ReadAheadResult:
+    return await wait_for(lambda: hooks.results.get(model), what=f"{model}'s read-ahead to end")
+
+
+@pytest.mark.parametrize(
+    ("end", "why"),
+    [
+        pytest.param(lambda h: h.ready("a", 1.0), "ready", id="ready"),
+        pytest.param(lambda h: h.start_failed("a"), "start failed", id="start-failed"),
+        pytest.param(lambda h: h.stopping("a", StopReason.SWAP), "stopped", id="stopping"),
+        pytest.param(lambda h: h.crashed("a"), "crashed", id="crashed"),
+        pytest.param(lambda h: h.stopped("a"), "stopped", id="stopped"),
+    ],
+)
+async def test_the_read_stops_when_the_start_ends(
+    end: Callable[[ReadAhead], None], why: str
+) -> None:
+    warmer = HeldWarmer()
+    hooks = ReadAhead(lambda model: ("/m/a.gguf",), memory=lambda: PLENTY, warmer=warmer)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hooks.run)
+            hooks.starting("a")
+            await wait_for(warmer.called.is_set, what="the read to begin")
+            end(hooks)
+            result = await finished(hooks, "a")
+            nursery.cancel_scope.cancel()
+    assert result.why == why
+    assert warmer.paths == ["/m/a.gguf"]
+
+
+async def test_shutdown_stops_a_read_in_progress() -> None:
+    warmer = HeldWarmer()
+    hooks = ReadAhead(lambda model: ("/m/a.gguf",), memory=lambda: PLENTY, warmer=warmer)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hooks.run)
+            hooks.starting("a")
+            await wait_for(warmer.called.is_set, what="the read to begin")
+            nursery.cancel_scope.cancel()  # returns only once the thread has stopped
+    assert warmer.paths == ["/m/a.gguf"]
+
+
+async def test_a_start_reads_every_file_into_the_page_cache(tmp_path: Path) -> None:
+    first = dropped(write_file(tmp_path / "a.gguf", 6 * MIB + 7))
+    second = dropped(write_file(tmp_path / "a-mmproj.gguf", 3 * MIB))
+    files = (str(first), str(tmp_path / "missing.gguf"), str(second))
+    hooks = ReadAhead(lambda model: files if model == "a" else (), memory=lambda: PLENTY)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hooks.run)
+            hooks.starting("b")  # no files: nothing to read
+            hooks.starting("a")
+            result = await finished(hooks, "a")
+            nursery.cancel_scope.cancel()
+    assert (result.why, result.size) == ("read", 9 * MIB + 7)
+    assert resident_bytes(str(first)) == 6 * MIB + 7
+    assert resident_bytes(str(second)) == 3 * MIB
+    assert "b" not in hooks.results
+
+
+async def test_never_reads_more_than_a_share_of_mem_available(tmp_path: Path) -> None:
+    path = dropped(write_file(tmp_path / "big.gguf", 40 * MIB))
+    hooks = ReadAhead(lambda model: (str(path),), memory=lambda: 20 * MIB)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hooks.run)
+            hooks.starting("a")
+            result = await finished(hooks, "a")
+            nursery.cancel_scope.cancel()
+    assert result.why.startswith("limit")
+    assert result.read <= 20 * MIB * MEMORY_SHARE
+
+
+async def test_before_run_a_start_is_not_read_ahead() -> None:
+    warmer = HeldWarmer()
+    hooks = ReadAhead(lambda model: ("/m/a.gguf",), memory=lambda: PLENTY, warmer=warmer)
+    hooks.starting("a")
+    hooks.ready("a", 1.0)
+    assert not warmer.called.is_set()
+
+
+async def test_a_starting_model_shows_its_files_resident(tmp_path: Path) -> None:
+    """End to end: a responder still loading (503 for a minute) has its file read ahead,
+    ``/api/models`` says so, and a model with ``prefetch: false`` is left alone."""
+    path = dropped(write_file(tmp_path / "weights.gguf", 24 * MIB + 3))
+    other = dropped(write_file(tmp_path / "other.gguf", 4 * MIB))
+    loading = responder_model("loading", "--load-delay", "60", files=(str(path),))
+    off = responder_model("off", files=(str(other),), prefetch=False)
+    config = make_config(loading, off)
+    config = type(config)(  # no idle prefetching: only the read-ahead may read
+        source=config.source,
+        models=config.models,
+        start_port=config.start_port,
+        log_to_stdout="none",
+        prefetch=PrefetchConfig(budget=0),
+    )
+    with trio.fail_after(30):
+        async with running(config) as harness:
+            rows = await harness.models()
+            # The responder's --model names no file: listed, but with no size.
+            assert rows["loading"]["files"][0] == {  # type: ignore[index]
+                "path": "loading",
+                "bytes": None,
+                "resident_bytes": None,
+            }
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(harness.client.post, "/api/models/load/loading")
+                await harness.wait_for_state("loading", "starting")
+
+                async def fully_resident() -> bool:
+                    files = (await harness.models())["loading"]["files"]
+                    return files[1] == {  # type: ignore[index,no-any-return]
+                        "path": str(path),
+                        "bytes": 24 * MIB + 3,
+                        "resident_bytes": 24 * MIB + 3,
+                    }
+
+                await wait_for(fully_resident, what="the read-ahead to fill the page cache")
+                await harness.client.post("/api/models/unload")
+                nursery.cancel_scope.cancel()
+            response = await harness.client.post("/api/models/load/off")
+            assert response.status_code == 200
+            lines = harness.server.logs.proxy.lines()
+            finished = re.compile(r"model loading: read ahead .+ of 24\.0 MiB in .+s \(read\)")
+            assert any(finished.search(line) for line in lines)
+            assert not any("model off: read ahead" in line for line in lines)
+            files = (await harness.models())["off"]["files"]
+            assert files[1]["resident_bytes"] == 0  # type: ignore[index]
