@@ -72,8 +72,9 @@ class Candidate(NamedTuple):
 def rank(candidates: Iterable[Candidate], ledger: FitLedger | None) -> list[Candidate]:
     """Most worth prefetching first: the expected load seconds a request would cost.
 
-    That is ``demand * load_seconds`` (demand: recent requests, each halving
-    with age, so recency and frequency; load_seconds: learned, or
+    That is ``demand * load_seconds`` (demand: its requests, each counting
+    less the more requests came after it, so recency and frequency;
+    load_seconds: learned, or
     :data:`~trio_swap.fit.ledger.DEFAULT_LOAD_SECONDS`), then demand, then load
     time, then config order. Without a ledger: config order.
     """
