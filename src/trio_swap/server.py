@@ -57,10 +57,12 @@ from trio_swap.observe.hooks import HookFanout
 from trio_swap.observe.metrics import Metrics
 from trio_swap.observe.record import Observer
 from trio_swap.observe.timeline import Timeline
+from trio_swap.observe.usage import Usage
 from trio_swap.policy import build_policy
 from trio_swap.reload import Reloader, ReloadReport, ReloadUnavailable, watch_config_file
 from trio_swap.router import Router
 from trio_swap.systemd import Notifier, Watchdog, status_line
+from trio_swap.upstream.cache_disk import CacheDisk
 from trio_swap.upstream.footprint import FootprintProbe, detect_gpu_reader, footprint_probe
 from trio_swap.upstream.launcher import OrphanGuard
 from trio_swap.upstream.logs import LogBook
@@ -184,6 +186,8 @@ async def serve(
                 router_box[0].model_stopped(model)
 
             metrics = Metrics()
+            # keepCache: saved slot files within cacheDiskBudget (docs/faster-swaps.md).
+            cache_disk = CacheDisk(config.cache_disk_budget, hooks=metrics)
             timeline = Timeline()
             upstream_client = UpstreamClient()
 
@@ -224,6 +228,7 @@ async def serve(
                     log_ring=logs.add_model(model.id, echo=echo_upstream),
                     guard=guard,
                     on_stopped=on_stopped,
+                    cache_disk=cache_disk,
                     hooks=HookFanout(metrics, timeline, retirer, read_ahead, prefetcher),
                 )
                 supervisors.start_soon(process.run)
@@ -249,6 +254,7 @@ async def serve(
             )
             processes = router.processes  # live: a reload adds to it and retires from it
             router_box.append(router)
+            supervisors.start_soon(cache_disk.run)
             metrics.watch(processes, router)
             await supervisors.start(read_ahead.run)  # before any model can start
             await supervisors.start(router.run)
@@ -260,7 +266,14 @@ async def serve(
 
             activity = _activity_log(config, activity_db)
             await supervisors.start(activity.run)  # the last rows are written when cancelled
-            observer = Observer(metrics, activity)
+
+            def restore_feedback(model: str, usage: Usage) -> None:
+                """keepCache: an answer's reused prompt tokens say what a restore bought."""
+                process = processes.get(model)
+                if process is not None and usage.cached_tokens is not None:
+                    process.response_seen(usage.cached_tokens)
+
+            observer = Observer(metrics, activity, on_usage=restore_feedback)
             supervisors.start_soon(upstream_client.run)  # expired idle connections closed
             peers = PeerForwarder() if config.peers else None
             state = AppState(
@@ -288,6 +301,7 @@ async def serve(
                 """A reload's switch, in the router's step: every HTTP reader of the config."""
                 routes.swap_config(new)
                 state.config = new
+                cache_disk.budget = new.cache_disk_budget
                 prefetch_box[0] = new.prefetch
                 app.set_api_keys(new.api_keys)
 

@@ -23,6 +23,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     ProcessCollector,
     disable_created_metrics,
@@ -34,6 +35,7 @@ from prometheus_client.registry import Collector
 from trio_swap import __version__
 from trio_swap.observe.hooks import ProcessHooks
 from trio_swap.reasons import StopReason
+from trio_swap.upstream.cache_disk import CacheHooks, Outcome
 
 if TYPE_CHECKING:
     from trio_swap.router import Router
@@ -67,7 +69,7 @@ SPEED_BUCKETS: Final = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 10
 
 
 @final
-class Metrics(ProcessHooks):
+class Metrics(ProcessHooks, CacheHooks):
     """The collectors, the hooks that update them, and :meth:`render` for ``/metrics``."""
 
     def __init__(self) -> None:
@@ -136,6 +138,7 @@ class Metrics(ProcessHooks):
             buckets=SPEED_BUCKETS,
             registry=registry,
         )
+        self._kv = _KvCacheMetrics(registry)
         self._live = _LiveCollector()
         registry.register(self._live)
         ProcessCollector(registry=registry)  # process_* (Linux /proc; empty elsewhere)
@@ -173,6 +176,29 @@ class Metrics(ProcessHooks):
 
     def crashed(self, model: str) -> None:
         self.evictions.labels(model, "crash").inc()
+
+    # -- keepCache (called by the supervisors' KV cache keepers and the cache disk) ----
+
+    def slot_saved(self, model: str, outcome: Outcome, nbytes: int) -> None:
+        self._kv.saves.labels(model, outcome.value).inc()
+        if nbytes:
+            self._kv.saved_bytes.labels(model).inc(nbytes)
+
+    def slot_restored(self, model: str, outcome: Outcome, nbytes: int) -> None:
+        self._kv.restores.labels(model, outcome.value).inc()
+        if nbytes:
+            self._kv.restored_bytes.labels(model).inc(nbytes)
+
+    def tokens_reused(self, model: str, tokens: int) -> None:
+        self._kv.reused_tokens.labels(model).inc(tokens)
+
+    def cache_off(self, model: str, off: bool) -> None:
+        self._kv.off.labels(model).set(1.0 if off else 0.0)
+
+    def disk_swept(self, total_bytes: int, deleted: int) -> None:
+        self._kv.disk_bytes.set(total_bytes)
+        if deleted:
+            self._kv.deleted_files.inc(deleted)
 
     # -- per request (called by the Observer when a request is over) -------------------
 
@@ -218,6 +244,70 @@ class _ModelSeries:
         self.prompt = metrics.prompt_tokens.labels(model)
         self.completion = metrics.completion_tokens.labels(model)
         self.speed = metrics.tokens_per_second.labels(model)
+
+
+@final
+class _KvCacheMetrics:
+    """``keepCache``'s collectors (docs/faster-swaps.md): saves, restores, bytes, tokens reused."""
+
+    __slots__ = (
+        "deleted_files",
+        "disk_bytes",
+        "off",
+        "restored_bytes",
+        "restores",
+        "reused_tokens",
+        "saved_bytes",
+        "saves",
+    )
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.saves = Counter(
+            "trio_swap_kv_cache_saves",
+            "Slot saves before a stop (keepCache), by outcome: ok, failed, timeout.",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.restores = Counter(
+            "trio_swap_kv_cache_restores",
+            "Slot restores after a start (keepCache), by outcome: ok, failed, timeout.",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.saved_bytes = Counter(
+            "trio_swap_kv_cache_saved_bytes",
+            "Bytes of KV cache the servers wrote to their --slot-save-path.",
+            ["model"],
+            registry=registry,
+        )
+        self.restored_bytes = Counter(
+            "trio_swap_kv_cache_restored_bytes",
+            "Bytes of KV cache the servers read back.",
+            ["model"],
+            registry=registry,
+        )
+        self.reused_tokens = Counter(
+            "trio_swap_kv_cache_reused_tokens",
+            "Prompt tokens the first request after a restore reused (llama.cpp's cache_n).",
+            ["model"],
+            registry=registry,
+        )
+        self.off = Gauge(
+            "trio_swap_kv_cache_given_up",
+            "1 once keepCache was given up for a model (restores in a row reused nothing).",
+            ["model"],
+            registry=registry,
+        )
+        self.disk_bytes = Gauge(
+            "trio_swap_kv_cache_disk_bytes",
+            "Bytes of saved slot files on disk after the last sweep (within cacheDiskBudget).",
+            registry=registry,
+        )
+        self.deleted_files = Counter(
+            "trio_swap_kv_cache_deleted_files",
+            "Saved slot files deleted, least recently used first, to stay within cacheDiskBudget.",
+            registry=registry,
+        )
 
 
 @final

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final, final
 
 from hypercorn.typing import ASGISendCallable, ASGISendEvent, HTTPScope
@@ -149,9 +149,16 @@ def _mode(headers: Iterable[tuple[bytes, bytes]]) -> int:
 class Observer:
     """Turns finished requests into metrics and activity rows; either may be absent."""
 
-    def __init__(self, metrics: Metrics | None = None, activity: ActivityLog | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Metrics | None = None,
+        activity: ActivityLog | None = None,
+        on_usage: Callable[[str, parse.Usage], None] | None = None,
+    ) -> None:
         self.metrics = metrics
         self.activity = activity
+        #: Told the usage of each 2xx answer (keepCache reads ``cache_n`` from it).
+        self.on_usage = on_usage
 
     def begin(self, scope: HTTPScope, send: ASGISendCallable) -> RequestRecord:
         return RequestRecord(scope, send)
@@ -187,6 +194,8 @@ class Observer:
             metrics.request_done(record.model, record.endpoint, record.status, wait, latency)
             if usage is not None and record.model:
                 metrics.tokens(record.model, usage.prompt_tokens, usage.completion_tokens, speed)
+        if self.on_usage is not None and usage is not None and 200 <= record.status < 300:
+            self.on_usage(record.model, usage)
         if self.activity is not None:
             self.activity.add(
                 ActivityRow(
