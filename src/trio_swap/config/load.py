@@ -26,8 +26,8 @@ from typing import Final, final
 import msgspec
 
 from trio_swap.config.errors import ConfigError
-from trio_swap.config.kvcache import check_cache_budget, check_keep_cache
 from trio_swap.config.files import check_files, check_prefetch
+from trio_swap.config.kvcache import check_cache_budget, check_keep_cache
 from trio_swap.config.macros import (
     ExpansionBudget,
     MacroList,
