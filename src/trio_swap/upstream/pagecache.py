@@ -16,8 +16,9 @@ time) and the kernel reports, one byte per page, whether that page is cached
 (about 20 ms per GB). Neither reads the file or faults a page in, so measuring
 does not change the answer. Pages count whole, but never more than the file's
 size, so a fully cached file has ``resident_bytes == size`` (a partly cached
-one is exact to within its last page). The answer is the page cache's, shared
-by every process, not one process's RSS.
+one is exact to within its last page). ``cachestat`` also counts pages whose
+read from disk is still under way; ``mincore`` only those whose data is there.
+The answer is the page cache's, shared by every process, not one process's RSS.
 
 **Reading in** (:func:`warm`) reads the file with ``pread`` in blocks of
 :data:`BLOCK` bytes, skipping blocks ``mincore`` already finds resident, and
@@ -154,8 +155,8 @@ def _cachestat_works() -> bool:
         os.close(fd)
 
 
-def _mincore(fd: int, start: int, length: int, size: int) -> int:
-    """Resident bytes of the range by ``mincore(2)`` over a read-only mapping of it."""
+def _present(fd: int, start: int, length: int) -> bytes:
+    """One byte per page of the range, 1 where ``mincore(2)`` finds its data in the cache."""
     pages = (length + _PAGE - 1) // _PAGE
     libc = _libc()
     address = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
@@ -165,9 +166,27 @@ def _mincore(fd: int, start: int, length: int, size: int) -> int:
         vector = ctypes.create_string_buffer(pages)
         if libc.mincore(address, length, vector) != 0:
             raise OSError(ctypes.get_errno(), "mincore failed")
-        flags = vector.raw.translate(_LOW_BIT)
+        return vector.raw.translate(_LOW_BIT)
     finally:
         libc.munmap(address, length)
+
+
+def _cached_blocks(fd: int, size: int, block: int) -> set[int]:
+    """Offsets of the ``block``-sized pieces of the file whose every page is cached now."""
+    cached: set[int] = set()
+    per_block = block // _PAGE
+    for start in range(0, size, WINDOW):
+        flags = _present(fd, start, min(WINDOW, size - start))
+        for first in range(0, len(flags), per_block):
+            if flags.count(1, first, first + per_block) == len(flags[first : first + per_block]):
+                cached.add(start + first * _PAGE)
+    return cached
+
+
+def _mincore(fd: int, start: int, length: int, size: int) -> int:
+    """Resident bytes of the range by ``mincore(2)`` over a read-only mapping of it."""
+    flags = _present(fd, start, length)
+    pages = len(flags)
     resident = flags.count(1) * _PAGE
     end = start + pages * _PAGE
     if end > size and flags[-1]:  # the last page holds only the file's tail
@@ -222,8 +241,12 @@ def warm(
 
     ``stop`` is called before each block (from this thread). ``limit`` bounds
     the bytes read from disk (a block needing more is not read). With
-    ``skip_resident`` a block ``mincore`` finds fully resident is not read
-    (that costs a copy per byte; checking costs one byte per page).
+    ``skip_resident`` the blocks ``mincore`` finds fully cached *before the
+    read begins* are not read again (a copy per byte saved, for a check of one
+    byte per page); a block the kernel's own read-ahead brings in during the
+    read is still read: skipping those left a later llama-server load a third
+    slower (0.24 s instead of 0.18 s, ten alternating runs each), whatever
+    the kernel does differently with pages it read ahead but nobody read.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -232,6 +255,7 @@ def warm(
     read = 0
     try:
         size = os.fstat(fd).st_size
+        cached = _cached_blocks(fd, size, block) if skip_resident and block % _PAGE == 0 else set()
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger kernel read-ahead
         buffer = bytearray(block)
         view = memoryview(buffer)
@@ -239,7 +263,7 @@ def warm(
             if stop():
                 return WarmResult(size, read, "stopped")
             length = min(block, size - offset)
-            if skip_resident and _resident_in(fd, offset, length, size) >= length:
+            if offset in cached:
                 continue
             if read + length > limit:
                 return WarmResult(size, read, "limit")
