@@ -98,6 +98,22 @@ def streamed(client: httpx.Client, model: str, messages: list[Message]) -> Turn:
     )
 
 
+def whole(client: httpx.Client, model: str, messages: list[Message]) -> Turn:
+    """One non-streamed chat turn (its first token is its whole answer).
+
+    The turns not timed to a first token go this way: this llama-server
+    closes its connection after a streamed answer, and a request sent on that
+    connection before trio-swap's pool notices gets a 502.
+    """
+    body = {"model": model, "messages": messages, "max_tokens": 4}
+    started = time.perf_counter()
+    response = client.post("/v1/chat/completions", json=body)
+    total = time.perf_counter() - started
+    assert response.status_code == 200, response.text
+    timings = response.json()["timings"]
+    return Turn(total, total, timings["prompt_n"], timings.get("cache_n", 0))
+
+
 def load(client: httpx.Client, model: str) -> None:
     """Start ``model`` (and restore its slots) without sending it a prompt."""
     response = client.post(f"/api/models/load/{model}")
