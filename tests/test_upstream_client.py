@@ -239,3 +239,17 @@ async def test_idle_connections_expire_before_the_servers_keep_alive_timeout(
             assert _sockets_to(short) == _sockets_to(silent) == 0  # nothing left in CLOSE-WAIT
             nursery.cancel_scope.cancel()
     await client.aclose()
+
+
+async def test_a_connection_that_carried_an_event_stream_is_not_pooled() -> None:
+    """llama-server closes it after the stream, unannounced: reusing it was a 502."""
+    client = UpstreamClient()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(keep_alive_server, b"content-type: text/event-stream\r\n")
+            upstream = Upstream(f"http://127.0.0.1:{port}")
+            await post(client, upstream)
+            assert client.idle_connections(upstream) == 0
+            assert _sockets_to(port) == 0
+            nursery.cancel_scope.cancel()
+    await client.aclose()

@@ -28,6 +28,8 @@ close for idleness.
   s), or after :data:`DEFAULT_IDLE_EXPIRY` when it sends none (uvicorn's
   default is 5 s too). A server that ends a connection after ``max=N``
   requests says ``Connection: close`` on the last one, which h11 honours.
+- A connection that carried an event stream (SSE) is closed afterwards, never
+  pooled: llama-server closes it itself, unannounced (:meth:`UpstreamResponse._streamed`).
   :meth:`UpstreamClient.run`
   closes expired and half-closed idle connections every second, so none
   lingers in CLOSE-WAIT.
@@ -164,6 +166,18 @@ class UpstreamResponse:
                 raise UpstreamFailed(self._model, f"connection broke: {exc}") from exc
             conn.receive_data(bytes(data))
 
+    def _streamed(self) -> bool:
+        """An event stream: its connection is not reused.
+
+        llama-server closes the connection after every streamed response without
+        saying so (no ``Connection: close``; measured: the next request on it
+        gets EOF), so a pooled one fails the next request that takes it before
+        the FIN arrives (a 502). A stream lasts far longer than a loopback
+        connect, so a fresh connection costs nothing anyone can see.
+        """
+        content_type = self.header(b"content-type") or b""
+        return content_type.lower().startswith(b"text/event-stream")
+
     async def aclose(self) -> None:
         connection, self._connection = self._connection, None
         if connection is None:
@@ -172,6 +186,7 @@ class UpstreamResponse:
             self._complete
             and connection.h11.our_state is h11.DONE
             and connection.h11.their_state is h11.DONE
+            and not self._streamed()
         ):
             connection.learn(self.headers)
             connection.h11.start_next_cycle()
