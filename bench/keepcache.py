@@ -11,7 +11,9 @@ swap: keepCache saves A's slot), then the same conversation plus one message
 back to A, timed to its first streamed token. Then the same again with A
 started before the message is sent (``/api/models/load``: the restore happens
 there), which times the prompt processing alone. The baseline is that same
-message to an A that never left (no swap).
+message to an A that never left (no swap). A fresh server's first answer
+also pays for mapping its weights, whatever the cache; a short message to a
+fresh and to a warm A measures that part.
 
 A is a random llama of ``--mib`` MiB (``tests/real/big_gguf.py``; 400 MiB is
 one 2048-wide layer: its 1,500-token prefill takes seconds on two cores, as a
@@ -70,6 +72,8 @@ def main() -> None:
     back: dict[str, list[Turn]] = {KEEP: [], PLAIN: []}
     started: dict[str, list[Turn]] = {KEEP: [], PLAIN: []}
     no_swap: list[Turn] = []
+    fresh: list[Turn] = []  # a short message, first after a start
+    warm: list[Turn] = []  # the same, to a server that already answered
     try:
         with httpx.Client(base_url=handle.base_url, timeout=600) as client:
             for round_ in range(args.rounds):
@@ -85,12 +89,16 @@ def main() -> None:
                     started[model].append(streamed(client, model, later))
                 whole(client, PLAIN, first)
                 no_swap.append(streamed(client, PLAIN, later))  # never left
+                whole(client, OTHER, hello)
+                load(client, PLAIN)
+                fresh.append(whole(client, PLAIN, hello))
+                warm.append(whole(client, PLAIN, hello))
                 _progress(f"round {round_ + 1}/{args.rounds}")
     finally:
         handle.proc.send_signal(signal.SIGTERM)
         handle.proc.wait(60)
         handle.kill_everything()
-    print(_report(args, a, back, started, no_swap))
+    print(_report(args, a, back, started, no_swap, (fresh, warm)))
 
 
 def _report(
@@ -99,12 +107,14 @@ def _report(
     back: dict[str, list[Turn]],
     started: dict[str, list[Turn]],
     no_swap: list[Turn],
+    first_answer: tuple[list[Turn], list[Turn]],
 ) -> str:
     def ms(turns: list[Turn], of: Callable[[Turn], float] = lambda t: t.first_token) -> float:
         return statistics.median(of(t) for t in turns) * 1e3
 
     keep_back, plain_back = ms(back[KEEP]), ms(back[PLAIN])
     keep_ready, plain_ready, baseline = ms(started[KEEP]), ms(started[PLAIN]), ms(no_swap)
+    overhead = ms(first_answer[0]) - ms(first_answer[1])
     reused = [t.cache_n / (t.cache_n + t.prompt_n) for t in back[KEEP]]
     prompt = statistics.median(t.prompt_n + t.cache_n for t in back[PLAIN])
     size = f"{model.stat().st_size / 2**20:.0f} MiB" if args.mib else "tiny"
@@ -120,6 +130,8 @@ def _report(
             f"- A started first, message to first token: keepCache {keep_ready:.0f} ms, "
             f"without {plain_ready:.0f} ms ({keep_ready / plain_ready:.2f}x), "
             f"no swap at all {baseline:.0f} ms (keepCache / no swap: {keep_ready / baseline:.2f}x)",
+            f"- a fresh server's first short answer takes {overhead:.0f} ms longer than a warm "
+            f"one's, whatever the cache (mapping its weights): part of any swap back",
         ]
     )
 

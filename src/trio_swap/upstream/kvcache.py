@@ -115,7 +115,7 @@ class ModelCache:
         self.configure(model)
 
     def __repr__(self) -> str:
-        state = "off" if not self.active else ("given up" if self.given_up else "on")
+        state = "given up" if self.given_up else ("on" if self.active else "off")
         return f"<ModelCache {self.model_id}: {state} {self.directory}>"
 
     def configure(self, model: ModelConfig) -> None:
