@@ -28,6 +28,7 @@ from trio_swap.config.address import Upstream
 from trio_swap.config.errors import ConfigError
 from trio_swap.config.load import load_config_text
 from trio_swap.config.model import DEFAULT_CACHE_DISK_BUDGET, ModelConfig
+from trio_swap.errors import ModelStartFailed
 from trio_swap.upstream.cache_disk import FILE_PREFIX, CacheDisk
 from trio_swap.upstream.kvcache import GIVE_UP_AFTER, SAVE_SHARE, ModelCache
 from trio_swap.upstream.process import ModelProcess, ProcessState
@@ -386,3 +387,121 @@ async def test_a_hanging_save_takes_half_the_unload_timeout_and_the_stop_ends_by
             assert launcher.when("A", "SIGKILL") == [stop_at + grace]  # and no more than it
         assert trio.current_time() == (stop_at + grace if ignores_sigterm else cut + 0.1)
         nursery.cancel_scope.cancel()
+
+
+async def test_each_slot_holding_a_prompt_is_saved_and_restored(tmp_path: Path) -> None:
+    a = kept("a", tmp_path, "-np", "2")
+    other = [{"role": "user", "content": "a different conversation " * 50}]
+    with trio.fail_after(30):
+        async with running(make_config(a, responder_model("b"))) as harness:
+            await chat(harness, "a", FIRST)
+            await chat(harness, "a", other)  # the second slot
+            await chat(harness, "b", FIRST)
+            assert len(saved_files(tmp_path)) == 2
+            later = [*other, {"role": "user", "content": "more"}]
+            assert (await chat(harness, "a", later))["cache_n"] == 1 + 150
+            assert (await chat(harness, "a", NEXT))["cache_n"] == FIRST_TOKENS
+
+
+class _RecordingSlots:
+    """A server that restores what it is told, refuses the files named in ``refuse``,
+    and can hold a restore until ``release`` is set."""
+
+    def __init__(self, refuse: frozenset[str] = frozenset()) -> None:
+        self.refuse = refuse
+        self.restored: list[str] = []
+        self.entered = trio.Event()
+        self.release: trio.Event | None = None
+
+    async def slots(self, upstream: Upstream) -> list[Slot]:
+        return []
+
+    async def save(self, upstream: Upstream, slot: int, filename: str) -> SlotFile:
+        raise SlotError("not in this test")
+
+    async def restore(self, upstream: Upstream, slot: int, filename: str) -> SlotFile:
+        self.entered.set()
+        if self.release is not None:
+            await self.release.wait()
+        if filename in self.refuse:
+            raise SlotError(f"POST /slots/{slot}?action=restore: 400 invalid slot save file")
+        self.restored.append(filename)
+        return SlotFile(tokens=10, bytes=100)
+
+
+def _cache_for(model_id: str, directory: Path, api: _RecordingSlots) -> ModelCache:
+    model = ModelConfig(
+        id=model_id,
+        cmd=("llama-server", "--port", "1", "--slot-save-path", str(directory)),
+        proxy="http://127.0.0.1:1",
+        keep_cache=True,
+    )
+    return ModelCache(model, CacheDisk(10**9), api=api)
+
+
+async def test_a_restore_counts_as_a_use_and_a_refused_file_is_never_restored_again(
+    tmp_path: Path,
+) -> None:
+    api = _RecordingSlots()
+    a, b = _cache_for("a", tmp_path, api), _cache_for("b", tmp_path, api)
+    file_a, file_b = tmp_path / a.filename(0), tmp_path / b.filename(0)
+    for age, path in enumerate((file_a, file_b)):
+        path.write_bytes(b"x" * 100)
+        os.utime(path, (1_000_000 + age, 1_000_000 + age))  # a's file is the older
+    upstream = Upstream("http://127.0.0.1:1")
+    await a.restore(upstream, 5.0)
+    assert api.restored == [file_a.name] and a.checking
+    disk = CacheDisk(150)  # room for one file: the least recently used goes
+    disk.watch(str(tmp_path))
+    assert await disk.sweep() == [str(file_b)]  # restoring a's file made it the newer
+    api.refuse = frozenset({file_a.name})
+    await a.restore(upstream, 5.0)  # refused: a miss, and the file is suspect
+    assert not a.checking and file_a.exists()
+    api.refuse = frozenset()
+    await a.restore(upstream, 5.0)  # deleted first, so nothing is restored
+    assert not file_a.exists() and api.restored == [file_a.name]
+
+
+async def test_a_stop_during_the_restore_wins_and_no_request_is_told_ready(
+    tmp_path: Path,
+) -> None:
+    model = msgspec.structs.replace(
+        fake_model("A", 0, keep_cache=True),
+        cmd=("fake", "A", "--slot-save-path", str(tmp_path)),
+    )
+    api = _RecordingSlots()
+    api.release = trio.Event()  # the restore never ends by itself
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            launcher = FakeLauncher(nursery, {"A": Behaviour(ready_after=0.01)})
+            launcher.register([model])
+            process = ModelProcess(
+                model,
+                health_check_timeout=30,
+                launcher=launcher,
+                probe=launcher.probe,
+                cache_disk=CacheDisk(10**9),
+                slot_api=api,
+            )
+            await nursery.start(process.run)
+            cache = process.cache
+            assert cache is not None
+            (tmp_path / cache.filename(0)).write_bytes(b"saved")
+            outcome: list[BaseException | None] = []
+
+            async def request() -> None:
+                try:
+                    await process.ensure_ready()
+                    outcome.append(None)
+                except ModelStartFailed as exc:
+                    outcome.append(exc)
+
+            nursery.start_soon(request)
+            await api.entered.wait()  # health passed, the restore is under way
+            assert process.state is ProcessState.STARTING
+            await process.stop()
+            assert process.state is ProcessState.STOPPED
+            await wait_for(lambda: outcome, what="the waiter answered")
+            assert isinstance(outcome[0], ModelStartFailed)
+            assert "stopped while starting" in str(outcome[0])
+            nursery.cancel_scope.cancel()

@@ -2,7 +2,8 @@
 
 A slot remembers the "tokens" (words, as everywhere in the responder) of the
 last prompt run in it. A completion goes to the slot sharing the longest
-prefix with its prompt (else an unused one, else the least recently used),
+prefix with its prompt, if that is at least a tenth of the prompt (else an
+unused one, else the least recently used),
 and reports that prefix as llama-server does: ``timings.cache_n`` reused,
 ``timings.prompt_n`` processed. So a conversation resent with one more
 message reuses what its slot held, and a slot restored from a file after a
@@ -41,6 +42,8 @@ __all__ = ["SlotFaults", "SlotTable", "prompt_tokens"]
 _encode: Final = msgspec.json.Encoder().encode
 _CONTEXT: Final = 4096
 _FILE_KIND: Final = "responder-slot"
+#: llama-server's --slot-prompt-similarity: a slot sharing less of the prompt is not its slot.
+_SIMILARITY: Final = 0.1
 
 
 class SlotFaults(msgspec.Struct, frozen=True, kw_only=True):
@@ -112,8 +115,9 @@ class SlotTable:
             shared = _common_prefix(slot.tokens, tokens)
             if shared > reused:
                 best, reused = slot, shared
-        if best is None:
+        if best is None or reused < _SIMILARITY * len(tokens):  # not this conversation
             best = min(self._slots, key=lambda s: (s.task is not None, s.used_at, s.id))
+            reused = _common_prefix(best.tokens, tokens)
         if reused == len(tokens) and tokens:
             reused -= 1  # llama-server always evaluates the prompt's last token again
         best.tokens = list(tokens)
