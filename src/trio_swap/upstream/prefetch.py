@@ -262,7 +262,7 @@ class Prefetcher(ProcessHooks):
             self._residency.update(report.measured)
         if report.read:
             log.info(
-                "prefetch: read %s of %s into the page cache (budget %s)%s",
+                "prefetch: read %s into the page cache for %s (budget %s)%s",
                 format_size(report.read),
                 ", ".join(report.chosen),
                 format_size(report.budget),
