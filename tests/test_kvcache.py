@@ -98,6 +98,13 @@ def test_keep_cache_refuses_a_server_without_its_slots_endpoint() -> None:
         load_config_text(text, "c.yaml")
 
 
+def test_keep_cache_needs_a_health_check() -> None:
+    text = "models:\n  a:\n    cmd: s --port ${PORT} --slot-save-path /x\n"
+    text += "    checkEndpoint: none\n    keepCache: true\n"
+    with pytest.raises(ConfigError, match=r"c\.yaml:5.*needs a health check"):
+        load_config_text(text, "c.yaml")
+
+
 def test_keep_cache_and_the_disk_budget_load() -> None:
     text = "cacheDiskBudget: 2GiB\nmodels:\n  a:\n    cmd: s --port ${PORT} --slot-save-path /x\n"
     config = load_config_text(text + "    keepCache: true\n", "c.yaml")

@@ -4,8 +4,8 @@ A model with ``keepCache: true`` has its llama-server slots saved before a
 stop and restored after its next start (docs/faster-swaps.md). llama-server
 saves slots only into the directory its ``--slot-save-path`` names and only
 while its ``/slots`` endpoint is on, so both are checked here, against the
-expanded ``cmd``, as located errors: ``trio-swap check`` reports them before
-anything runs.
+expanded ``cmd``, with the health check the restore waits for, as located
+errors: ``trio-swap check`` reports them before anything runs.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
+from trio_swap.config.model import ModelConfig
 from trio_swap.config.sizes import SizeError, parse_size
 from trio_swap.config.yamlsource import Document, KeyPath
 
@@ -46,9 +47,11 @@ def slot_save_path(cmd: Sequence[str]) -> str | None:
     return path if path and path.strip() else None
 
 
-def check_keep_cache(model_id: str, cmd: Sequence[str], doc: Document) -> None:
-    """``models.<id>.keepCache: true`` needs a ``cmd`` whose slots can be saved."""
-    path: KeyPath = ("models", model_id, "keepCache")
+def check_keep_cache(model: ModelConfig, doc: Document) -> None:
+    """``models.<id>.keepCache: true`` needs a ``cmd`` whose slots can be saved, and a
+    health check (the slots are restored once the server answers it)."""
+    path: KeyPath = ("models", model.id, "keepCache")
+    cmd = model.cmd
     if slot_save_path(cmd) is None:
         raise doc.error(
             path,
@@ -60,6 +63,12 @@ def check_keep_cache(model_id: str, cmd: Sequence[str], doc: Document) -> None:
             path,
             f"cannot work with '{_NO_SLOTS_FLAG}' in cmd: trio-swap lists the slots "
             "to save with GET /slots",
+        )
+    if model.check_endpoint is None:
+        raise doc.error(
+            path,
+            "needs a health check (checkEndpoint is none): the slots are restored "
+            "once the server answers it",
         )
 
 

@@ -187,7 +187,7 @@ class _Loader:
             raw = convert(_yaml11_bools(model), RawModel, ("models", model_id), doc)
             model_config = check_model(model_id, raw, settings, doc)
             if raw.keep_cache:
-                check_keep_cache(model_id, model_config.cmd, doc)
+                check_keep_cache(model_config, doc)
                 model_config = msgspec.structs.replace(model_config, keep_cache=True)
             if raw.needs:
                 needs = check_needs(model_id, raw.needs, resources, doc)
