@@ -99,12 +99,8 @@ def streamed(client: httpx.Client, model: str, messages: list[Message]) -> Turn:
 
 
 def whole(client: httpx.Client, model: str, messages: list[Message]) -> Turn:
-    """One non-streamed chat turn (its first token is its whole answer).
-
-    The turns not timed to a first token go this way: this llama-server
-    closes its connection after a streamed answer, and a request sent on that
-    connection before trio-swap's pool notices gets a 502.
-    """
+    """One non-streamed chat turn (its first token is its whole answer), for the
+    turns that are not timed to a first token."""
     body = {"model": model, "messages": messages, "max_tokens": 4}
     started = time.perf_counter()
     response = client.post("/v1/chat/completions", json=body)
