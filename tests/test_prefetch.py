@@ -18,6 +18,7 @@ from typing import cast
 import msgspec
 import pytest
 import trio
+import trio.testing
 
 from tests.conftest import make_config, responder_model, running, wait_for
 from tests.test_pagecache import MIB, dropped, write_file
@@ -186,8 +187,7 @@ async def test_pausing_stops_a_read_and_resumes_when_the_load_ends(tmp_path: Pat
             assert prefetcher.last is not None and prefetcher.last.stopped
             called.clear()
             rounds = prefetcher.rounds
-            with trio.move_on_after(0.2):  # nothing happens while b loads
-                await rounds.wait()
+            await trio.testing.wait_all_tasks_blocked()  # nothing happens while b loads
             assert not rounds.is_set() and not called.is_set()
             prefetcher.ready("b", 1.0)
             await wait_for(called.is_set, what="the read to resume once b is ready")

@@ -149,7 +149,13 @@ async def test_a_starting_model_shows_its_files_resident(tmp_path: Path) -> None
                 "resident_bytes": None,
             }
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(harness.client.post, "/api/models/load/loading")
+                answers: list[int] = []
+
+                async def load() -> None:
+                    response = await harness.client.post("/api/models/load/loading")
+                    answers.append(response.status_code)
+
+                nursery.start_soon(load)
                 await harness.wait_for_state("loading", "starting")
 
                 async def fully_resident() -> bool:
@@ -162,7 +168,7 @@ async def test_a_starting_model_shows_its_files_resident(tmp_path: Path) -> None
 
                 await wait_for(fully_resident, what="the read-ahead to fill the page cache")
                 await harness.client.post("/api/models/unload")
-                nursery.cancel_scope.cancel()
+            assert answers == [503]  # the load was stopped, not completed
             response = await harness.client.post("/api/models/load/off")
             assert response.status_code == 200
             lines = harness.server.logs.proxy.lines()

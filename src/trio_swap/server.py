@@ -209,10 +209,10 @@ async def serve(
                     return ()
                 return weight_files(process.model)
 
-            read_ahead = ReadAhead(files_to_read_ahead)
             residency = FileResidency(
                 lambda: [path for p in live_processes().values() for path in weight_files(p.model)]
             )
+            read_ahead = ReadAhead(files_to_read_ahead, residency=residency)
             prefetcher = Prefetcher(
                 live_processes,
                 lambda: prefetch_box[0],

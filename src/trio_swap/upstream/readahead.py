@@ -30,6 +30,7 @@ from trio_swap.observe.hooks import ProcessHooks
 from trio_swap.reasons import StopReason
 from trio_swap.upstream.footprint import system_memory
 from trio_swap.upstream.pagecache import WarmResult, file_size, warm
+from trio_swap.upstream.residency import FileResidency, Measured, measure
 
 __all__ = ["MEMORY_SHARE", "ReadAhead", "ReadAheadResult", "Warmer"]
 
@@ -92,7 +93,8 @@ class ReadAhead(ProcessHooks):
     ``files_of(model)`` gives the files to read for a model about to start
     (empty: none, e.g. ``prefetch: false``). :meth:`run` must be running (in
     the supervisors nursery) for reads to happen; a start before that is not
-    read ahead.
+    read ahead. ``residency``, when given, is told the files' residency after
+    each read, so the model rows show it without waiting for their refresh.
     """
 
     def __init__(
@@ -101,8 +103,10 @@ class ReadAhead(ProcessHooks):
         *,
         memory: Callable[[], int | None] = _mem_available,
         warmer: Warmer = warm,
+        residency: FileResidency | None = None,
     ) -> None:
         self._files_of = files_of
+        self._residency = residency
         self._memory = memory
         self._warm = warmer
         self._nursery: trio.Nursery | None = None
@@ -162,10 +166,12 @@ class ReadAhead(ProcessHooks):
         started = time.monotonic()
         try:
             # Not abandoned on cancel: the flag (set by a hook or by run()) ends it.
-            size, read, why = await trio.to_thread.run_sync(self._read_files, job)
+            size, read, why, measured = await trio.to_thread.run_sync(self._read_files, job)
         finally:
             if self._jobs.get(job.model) is job:
                 del self._jobs[job.model]
+        if self._residency is not None:
+            self._residency.update(measured)
         result = ReadAheadResult(job.model, size, read, time.monotonic() - started, why)
         self.results[job.model] = result
         log.info(
@@ -179,7 +185,7 @@ class ReadAhead(ProcessHooks):
         finished, self.finished = self.finished, trio.Event()
         finished.set()
 
-    def _read_files(self, job: _Job) -> tuple[int, int, str]:
+    def _read_files(self, job: _Job) -> tuple[int, int, str, dict[str, Measured]]:
         """In a worker thread: each file in turn, within the memory bound."""
         available = self._memory()
         allowed = int(available * MEMORY_SHARE) if available is not None else 0
@@ -197,4 +203,4 @@ class ReadAhead(ProcessHooks):
                 break
             if result.reason.startswith("error"):
                 log.debug("model %s: read-ahead of %s: %s", job.model, path, result.reason)
-        return size, read, why
+        return size, read, why, measure(job.files)
