@@ -280,17 +280,25 @@ class Prefetcher(ProcessHooks):
         paths = list(dict.fromkeys(path for c in chosen for path in c.files if sizes.get(path)))
         read = 0
         stopped = False
+        measured: dict[str, Measured] = {}
         for path in paths:
+            before = measure([path])[path]
+            if before.size is not None and before.resident >= before.size:
+                measured[path] = before  # still warm: one cachestat call, no read
+                continue
+            if stopped or self._stop_now():
+                stopped = True
+                measured[path] = before
+                continue
             result = self._warm(path, stop=self._stop_now, limit=allowed - read)
             read += result.read
-            if result.reason == "stopped":
-                stopped = True
-                break
+            stopped = result.reason == "stopped"
+            measured[path] = measure([path])[path]
         return RoundReport(
             budget=allowed,
             chosen=[c.model for c in chosen],
             read=read,
-            measured=measure(paths),
+            measured=measured,
             stopped=stopped,
         )
 
