@@ -25,7 +25,7 @@ from typing import Final
 import msgspec
 import trio
 
-from trio_swap.config.files import files_bytes, model_files
+from trio_swap.config.files import files_bytes, weight_files
 from trio_swap.config.model import Config
 from trio_swap.fit.ledger import FitLedger, Learned
 
@@ -56,8 +56,9 @@ class _StateFile(msgspec.Struct, kw_only=True):
 
 
 def estimates(config: Config) -> dict[str, int]:
-    """Model id -> bytes of the weight files its ``cmd`` names (a ``stat`` each; 0 if none)."""
-    return {model_id: files_bytes(model_files(m.cmd)) for model_id, m in config.models.items()}
+    """Model id -> bytes of its weight files (named in ``cmd`` or ``files:``; a ``stat``
+    each; 0 if none)."""
+    return {model_id: files_bytes(weight_files(m)) for model_id, m in config.models.items()}
 
 
 def default_state_dir() -> Path:
