@@ -7,8 +7,9 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
@@ -44,7 +45,8 @@ async def responder(port: int) -> AsyncIterator[trio.Process]:
         await process.stdout.receive_some(4096)  # the "listening" line
         yield process
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # a test may have killed it already
+            os.killpg(process.pid, signal.SIGKILL)
         with trio.CancelScope(shield=True):
             await process.wait()
             assert process.stdout is not None
@@ -252,4 +254,42 @@ async def test_a_connection_that_carried_an_event_stream_is_not_pooled() -> None
             assert client.idle_connections(upstream) == 0
             assert _sockets_to(port) == 0
             nursery.cancel_scope.cancel()
+    await client.aclose()
+
+
+async def test_a_retire_or_sweep_racing_a_checkout_never_hands_out_a_bad_connection() -> None:
+    """Another task's ``sweep()`` or ``retire()`` (a crash hook) at any checkpoint of a
+    checkout that throws dead idle connections away: no connection handed out twice,
+    no closed socket handed out (a ValueError from poll instead of UpstreamFailed)."""
+    client = UpstreamClient()
+    port = free_port()
+    upstream = Upstream(f"http://127.0.0.1:{port}")
+    original = client._discard
+    inject: list[Callable[[], None]] = []
+
+    async def discard_with_a_race(connection: Any) -> None:
+        while inject:
+            inject.pop()()  # what another task could do at this checkpoint
+        await original(connection)
+
+    client._discard = discard_with_a_race  # type: ignore[method-assign]
+    with trio.fail_after(20):
+        async with responder(port) as process:
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(ask, client, upstream)
+            assert client.idle_connections(upstream) >= 3
+            client._idle[("127.0.0.1", port)][-1].expiry = 0.0  # discarded by the checkout
+            inject.append(client.sweep)
+            first = await client._checkout(upstream, "m", reuse=True)
+            second = await client._checkout(upstream, "m", reuse=True)
+            assert first is not second
+            for connection in (first, second):
+                await original(connection)
+            os.killpg(process.pid, signal.SIGKILL)  # every pooled connection gets EOF
+            await process.wait()
+            await trio.sleep(0.1)
+            inject.append(lambda: client.retire(upstream))
+            with pytest.raises(UpstreamFailed):
+                await ask(client, upstream)
     await client.aclose()

@@ -6,13 +6,14 @@ connection on each request, a cookie jar that would carry one client's
 upstream cookies into another client's requests). Model servers are a handful
 of known ``host:port`` pairs on loopback speaking HTTP/1.1, so a keep-alive
 stack per upstream, the h11 protocol engine, and one ``send_all`` per request
-(head and body together) is all this path needs. httpx stays in use for the
-readiness probes, where convenience beats microseconds.
+(head and body together) is all this path needs. (The readiness probes use h11
+too, on a fresh connection each: ``upstream/probe.py``.)
 
 Errors: anything that breaks before the response head arrives is raised as
-:class:`UpstreamFailed`. A request that fails on a *reused* connection before
-any response byte arrived is retried once on a fresh connection, because the
-server most likely closed that idle connection just before we wrote to it.
+:class:`UpstreamFailed`. A request whose *write* fails on a reused connection
+is retried once on a fresh connection: the server never got it. One that was
+written is never sent twice (a generation is not idempotent), which is why
+the pool takes such care never to hand out a connection the server may close.
 
 Pool hygiene (docs/faster-swaps.md): a request is never sent on a connection
 that a stopped or restarted process owned, nor on one its server is about to
@@ -219,6 +220,7 @@ class UpstreamClient:
         idle = self._idle.pop(address, [])
         for connection in idle:
             _close_now(connection)
+        idle.clear()  # in place: nobody may pop a closed connection from this list
 
     def idle_connections(self, upstream: Upstream) -> int:
         """Idle pooled connections to ``upstream`` (for tests and the bench)."""
@@ -231,15 +233,15 @@ class UpstreamClient:
             self.sweep()
 
     def sweep(self) -> None:
+        """Close expired and half-closed idle connections (synchronously: no checkpoint)."""
         now = trio.current_time()
         for address, idle in list(self._idle.items()):
             keep = [c for c in idle if _reusable(c, now)]
             for connection in idle:
                 if connection not in keep:
                     _close_now(connection)
-            if keep:
-                self._idle[address] = keep
-            else:
+            idle[:] = keep  # in place: the one list per address stays the one list
+            if not idle:
                 del self._idle[address]
 
     async def send(
@@ -343,12 +345,16 @@ class UpstreamClient:
         address = (upstream.host, upstream.port)
         idle = self._idle.get(address, [])
         now = trio.current_time()
+        # No checkpoint in this loop: retire() and sweep() (other tasks) can never
+        # change the list under it, so no connection is taken twice or after a close.
         while reuse and idle:
             connection = idle.pop()
-            if _reusable(connection, now) and connection.generation == self._generation[address]:
+            if connection.generation == self._generation[address] and _reusable(connection, now):
                 connection.reused = True
                 return connection
-            await self._discard(connection)
+            _close_now(connection)
+        # Read before dialling: a retire() while we connect makes this connection old.
+        generation = self._generation[address]
         try:
             with trio.fail_after(self._connect_timeout):
                 stream: trio.abc.Stream = await trio.open_tcp_stream(upstream.host, upstream.port)
@@ -366,7 +372,7 @@ class UpstreamClient:
             raise UpstreamFailed(
                 model, f"cannot connect to {upstream.host}:{upstream.port}: {exc}"
             ) from exc
-        return _Connection(stream, self._generation[address])
+        return _Connection(stream, generation)
 
     async def _release(self, upstream: Upstream, connection: _Connection) -> None:
         address = (upstream.host, upstream.port)
@@ -390,7 +396,8 @@ class UpstreamClient:
     async def aclose(self) -> None:
         """Close every idle connection; connections in use close when their response does."""
         self._closed = True
-        for idle in self._idle.values():
+        for address in list(self._idle):  # the sweeper may still run: no live iteration
+            idle = self._idle.pop(address, [])
             while idle:
                 await self._discard(idle.pop())
 
@@ -425,6 +432,8 @@ def _still_open(stream: trio.abc.Stream) -> bool:
     inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
     if not isinstance(inner, trio.SocketStream):
         return True
+    if inner.socket.fileno() < 0:  # closed already (retired)
+        return False
     poller = select.poll()
     poller.register(inner.socket.fileno(), select.POLLIN)
     return not poller.poll(0)
