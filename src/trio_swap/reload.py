@@ -222,7 +222,6 @@ class Reloader:
             diff = diff_configs(self._config, new)
             ledger = self._router.ledger
             policy = build_policy(new, ledger)
-            sizes = estimates(new)
         except Exception as exc:  # a bug, as in _load: a failed reload, never a dead server
             log.exception("config reload failed (a bug); still serving the previous config")
             reason = f"cannot be applied (a bug in trio-swap): {type(exc).__name__}: {exc}"
@@ -247,6 +246,11 @@ class Reloader:
         # Shielded: once sent, the router applies it whether or not we still wait
         # (and fails the reply if it stops first), so wait for the real outcome.
         with trio.CancelScope(shield=True):
+            # A stat per weight file, off the event loop and bounded: a hung network
+            # mount must neither stall the server nor the reload (no estimate then).
+            sizes: dict[str, int] = {}
+            with trio.move_on_after(ESTIMATE_TIMEOUT):
+                sizes = await trio.to_thread.run_sync(estimates, new, abandon_on_cancel=True)
             await self._router.reconfigure(
                 new.models,
                 policy,
@@ -258,6 +262,10 @@ class Reloader:
                 applied=switch_http,
             )
         return diff
+
+
+#: Longest a reload waits for the sizes of the model files (fit's first estimates).
+ESTIMATE_TIMEOUT: Final = 5.0
 
 
 def _learn_config(ledger: FitLedger | None, config: Config, sizes: dict[str, int]) -> None:
