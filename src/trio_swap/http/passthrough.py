@@ -16,13 +16,34 @@ from collections.abc import Callable
 from typing import Final, final
 from urllib.parse import unquote
 
-from trio_swap.errors import BadRequest, ModelNotFound
+from trio_swap.errors import BadRequest, Forbidden, ModelNotFound
 
-__all__ = ["MAX_NAME_SEGMENTS", "PassthroughTarget", "split_passthrough"]
+__all__ = ["CONTROL_ENDPOINTS", "MAX_NAME_SEGMENTS", "PassthroughTarget", "split_passthrough"]
 
 PREFIX: Final = b"/upstream/"
 #: Most leading segments a model name may span (``peer/org/model`` spans three).
 MAX_NAME_SEGMENTS: Final = 32
+#: An upstream's own control endpoints, which only trio-swap may call: vLLM's
+#: sleep mode and weight updates (dev-only in vLLM), SGLang's memory release
+#: and weight updates. Passed through, a client could put a model to sleep
+#: behind trio-swap's back or swap its weights; they answer 403 (issue 12).
+CONTROL_ENDPOINTS: Final = frozenset(
+    {
+        "sleep",
+        "wake_up",
+        "is_sleeping",
+        "collective_rpc",
+        "reset_prefix_cache",
+        "reset_mm_cache",
+        "release_memory_occupation",
+        "resume_memory_occupation",
+        "update_weights_from_disk",
+        "update_weights_from_tensor",
+        "update_weights_from_distributed",
+        "init_weights_update_group",
+        "flush_cache",
+    }
+)
 
 
 @final
@@ -61,4 +82,20 @@ def split_passthrough(raw_path: bytes, is_model: Callable[[str], bool]) -> Passt
     pieces = (piece for segment in decoded[count:] for piece in re.split(r"[/\\]", segment))
     if any(piece in (".", "..") for piece in pieces):
         raise BadRequest("the path after /upstream/<model> may not contain '.' or '..' segments")
+    _refuse_control(decoded[count:])
     return PassthroughTarget(name, b"/" + b"/".join(rest_segments))
+
+
+def _refuse_control(decoded: list[str]) -> None:
+    """403 for an upstream control endpoint, however the path spells it.
+
+    Compared on the decoded path with empty segments dropped and case folded,
+    so ``//sleep``, ``/Sleep/``, ``/%73leep`` and ``/v1/../sleep`` (refused
+    above anyway) all count: servers normalise paths in different ways.
+    """
+    pieces = [p for segment in decoded for p in re.split(r"[/\\]", segment) if p]
+    if pieces and pieces[0].split("?")[0].casefold() in CONTROL_ENDPOINTS:
+        raise Forbidden(
+            f"/{pieces[0]} controls the model's server itself (sleep, wake, weights): "
+            "only trio-swap calls it"
+        )
