@@ -32,7 +32,7 @@ from trio_swap.errors import ModelStartFailed
 from trio_swap.upstream.cache_disk import FILE_PREFIX, CacheDisk
 from trio_swap.upstream.kvcache import GIVE_UP_AFTER, SAVE_SHARE, ModelCache
 from trio_swap.upstream.process import ModelProcess, ProcessState
-from trio_swap.upstream.slots import HttpSlotApi, Slot, SlotError, SlotFile
+from trio_swap.upstream.slots import HttpSlotApi, Slot, SlotConnectionError, SlotError, SlotFile
 
 LONG_PROMPT = " ".join(f"w{i}" for i in range(1500))
 FIRST = [{"role": "user", "content": LONG_PROMPT}]
@@ -364,7 +364,7 @@ async def test_a_hanging_save_takes_half_the_unload_timeout_and_the_stop_ends_by
 ) -> None:
     grace = 8.0
     model = msgspec.structs.replace(
-        fake_model("A", 0, unload_timeout=grace),
+        fake_model("A", 0, unload_timeout=grace, keep_cache=True),
         cmd=("fake", "A", "--slot-save-path", str(tmp_path)),
     )
     slots = _HangingSlots()
@@ -380,10 +380,7 @@ async def test_a_hanging_save_takes_half_the_unload_timeout_and_the_stop_ends_by
             slot_api=slots,
         )
         await nursery.start(process.run)
-        await process.ensure_ready()  # keepCache off: no restore on this start
-        process.reconfigure(
-            msgspec.structs.replace(model, keep_cache=True), health_check_timeout=30
-        )
+        await process.ensure_ready()  # nothing saved yet: nothing restored
         await trio.testing.wait_all_tasks_blocked()
         stop_at = trio.current_time()
         await process.stop()
@@ -451,7 +448,8 @@ async def test_a_restore_counts_as_a_use_and_a_refused_file_is_never_restored_ag
 ) -> None:
     api = _RecordingSlots()
     a, b = _cache_for("a", tmp_path, api), _cache_for("b", tmp_path, api)
-    file_a, file_b = tmp_path / a.filename(0), tmp_path / b.filename(0)
+    file_a = tmp_path / a.filename(0, await a.identify())
+    file_b = tmp_path / b.filename(0, await b.identify())
     for age, path in enumerate((file_a, file_b)):
         path.write_bytes(b"x" * 100)
         os.utime(path, (1_000_000 + age, 1_000_000 + age))  # a's file is the older
@@ -467,6 +465,11 @@ async def test_a_restore_counts_as_a_use_and_a_refused_file_is_never_restored_ag
     api.refuse = frozenset()
     await a.restore(upstream, 5.0)  # deleted first, so nothing is restored
     assert not file_a.exists() and api.restored == [file_a.name]
+
+
+def _state(process: ModelProcess) -> ProcessState:
+    """The state now (mypy keeps an attribute narrowed across an ``await``)."""
+    return process.state
 
 
 async def test_a_stop_during_the_restore_wins_and_no_request_is_told_ready(
@@ -493,7 +496,7 @@ async def test_a_stop_during_the_restore_wins_and_no_request_is_told_ready(
             await nursery.start(process.run)
             cache = process.cache
             assert cache is not None
-            (tmp_path / cache.filename(0)).write_bytes(b"saved")
+            (tmp_path / cache.filename(0, await cache.identify())).write_bytes(b"saved")
             outcome: list[BaseException | None] = []
 
             async def request() -> None:
@@ -507,8 +510,162 @@ async def test_a_stop_during_the_restore_wins_and_no_request_is_told_ready(
             await api.entered.wait()  # health passed, the restore is under way
             assert process.state is ProcessState.STARTING
             await process.stop()
-            assert process.state is ProcessState.STOPPED
+            assert _state(process) is ProcessState.STOPPED
             await wait_for(lambda: outcome, what="the waiter answered")
             assert isinstance(outcome[0], ModelStartFailed)
             assert "stopped while starting" in str(outcome[0])
             nursery.cancel_scope.cancel()
+
+
+# -- a server lost during the restore, replaced weights, saves that would be wasted ---------
+
+
+def _restoring(harness: Harness, model: str) -> bool:
+    cache = harness.server.processes[model].cache
+    return cache is not None and cache.restoring
+
+
+async def test_a_server_killed_during_the_restore_is_a_failed_start_never_ready(
+    tmp_path: Path,
+) -> None:
+    a = kept("a", tmp_path, "--slot-restore-delay=3600", unload_timeout=30.0)
+    with trio.fail_after(30):
+        async with running(make_config(a, responder_model("b"))) as harness:
+            await chat(harness, "a", FIRST)
+            await chat(harness, "b", FIRST)  # a swap: a saved
+            assert len(saved_files(tmp_path)) == 1
+            answer: list[tuple[int, str]] = []
+
+            async def request() -> None:
+                response = await harness.client.post(
+                    "/v1/chat/completions", json={"model": "a", "messages": NEXT}
+                )
+                answer.append((response.status_code, response.text))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(request)
+                await wait_for(partial(_restoring, harness, "a"), what="a's restore under way")
+                pid = harness.pid("a")
+                assert pid is not None
+                os.kill(pid, 9)
+            status, text = answer[0]
+            assert status == 503, text  # never a 502 from a dead server
+            assert "process exited before becoming ready (killed by SIGKILL)" in text
+            assert harness.server.processes["a"].state is ProcessState.STOPPED
+
+
+class _UnansweredSlots(_RecordingSlots):
+    """A restore whose connection is cut while the server lives on."""
+
+    async def restore(self, upstream: Upstream, slot: int, filename: str) -> SlotFile:
+        self.entered.set()
+        raise SlotConnectionError(f"POST /slots/{slot}?action=restore: connection reset")
+
+
+async def test_a_restore_that_lost_its_connection_checks_health_again_before_ready(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = msgspec.structs.replace(
+        fake_model("A", 0, keep_cache=True),
+        cmd=("fake", "A", "--slot-save-path", str(tmp_path)),
+    )
+    api = _UnansweredSlots()
+    with trio.fail_after(10), caplog.at_level(logging.INFO, logger="trio_swap.upstream"):
+        async with trio.open_nursery() as nursery:
+            launcher = FakeLauncher(nursery, {"A": Behaviour(ready_after=0.01)})
+            launcher.register([model])
+            process = ModelProcess(
+                model,
+                health_check_timeout=30,
+                launcher=launcher,
+                probe=launcher.probe,
+                cache_disk=CacheDisk(10**9),
+                slot_api=api,
+            )
+            await nursery.start(process.run)
+            cache = process.cache
+            assert cache is not None
+            (tmp_path / cache.filename(0, await cache.identify())).write_bytes(b"saved")
+            await process.ensure_ready()  # alive and healthy: served without the cache
+            assert api.entered.is_set() and cache.lost_connection
+            assert process.state is ProcessState.READY
+            nursery.cancel_scope.cancel()
+    assert any("checking its health again" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_cache_saved_with_other_weights_at_the_same_path_is_not_restored(
+    tmp_path: Path,
+) -> None:
+    weights = tmp_path / "model.gguf"
+    weights.write_bytes(b"old weights")
+    slots = tmp_path / "slots"
+    slots.mkdir()
+    a = kept("a", slots, files=(str(weights),))
+    with trio.fail_after(30):
+        async with running(make_config(a, responder_model("b"))) as harness:
+            await chat(harness, "a", FIRST)
+            await chat(harness, "b", FIRST)  # a swap: a saved with the old weights
+            old = saved_files(slots)
+            assert len(old) == 1
+            weights.write_bytes(b"new weights, another size")  # replaced at the same path
+            again = await chat(harness, "a", NEXT)
+            assert again["cache_n"] == 0  # not restored into the new weights
+            restores = 'trio_swap_kv_cache_restores_total{model="a",outcome="ok"}'
+            assert await metric(harness, restores) == 0
+            await chat(harness, "b", FIRST)  # saved again, under the new weights' name
+            assert len(saved_files(slots)) == 2
+            assert (await chat(harness, "a", NEXT))["cache_n"] >= FIRST_TOKENS  # restored
+
+
+async def test_a_reload_that_changes_the_command_saves_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = kept("a", tmp_path)
+    with trio.fail_after(30), caplog.at_level(logging.INFO, logger="trio_swap.upstream"):
+        async with running(make_config(a)) as harness:
+            await chat(harness, "a", FIRST)
+            changed = msgspec.structs.replace(a, cmd=(*a.cmd, "-np", "2"))
+            config = make_config(changed)
+            await harness.server.reload(config)
+            await harness.wait_for_state("a", "stopped")
+            saves = 'trio_swap_kv_cache_saves_total{model="a",outcome="ok"}'
+            assert await metric(harness, saves) == 0
+            assert saved_files(tmp_path) == []
+            await chat(harness, "a", FIRST)  # the new command
+            await chat(harness, "a", FIRST)
+            await harness.server.processes["a"].stop()  # same command: saved as before
+            assert await metric(harness, saves) == 1
+    assert any(
+        "model a: KV cache not saved: the next start runs a reload's new settings" in m
+        for m in (r.getMessage() for r in caplog.records)
+    )
+
+
+async def test_a_disk_budget_of_zero_saves_nothing(tmp_path: Path) -> None:
+    a = kept("a", tmp_path)
+    config = msgspec.structs.replace(make_config(a, responder_model("b")), cache_disk_budget=0)
+    with trio.fail_after(30):
+        async with running(config) as harness:
+            await chat(harness, "a", FIRST)
+            await chat(harness, "b", FIRST)
+            await harness.wait_for_state("a", "stopped")
+            for outcome in ("ok", "failed", "timeout"):
+                series = f'trio_swap_kv_cache_saves_total{{model="a",outcome="{outcome}"}}'
+                assert await metric(harness, series) == 0
+            assert saved_files(tmp_path) == []
+
+
+async def test_a_slot_call_the_server_hangs_up_on_says_so() -> None:
+    async def hang_up(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.receive_some(65536)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, hang_up, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        with pytest.raises(
+            SlotConnectionError,
+            match=r"^GET /slots: the server closed the connection before answering$",
+        ):
+            await HttpSlotApi().slots(Upstream(f"http://127.0.0.1:{port}"))
+        nursery.cancel_scope.cancel()

@@ -14,9 +14,13 @@ tokens reused from the cache). llama.cpp has restores that succeed and reuse
 nothing; after :data:`GIVE_UP_AFTER` restores in a row that bought nothing,
 the model's slots are no longer saved or restored, and the log says why.
 
-Files are named per model *and command* (:func:`~trio_swap.fit.ledger.fingerprint`:
-a cache saved by one ``cmd`` is never restored into another), so trio-swap
-finds them again after its own restart. :class:`CacheDisk` keeps every
+Files are named per model, *command* (:func:`~trio_swap.fit.ledger.fingerprint`)
+*and weights* (each weight file's device, inode, size and modification time,
+read in a worker thread after the health check): a cache saved by one
+``cmd``, or by the weights a file held before it was replaced, is never
+restored into another, and trio-swap finds the files again after its own
+restart. A stop whose next start runs another command (a reload's) saves
+nothing, and neither does any stop while ``cacheDiskBudget`` is 0. :class:`CacheDisk` keeps every
 model's files within ``cacheDiskBudget``, deleting the least recently used
 (saved or restored) first.
 
@@ -39,12 +43,19 @@ import msgspec
 import trio
 
 from trio_swap.config.address import Upstream
+from trio_swap.config.files import weight_files
 from trio_swap.config.kvcache import flag_value, slot_save_path
 from trio_swap.config.model import ModelConfig
 from trio_swap.config.sizes import format_size
 from trio_swap.fit.ledger import fingerprint
 from trio_swap.upstream.cache_disk import FILE_PREFIX, FILE_SUFFIX, CacheDisk, CacheHooks, Outcome
-from trio_swap.upstream.slots import HttpSlotApi, SlotApi, SlotError, SlotFile
+from trio_swap.upstream.slots import (
+    HttpSlotApi,
+    SlotApi,
+    SlotConnectionError,
+    SlotError,
+    SlotFile,
+)
 
 __all__ = ["GIVE_UP_AFTER", "SAVE_SHARE", "ModelCache"]
 
@@ -100,8 +111,17 @@ class ModelCache:
         self._keep = False
         #: The server's --slot-save-path, absolute; None: not set (keepCache refused).
         self.directory: str | None = None
-        #: File name stem shared by this model's files, for this command.
-        self._stem = ""
+        #: Hash of the id, command and weight paths: the settings part of the file names.
+        self._key = ""
+        #: The weight files whose identity the file names carry.
+        self._weights: tuple[str, ...] = ()
+        #: The running server's file name stem (its weights as its health check
+        #: passed); None: not read for this server yet.
+        self._server_stem: str | None = None
+        #: The last restore's slot calls got no answer (the server may be gone).
+        self.lost_connection = False
+        #: A restore is under way (for views and tests).
+        self.restoring = False
         #: Restores in a row that bought nothing, and why (for the give-up message).
         self._misses: list[str] = []
         #: Given up on this command (GIVE_UP_AFTER misses): no more saves or restores.
@@ -125,15 +145,18 @@ class ModelCache:
         server may restore where the old one did not.
         """
         directory = slot_save_path(model.cmd)
-        stem = _stem(model)
-        if stem != self._stem or (model.keep_cache and not self._keep):
+        key = _key(model)
+        if key != self._key:
+            self._server_stem = None  # a new command: read its weights at its start
+        if key != self._key or (model.keep_cache and not self._keep):
             if self.given_up:
                 self._hooks.cache_off(self.model_id, False)
             self.given_up = False
             self._misses.clear()
             self._check = None
         self._keep = model.keep_cache
-        self._stem = stem
+        self._key = key
+        self._weights = weight_files(model)
         self.directory = os.path.abspath(directory) if directory is not None else None
         if self._fixed_api is None:
             self._api = HttpSlotApi(_api_key(model))
@@ -150,9 +173,29 @@ class ModelCache:
         """A restore waits for the next response's ``timings`` to say what it bought."""
         return self._check is not None
 
-    def filename(self, slot: int) -> str:
+    def restored_by(self, model: ModelConfig) -> bool:
+        """A server started with ``model`` (a reload's pending settings) would restore
+        what this one saves: keepCache still on, same command, weights and directory."""
+        directory = slot_save_path(model.cmd)
+        return (
+            model.keep_cache
+            and _key(model) == self._key
+            and directory is not None
+            and os.path.abspath(directory) == self.directory
+        )
+
+    def server_started(self) -> None:
+        """A new server passed its health check: its weights are read by the restore
+        (or, with keepCache off at its start, by its save)."""
+        self._server_stem = None
+
+    async def identify(self) -> str:
+        """The file name stem for the weights on disk now (read in a worker thread)."""
+        return await trio.to_thread.run_sync(_stem, self.model_id, self._key, self._weights)
+
+    def filename(self, slot: int, stem: str) -> str:
         """The file name (no directory: llama-server refuses a ``/``) for ``slot``."""
-        return f"{self._stem}{slot}{FILE_SUFFIX}"
+        return f"{stem}{slot}{FILE_SUFFIX}"
 
     # -- before the stop signal ----------------------------------------------------------
 
@@ -161,11 +204,17 @@ class ModelCache:
         (but for cancellation): what fails or runs out of time is logged and counted."""
         if not self.active:
             return
+        if self._disk.budget == 0:  # it would be deleted at once
+            log.info("model %s: KV cache not saved: cacheDiskBudget is 0", self.model_id)
+            return
         started = trio.current_time()
         saved: list[SlotFile] = []
         # The file of the save in flight: half-written if the limit cuts it.
         writing: str | None = None
         with trio.move_on_after(limit) as scope:
+            if self._server_stem is None:  # keepCache was off when this server started
+                self._server_stem = await self.identify()
+            stem = self._server_stem
             try:
                 slots = await self._api.slots(upstream)
             except SlotError as exc:
@@ -175,7 +224,7 @@ class ModelCache:
             for slot in slots:
                 if not slot.holds_prompt:
                     continue
-                name = writing = self.filename(slot.id)
+                name = writing = self.filename(slot.id, stem)
                 try:
                     file = await self._api.save(upstream, slot.id, name)
                 except SlotError as exc:
@@ -223,15 +272,26 @@ class ModelCache:
         """Restore this model's saved slots, for at most ``limit`` seconds. Never raises
         (but for cancellation); the model is served with whatever was restored."""
         self._check = None
+        self.lost_connection = False
         if not self.active or self.directory is None:
             return
+        self.restoring = True
+        try:
+            await self._restore(upstream, limit, self.directory)
+        finally:
+            self.restoring = False
+
+    async def _restore(self, upstream: Upstream, limit: float, directory: str) -> None:
         started = trio.current_time()
-        directory, suspect = self.directory, frozenset(self._suspect)
+        suspect = frozenset(self._suspect)
         restored: list[tuple[_Saved, SlotFile]] = []
         errors: list[str] = []
         files: list[_Saved] = []
         with trio.move_on_after(limit) as scope:
-            files = await trio.to_thread.run_sync(_prepare, directory, self._stem, suspect)
+            stem, files = await trio.to_thread.run_sync(
+                _prepare, directory, self.model_id, self._key, self._weights, suspect
+            )
+            self._server_stem = stem
             self._suspect.clear()  # deleted by _prepare (or gone already)
             for saved in files:
                 try:
@@ -239,6 +299,8 @@ class ModelCache:
                         upstream, saved.slot, os.path.basename(saved.path)
                     )
                 except SlotError as exc:
+                    if isinstance(exc, SlotConnectionError):
+                        self.lost_connection = True
                     errors.append(str(exc))
                     self._suspect.add(os.path.basename(saved.path))
                     self._hooks.slot_restored(self.model_id, Outcome.FAILED, 0)
@@ -316,15 +378,35 @@ class ModelCache:
 # -- file names and the file system (worker threads) ---------------------------------------
 
 
-def _stem(model: ModelConfig) -> str:
-    """``trio-swap-kv.<id, made safe>.<hash of id and command>.slot``."""
+def _key(model: ModelConfig) -> str:
+    """A hash of the id, the command (:func:`fingerprint`) and the weight paths. No I/O."""
     try:
         port: int | None = Upstream(model.proxy).port
     except ValueError:
         port = None
-    key = hashlib.sha256(f"{model.id}\0{fingerprint(model, port)}".encode()).hexdigest()[:12]
-    safe = _UNSAFE.sub("_", model.id)[:60]
-    return f"{FILE_PREFIX}{safe}.{key}.slot"
+    text = msgspec.json.encode([model.id, fingerprint(model, port), weight_files(model)])
+    return hashlib.sha256(text).hexdigest()
+
+
+def _stem(model_id: str, key: str, weights: tuple[str, ...]) -> str:
+    """``trio-swap-kv.<id, made safe>.<hash of key and weights>.slot`` (stats: a worker thread).
+
+    Each weight file counts by ``(st_dev, st_ino, st_size, st_mtime_ns)``: one
+    replaced at the same path (a new download, a re-quantisation) names other
+    files, so a cache computed with the old weights is never restored into
+    the new ones. A file that cannot be read counts as missing.
+    """
+    identity: list[object] = [key]
+    for path in weights:
+        try:
+            info = os.stat(path)
+        except OSError:
+            identity.append(None)
+            continue
+        identity.append([info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns])
+    digest = hashlib.sha256(msgspec.json.encode(identity)).hexdigest()[:12]
+    safe = _UNSAFE.sub("_", model_id)[:60]
+    return f"{FILE_PREFIX}{safe}.{digest}.slot"
 
 
 def _api_key(model: ModelConfig) -> str:
@@ -336,8 +418,12 @@ def _api_key(model: ModelConfig) -> str:
     return key.split(",", 1)[0].strip()
 
 
-def _prepare(directory: str, stem: str, suspect: frozenset[str]) -> list[_Saved]:
-    """Delete the suspect files, then list this model's saved slots (by slot number)."""
+def _prepare(
+    directory: str, model_id: str, key: str, weights: tuple[str, ...], suspect: frozenset[str]
+) -> tuple[str, list[_Saved]]:
+    """Read the weights' identity (the file name stem), delete the suspect files, then
+    list this model's saved slots (by slot number)."""
+    stem = _stem(model_id, key, weights)
     for name in suspect:
         try:
             os.unlink(os.path.join(directory, name))
@@ -350,7 +436,7 @@ def _prepare(directory: str, stem: str, suspect: frozenset[str]) -> list[_Saved]
         entries = list(os.scandir(directory))
     except OSError as exc:
         log.warning("KV cache: cannot list %s: %s", directory, exc)
-        return found
+        return stem, found
     for entry in entries:
         name = entry.name
         if not (name.startswith(stem) and name.endswith(FILE_SUFFIX)):
@@ -364,7 +450,7 @@ def _prepare(directory: str, stem: str, suspect: frozenset[str]) -> list[_Saved]
             continue
         if size > 0:
             found.append(_Saved(slot=int(number), path=entry.path, bytes=size))
-    return sorted(found, key=lambda saved: saved.slot)
+    return stem, sorted(found, key=lambda saved: saved.slot)
 
 
 def _touch(paths: list[str]) -> None:

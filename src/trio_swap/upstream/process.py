@@ -10,6 +10,7 @@ State transitions (the ``_handle`` and ``_run_once`` code marks them)::
 
     STOPPED  --ensure_ready-->  STARTING  --health 200 (then slots restored)-->  READY
     STARTING --exit/timeout-->  STOPPED   (waiters get ModelStartFailed with the log tail)
+        (an exit during the slot restore too: READY needs a live server, see below)
     STARTING --stop-->          STOPPING  (waiters get ModelStartFailed "stopped while starting")
     READY    --stop-->          STOPPING  (slots saved, then the signal)  --exit-->  STOPPED
     READY    --exit-->          STOPPING at once, then STOPPED (a crash; no restart)
@@ -38,7 +39,12 @@ grace period, which the signal's grace then shrinks by, so a stop still ends
 by ``unloadTimeout``; after the next start's health check passes, still
 STARTING (so no request is forwarded yet), they are restored, racing the
 process's exit and a stop order like the health check does. Neither can fail
-a start or a stop.
+a start or a stop by itself, but a server that dies during the restore is
+never declared READY: an exit seen when the restore ends is an exit before
+ready, and a restore whose slot calls got no answer has the health check run
+again (racing exit, stop and ``healthCheckTimeout``) before READY. A stop
+whose next start runs a reload's other command saves nothing (that command
+would never restore it).
 """
 
 from __future__ import annotations
@@ -419,9 +425,12 @@ class ModelProcess:
         return end
 
     async def _supervise(self, child: ChildProcess, started: float) -> _LifeEnd:
-        outcome = await self._wait_ready(child, started)
-        if outcome is _Waited.READY and self._cache is not None and self._cache.active:
-            outcome = await self._restore_cache(child)  # still STARTING: nothing forwarded yet
+        outcome = await self._wait_ready(child, started + self.health_check_timeout)
+        rechecked = False  # the health check ran again after a restore lost the server
+        if outcome is _Waited.READY and self._cache is not None:
+            self._cache.server_started()
+            if self._cache.active:  # still STARTING: nothing forwarded yet
+                outcome, rechecked = await self._restore_cache(child)
         if outcome is _Waited.READY and self._stop_order.given.is_set():
             # The probe won the race in the same instant a stop arrived: the stop
             # already failed the waiters and set STOPPING; it is a stop, not a start.
@@ -465,11 +474,17 @@ class ModelProcess:
             tail = self.log.tail_since(self._since, ERROR_TAIL_LINES)
             self._hooks.start_failed(self.model.id)
             await self._terminate(child, ABANDON_GRACE, "health check timed out")
-            self._fail_ready_waiters(
-                f"not ready after {self.health_check_timeout:g}s "
-                f"(healthCheckTimeout; GET {self._health_url()} never returned 200)",
-                tail,
-            )
+            if rechecked:
+                why = (
+                    f"no answer to GET {self._health_url()} within {self.health_check_timeout:g}s "
+                    "(healthCheckTimeout) after it stopped answering during the KV cache restore"
+                )
+            else:
+                why = (
+                    f"not ready after {self.health_check_timeout:g}s "
+                    f"(healthCheckTimeout; GET {self._health_url()} never returned 200)"
+                )
+            self._fail_ready_waiters(why, tail)
             return _LifeEnd.FAILED
         # _Waited.STOP: STARTING or READY -> STOPPING
         grace = self._stop_order.grace
@@ -478,10 +493,16 @@ class ModelProcess:
         await self._terminate(child, grace, self._stop_order.reason.description)
         return _LifeEnd.STOPPED if reached_ready else _LifeEnd.FAILED
 
-    async def _restore_cache(self, child: ChildProcess) -> _Waited:
+    async def _restore_cache(self, child: ChildProcess) -> tuple[_Waited, bool]:
         """keepCache: the saved slots back into the new server, for at most ``unloadTimeout``
         (a save had half of it). An exit or a stop order meanwhile ends it, as in
-        :meth:`_wait_ready`; a failed restore is logged and the model served anyway."""
+        :meth:`_wait_ready`; a failed restore is logged and the model served anyway.
+
+        Returns the outcome and whether the health check ran again. The restore
+        never raises, so a server killed mid-restore ends it at once, before the
+        exit is reaped: READY only if the process has not exited and, when a slot
+        call got no answer, a health check passes again first.
+        """
         cache = self._cache
         assert cache is not None
         limit = self.model.unload_timeout
@@ -490,13 +511,25 @@ class ModelProcess:
         async def restore() -> None:
             await cache.restore(upstream, limit)
 
-        return await race(
+        outcome = await race(
             {
                 _Waited.READY: restore,
                 _Waited.EXITED: child.exited.wait,
                 _Waited.STOP: self._stop_order.given.wait,
             }
         )
+        if outcome is not _Waited.READY:
+            return outcome, False
+        if child.exited.is_set() or child.returncode is not None:
+            return _Waited.EXITED, False
+        if not cache.lost_connection:
+            return outcome, False
+        log.info(
+            "model %s: a KV cache restore call got no answer; checking its health again",
+            self.model.id,
+        )
+        deadline = trio.current_time() + self.health_check_timeout
+        return await self._wait_ready(child, deadline), True
 
     async def _save_cache(self) -> float:
         """keepCache: save the ready server's slots before the signal, for at most
@@ -506,14 +539,21 @@ class ModelProcess:
         order = self._stop_order
         if cache is None or not cache.active or order.reason is StopReason.LEFT_CONFIG:
             return 0.0
+        if self._next_model is not None and not cache.restored_by(self._next_model):
+            log.info(
+                "model %s: KV cache not saved: the next start runs a reload's new settings, "
+                "which would not restore it",
+                self.model.id,
+            )
+            return 0.0
         started = trio.current_time()
         await cache.save(self.upstream, order.grace * SAVE_SHARE)
         return trio.current_time() - started
 
-    async def _wait_ready(self, child: ChildProcess, started: float) -> _Waited:
+    async def _wait_ready(self, child: ChildProcess, deadline: float) -> _Waited:
+        """The health check until 200, racing the exit, a stop order and ``deadline``."""
         if self.model.check_endpoint is None:
             return _Waited.READY
-        deadline = started + self.health_check_timeout
 
         async def timeout() -> None:
             await trio.sleep_until(deadline)

@@ -30,7 +30,7 @@ import trio
 
 from trio_swap.config.address import Upstream
 
-__all__ = ["HttpSlotApi", "Slot", "SlotApi", "SlotError", "SlotFile"]
+__all__ = ["HttpSlotApi", "Slot", "SlotApi", "SlotConnectionError", "SlotError", "SlotFile"]
 
 _READ_SIZE: Final = 64 * 1024
 #: A /slots answer bigger than this is not a slot list (each slot is ~2 KB of JSON).
@@ -42,6 +42,14 @@ class SlotError(Exception):
     """A slot call failed: refused, cut, timed out at the HTTP level, or answered an error.
 
     ``str()`` is one line for the log: the status and the server's own message.
+    """
+
+
+class SlotConnectionError(SlotError):
+    """A slot call got no answer: refused, reset, or closed before the answer ended.
+
+    Unlike an error answer, this can mean the server is gone: a restore that
+    meets it has the server's health checked again before it is called ready.
     """
 
 
@@ -169,8 +177,10 @@ class HttpSlotApi:
         what = f"{method.decode()} {path.decode()}"
         try:
             status, answer = await self._exchange(upstream, method, path, body)
+        except _Closed as exc:
+            raise SlotConnectionError(f"{what}: {exc}") from None
         except (OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
-            raise SlotError(f"{what}: {exc or type(exc).__name__}") from None
+            raise SlotConnectionError(f"{what}: {exc or type(exc).__name__}") from None
         if status != 200:
             raise SlotError(f"{what}: {status} {_error_message(answer)}".rstrip())
         return answer
@@ -202,14 +212,26 @@ class HttpSlotApi:
             return await _read_response(conn, stream)
 
 
+class _Closed(Exception):
+    """The server closed the connection before its answer ended (h11's words are
+    about its own states: "can't handle event type ConnectionClosed ...")."""
+
+
 async def _read_response(conn: h11.Connection, stream: trio.abc.Stream) -> tuple[int, bytes]:
     status = 0
     chunks: list[bytes] = []
     size = 0
+    ended = False
     while True:
-        event = conn.next_event()
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError:
+            if not ended:
+                raise
+            event = h11.ConnectionClosed()
         if event is h11.NEED_DATA:
             data = await stream.receive_some(_READ_SIZE)
+            ended = not data
             conn.receive_data(bytes(data))  # b"" is the end of the stream
         elif isinstance(event, h11.Response):
             status = event.status_code
@@ -221,7 +243,8 @@ async def _read_response(conn: h11.Connection, stream: trio.abc.Stream) -> tuple
         elif isinstance(event, h11.EndOfMessage):
             return status, b"".join(chunks)
         elif isinstance(event, h11.ConnectionClosed):
-            raise h11.RemoteProtocolError("the server closed the connection mid-answer")
+            when = "mid-answer" if status else "before answering"
+            raise _Closed(f"the server closed the connection {when}")
 
 
 def _slot(raw: _RawSlot, numbered: bool) -> Slot:
