@@ -7,7 +7,11 @@ with ``POSIX_FADV_RANDOM`` so the kernel's own read-ahead adds nothing.
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -91,7 +95,60 @@ def test_odd_paths_are_not_errors(tmp_path: Path) -> None:
     assert file_size(str(empty)) == 0
 
 
-def test_warm_reads_the_whole_file_and_skips_what_is_cached(weights: Path) -> None:
+def within_a_thread(call: Callable[[], object]) -> object:
+    """``call()`` in a daemon thread; fails (instead of hanging the run) if it blocks."""
+    results: list[object] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            results.append(call())
+        except BaseException as exc:  # re-raised in the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout=30)  # a hang guard: each call returns at once
+    assert not thread.is_alive(), "blocked"
+    if errors:
+        raise errors[0]
+    return results[0]
+
+
+def test_a_fifo_or_a_device_is_never_opened_in_a_blocking_way(tmp_path: Path) -> None:
+    """A plain ``open(O_RDONLY)`` of a FIFO waits for a writer forever."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for path in (str(fifo), "/dev/zero"):
+        assert file_size(path) is None
+        assert within_a_thread(partial(resident_bytes, path)) == 0
+        within_a_thread(partial(drop, path))
+        result = within_a_thread(partial(warm, path, stop=lambda: False, limit=MIB))
+        assert isinstance(result, pagecache.WarmResult)
+        assert result.read == 0
+        assert result.reason == "error: [Errno 22] not a regular file: " + repr(path)
+        with pytest.raises(OSError, match="not a regular file"):
+            within_a_thread(partial(pagecache.open_regular, path))
+    # Nothing holds the FIFO open for reading now (a writer's non-blocking open says so).
+    with pytest.raises(OSError) as excinfo:
+        os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    assert excinfo.value.errno == errno.ENXIO
+
+
+@pytest.fixture(params=["cachestat", "mincore"])
+def snapshot_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Runs a test with each way of finding the cached blocks (cachestat where it exists)."""
+    if request.param == "cachestat":
+        if not pagecache._cachestat_works():
+            pytest.skip("this kernel has no cachestat (before Linux 6.5)")
+    else:
+        monkeypatch.setattr(pagecache, "_cachestat_works", lambda: False)
+    yield request.param
+
+
+def test_warm_reads_the_whole_file_and_skips_what_is_cached(
+    weights: Path, snapshot_by: str
+) -> None:
     path = str(weights)
     size = 8 * MIB + 100
     read_without_readahead(weights, 0, 2 * MIB)  # the first two blocks are cached
@@ -113,6 +170,23 @@ def test_warm_stops_between_blocks(weights: Path) -> None:
 
     result = warm(str(weights), stop=stop, limit=1 << 40, block=MIB, skip_resident=False)
     assert (result.reason, result.read) == ("stopped", 2 * MIB)
+
+
+def test_the_first_look_at_the_cache_stops_between_windows(
+    tmp_path: Path, snapshot_by: str
+) -> None:
+    """A huge sparse file: the snapshot before the read is stoppable (one window at most)."""
+    path = tmp_path / "sparse.gguf"
+    with path.open("wb") as file:
+        file.truncate(3 * pagecache.WINDOW + 5)
+    asked: list[int] = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) > 1  # after the first window
+
+    result = warm(str(path), stop=stop, limit=1 << 40)
+    assert (result.reason, result.read, len(asked)) == ("stopped", 0, 2)
 
 
 def test_warm_never_reads_past_its_limit(weights: Path) -> None:

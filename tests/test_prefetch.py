@@ -36,6 +36,7 @@ from trio_swap.upstream.prefetch import (
     choose,
     rank,
     room,
+    running_files,
 )
 from trio_swap.upstream.process import ModelProcess, ProcessState
 
@@ -193,6 +194,45 @@ async def test_pausing_stops_a_read_and_resumes_when_the_load_ends(tmp_path: Pat
             await wait_for(called.is_set, what="the read to resume once b is ready")
             nursery.cancel_scope.cancel()  # shutdown stops the held read too
     assert reads == [path, path]
+
+
+async def test_shutdown_does_not_wait_for_a_read_stuck_in_the_kernel(tmp_path: Path) -> None:
+    """The round's worker thread is abandoned at shutdown (a network disk that stopped
+    answering); once it returns, its report is dropped."""
+    path = str(dropped(write_file(tmp_path / "a.gguf", 2 * MIB)))
+    called = threading.Event()
+    release = threading.Event()
+    returned = threading.Event()
+
+    def stuck(path: str, *, stop: Callable[[], bool], limit: int) -> WarmResult:
+        called.set()
+        release.wait()
+        returned.set()
+        return WarmResult(0, 0, "stopped" if stop() else "done")
+
+    prefetcher = Prefetcher(
+        table(FakeProcess(model("a", path))), PrefetchConfig, memory=lambda: 1 << 40, warmer=stuck
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(prefetcher.run)
+            await wait_for(called.is_set, what="the read to begin")
+            nursery.cancel_scope.cancel()
+        assert not returned.is_set()  # shut down while the read still hangs
+        release.set()
+        await wait_for(returned.is_set, what="the worker thread to end")
+        await trio.testing.wait_all_tasks_blocked()
+    assert prefetcher.last is None
+
+
+def test_running_files_are_those_of_every_model_not_stopped() -> None:
+    processes = table(
+        FakeProcess(model("a", "/m/a", "/m/shared"), ProcessState.READY),
+        FakeProcess(model("b", "/m/b"), ProcessState.STARTING),
+        FakeProcess(model("c", "/m/shared", "/m/c"), ProcessState.READY),
+        FakeProcess(model("d", "/m/d")),
+    )
+    assert running_files(processes()) == ["/m/a", "/m/shared", "/m/b", "/m/c"]
 
 
 async def test_prefetch_false_reads_nothing(tmp_path: Path) -> None:

@@ -19,7 +19,9 @@ files, never beyond the budget, so running models keep theirs.
 **Pausing.** It is a :class:`~trio_swap.observe.hooks.ProcessHooks`: when a
 process starts, a flag stops the current read within one block and nothing is
 read until no model is starting (a load needs the disk to itself, and its own
-read-ahead reads what it needs).
+read-ahead reads what it needs). At shutdown the worker thread is abandoned
+(a read stuck on a network file system cannot hold it up); the flag ends it
+at its next block and it changes nothing (its report is dropped).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Final, NamedTuple, final
 
 import trio
 
-from trio_swap.config.files import weight_files
+from trio_swap.config.files import files_bytes, weight_files
 from trio_swap.config.model import PrefetchConfig
 from trio_swap.config.sizes import format_size
 from trio_swap.fit.ledger import DEFAULT_LOAD_SECONDS, FitLedger
@@ -51,6 +53,7 @@ __all__ = [
     "choose",
     "rank",
     "room",
+    "running_files",
 ]
 
 log = logging.getLogger("trio_swap.upstream")
@@ -67,6 +70,19 @@ class Candidate(NamedTuple):
 
     model: str
     files: tuple[str, ...]
+
+
+def running_files(processes: Mapping[str, ModelProcess]) -> list[str]:
+    """The files of every model whose process is not stopped (once each, in table order).
+
+    What neither prefetching nor a read-ahead may evict (and what they leave out
+    of their room).
+    """
+    running: dict[str, None] = {}
+    for process in processes.values():
+        if process.state is not ProcessState.STOPPED:
+            running.update(dict.fromkeys(weight_files(process.model)))
+    return list(running)
 
 
 def rank(candidates: Iterable[Candidate], ledger: FitLedger | None) -> list[Candidate]:
@@ -92,7 +108,11 @@ def rank(candidates: Iterable[Candidate], ledger: FitLedger | None) -> list[Cand
 
 
 def room(available: int | None, running_bytes: int, budget: int | None) -> int:
-    """Bytes prefetched files may fill: ``budget`` (or the default share), within the room."""
+    """Bytes prefetched files may fill: ``budget`` (or the default share), within the room.
+
+    The room is MemAvailable minus the running models' files, as for the
+    read-ahead (:func:`~trio_swap.upstream.readahead.room_beside`).
+    """
     if available is None:
         return 0
     free = max(0, available - running_bytes)
@@ -218,8 +238,8 @@ class Prefetcher(ProcessHooks):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Prefetch while idle, a round every ``recheck`` seconds, until cancelled.
 
-        Cancelling stops a read in progress within one block (a flag, not an
-        abandoned thread).
+        Cancelling returns at once; the flag stops the (abandoned) worker thread's
+        read within one block.
         """
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._rounds)
@@ -244,19 +264,20 @@ class Prefetcher(ProcessHooks):
     def candidates(self) -> tuple[list[Candidate], list[str]]:
         """(the stopped models' candidates in rank order, the running models' files)."""
         stopped: list[Candidate] = []
-        running: dict[str, None] = {}
-        for model_id, process in self._processes().items():
+        processes = self._processes()
+        for model_id, process in processes.items():
             files = weight_files(process.model)
-            if process.state is not ProcessState.STOPPED:
-                running.update(dict.fromkeys(files))
-            elif process.model.prefetch and files:
+            if process.state is ProcessState.STOPPED and process.model.prefetch and files:
                 stopped.append(Candidate(model_id, files))
-        return rank(stopped, self._ledger()), list(running)
+        return rank(stopped, self._ledger()), running_files(processes)
 
     async def _round(self, settings: PrefetchConfig) -> None:
         ranked, running = self.candidates()
         ranked = [Candidate(c.model, tuple(p for p in c.files if p not in running)) for c in ranked]
-        report = await trio.to_thread.run_sync(self._warm_round, ranked, running, settings.budget)
+        # Abandoned on cancel: _closing is set first (run()), and _warm_round only reads.
+        report = await trio.to_thread.run_sync(
+            self._warm_round, ranked, running, settings.budget, abandon_on_cancel=True
+        )
         self.last = report
         if self._residency is not None:
             self._residency.update(report.measured)
@@ -273,7 +294,7 @@ class Prefetcher(ProcessHooks):
         self, ranked: list[Candidate], running: list[str], budget: int | None
     ) -> RoundReport:
         """In a worker thread: measure, choose, read; stop at once when flagged."""
-        running_bytes = sum(file_size(path) or 0 for path in running)
+        running_bytes = files_bytes(running)
         allowed = room(self._memory(), running_bytes, budget)
         sizes = {path: file_size(path) for c in ranked for path in c.files}
         chosen = choose(ranked, sizes, allowed)

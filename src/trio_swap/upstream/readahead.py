@@ -9,10 +9,22 @@ full sequential speed and turns the server's later reads into memory copies
 model's files (:func:`~trio_swap.config.files.weight_files`) in a worker
 thread, and it stops as soon as the model is ready, fails, or is stopped
 (within one :data:`~trio_swap.upstream.pagecache.BLOCK`: the hook sets a
-flag the thread checks between blocks). It never reads more new bytes than
-:data:`MEMORY_SHARE` of ``MemAvailable`` at the start, since more would only
-evict what it read first, and it never blocks the router: the hooks only
-start and flag tasks.
+flag the thread checks between blocks). It never blocks the router: the
+hooks only start and flag tasks.
+
+**Memory bound.** It reads at most :data:`MEMORY_SHARE` of the room
+(:func:`room_beside`): ``MemAvailable`` at the start minus the size of the
+other running models' files, the same room idle prefetching uses.
+MemAvailable counts cached file pages as available, a running model's
+mmapped weights among them; a read filling all of it would evict those
+(models run together in groups or when they fit by memory), and more than
+the room would only evict what it read first.
+
+**Odd paths.** Only regular files are read (a FIFO or a device in ``files:``
+is skipped; :func:`~trio_swap.upstream.pagecache.open_regular` never blocks).
+Shutdown does not wait for a worker thread stuck in a read (a network file
+system that stopped answering): the thread is abandoned, its flag is set so
+it ends at its next block, and it touches nothing but its own job.
 """
 
 from __future__ import annotations
@@ -20,11 +32,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final, final
 
 import trio
 
+from trio_swap.config.files import files_bytes
 from trio_swap.config.sizes import format_size
 from trio_swap.observe.hooks import ProcessHooks
 from trio_swap.reasons import StopReason
@@ -32,11 +45,12 @@ from trio_swap.upstream.footprint import system_memory
 from trio_swap.upstream.pagecache import WarmResult, file_size, warm
 from trio_swap.upstream.residency import FileResidency, Measured, measure
 
-__all__ = ["MEMORY_SHARE", "ReadAhead", "ReadAheadResult", "Warmer"]
+__all__ = ["MEMORY_SHARE", "ReadAhead", "ReadAheadResult", "Warmer", "room_beside"]
 
 log = logging.getLogger("trio_swap.upstream")
 
-#: The most a read-ahead reads from disk, as a share of MemAvailable when it starts.
+#: The most a read-ahead reads from disk, as a share of the room when it starts
+#: (:func:`room_beside`: MemAvailable minus the other running models' files).
 MEMORY_SHARE: Final = 0.9
 
 #: :func:`~trio_swap.upstream.pagecache.warm`'s signature: the seam tests replace.
@@ -45,6 +59,18 @@ Warmer = Callable[..., WarmResult]
 
 def _mem_available() -> int | None:
     return system_memory().get("ram_available")
+
+
+def room_beside(available: int | None, running: Iterable[str]) -> int:
+    """Bytes new page cache may take without evicting the running models' files.
+
+    ``MemAvailable`` minus the size of the ``running`` files (each counted once);
+    0 when MemAvailable is unknown. Read-ahead and idle prefetching both start
+    from it.
+    """
+    if available is None:
+        return 0
+    return max(0, available - files_bytes(running))
 
 
 @final
@@ -91,7 +117,9 @@ class ReadAhead(ProcessHooks):
     """Process hooks that read a model's files ahead while it starts.
 
     ``files_of(model)`` gives the files to read for a model about to start
-    (empty: none, e.g. ``prefetch: false``). :meth:`run` must be running (in
+    (empty: none, e.g. ``prefetch: false``). ``running_files()`` gives the
+    files of every model not stopped (its own included: they are left out),
+    which the read must not evict. :meth:`run` must be running (in
     the supervisors nursery) for reads to happen; a start before that is not
     read ahead. ``residency``, when given, is told the files' residency after
     each read, so the model rows show it without waiting for their refresh.
@@ -101,12 +129,14 @@ class ReadAhead(ProcessHooks):
         self,
         files_of: Callable[[str], Sequence[str]],
         *,
+        running_files: Callable[[], Iterable[str]] = tuple,
         memory: Callable[[], int | None] = _mem_available,
         warmer: Warmer = warm,
         residency: FileResidency | None = None,
     ) -> None:
         self._files_of = files_of
         self._residency = residency
+        self._running_files = running_files
         self._memory = memory
         self._warm = warmer
         self._nursery: trio.Nursery | None = None
@@ -164,9 +194,15 @@ class ReadAhead(ProcessHooks):
 
     async def _read(self, job: _Job) -> None:
         started = time.monotonic()
+        own = set(job.files)
+        others = [path for path in dict.fromkeys(self._running_files()) if path not in own]
         try:
-            # Not abandoned on cancel: the flag (set by a hook or by run()) ends it.
-            size, read, why, measured = await trio.to_thread.run_sync(self._read_files, job)
+            # Abandoned on cancel (shutdown), so a read stuck in the kernel cannot hold
+            # it up; run() has set the flag, so the thread ends at its next block, and
+            # it changes nothing outside its job (its result is dropped).
+            size, read, why, measured = await trio.to_thread.run_sync(
+                self._read_files, job, others, abandon_on_cancel=True
+            )
         finally:
             if self._jobs.get(job.model) is job:
                 del self._jobs[job.model]
@@ -185,21 +221,28 @@ class ReadAhead(ProcessHooks):
         finished, self.finished = self.finished, trio.Event()
         finished.set()
 
-    def _read_files(self, job: _Job) -> tuple[int, int, str, dict[str, Measured]]:
-        """In a worker thread: each file in turn, within the memory bound."""
-        available = self._memory()
-        allowed = int(available * MEMORY_SHARE) if available is not None else 0
-        size = sum(file_size(path) or 0 for path in job.files)
+    def _read_files(
+        self, job: _Job, others: Sequence[str]
+    ) -> tuple[int, int, str, dict[str, Measured]]:
+        """In a worker thread: each regular file in turn, within the memory bound."""
+        allowed = int(room_beside(self._memory(), others) * MEMORY_SHARE)
+        sizes = {path: file_size(path) for path in job.files}
+        size = sum(known or 0 for known in sizes.values())
         read = 0
         why = "read"
         for path in job.files:
+            if sizes[path] is None:  # missing, a directory, a FIFO, a device: never opened
+                continue
             result = self._warm(path, stop=job.flag.is_set, limit=allowed - read)
             read += result.read
             if result.reason == "stopped":
                 why = job.why or "stopped"
                 break
             if result.reason == "limit":
-                why = f"limit: {MEMORY_SHARE:.0%} of MemAvailable ({format_size(allowed)})"
+                why = (
+                    f"limit: {MEMORY_SHARE:.0%} of MemAvailable beside the running models "
+                    f"({format_size(allowed)})"
+                )
                 break
             if result.reason.startswith("error"):
                 log.debug("model %s: read-ahead of %s: %s", job.model, path, result.reason)

@@ -80,7 +80,9 @@ class FileResidency:
     async def refresh(self) -> None:
         """Measure every current file now (in a worker thread)."""
         paths = list(dict.fromkeys(self._paths()))
-        measured = await trio.to_thread.run_sync(measure, paths)
+        # Abandoned on cancel: a stat stuck on a network file system must not hold up
+        # shutdown, and measure() only returns numbers.
+        measured = await trio.to_thread.run_sync(measure, paths, abandon_on_cancel=True)
         self._known = {path: measured[path] for path in paths}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
