@@ -66,7 +66,7 @@ from trio_swap.upstream.cache_disk import CacheDisk
 from trio_swap.upstream.footprint import FootprintProbe, detect_gpu_reader, footprint_probe
 from trio_swap.upstream.launcher import OrphanGuard
 from trio_swap.upstream.logs import LogBook
-from trio_swap.upstream.prefetch import Prefetcher
+from trio_swap.upstream.prefetch import Prefetcher, running_files
 from trio_swap.upstream.process import ModelProcess
 from trio_swap.upstream.proxy_log import ProxyLogCapture
 from trio_swap.upstream.readahead import ReadAhead
@@ -212,7 +212,12 @@ async def serve(
             residency = FileResidency(
                 lambda: [path for p in live_processes().values() for path in weight_files(p.model)]
             )
-            read_ahead = ReadAhead(files_to_read_ahead, residency=residency)
+            read_ahead = ReadAhead(
+                files_to_read_ahead,
+                # its memory bound leaves room for the running models' weights
+                running_files=lambda: running_files(live_processes()),
+                residency=residency,
+            )
             prefetcher = Prefetcher(
                 live_processes,
                 lambda: prefetch_box[0],
