@@ -203,6 +203,11 @@ class ReadAhead(ProcessHooks):
             size, read, why, measured = await trio.to_thread.run_sync(
                 self._read_files, job, others, abandon_on_cancel=True
             )
+        except trio.Cancelled:
+            # This task may be cancelled before run() sets the flags (trio runs the
+            # cancelled tasks in any order): the abandoned thread must stop anyway.
+            job.stop("shutdown")
+            raise
         finally:
             if self._jobs.get(job.model) is job:
                 del self._jobs[job.model]
