@@ -8,8 +8,10 @@ actually reached the upstream, byte for byte (GET /debug/requests).
 
 Modules: `options` (the command line), `payloads` (OpenAI bodies, pure), the
 other API families' bodies (`anthropic`, `llama` for llama-server's native API,
-`media` for audio, images and multipart uploads), `app` (the raw ASGI 3 app,
-routing), `server` (hypercorn, signals, process-level flags).
+`media` for audio, images and multipart uploads), `slots` (llama-server's
+slots), `sleep` (vLLM's and SGLang's sleep mode), `memory` (--hold-memory's
+block), `app` (the raw ASGI 3 app, routing), `server` (hypercorn, signals,
+process-level flags).
 Run it as `trio-swap responder --port 0` or `python -m trio_swap.responder --port 0`.
 """
 

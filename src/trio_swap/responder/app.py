@@ -28,6 +28,8 @@ Routes (anything else is a 404, a known path with the wrong method a 405):
     ANY  /echo/...              {"method", "path", "query", "body"} as received
     GET  /debug/requests        the last 100 requests as received (not /debug/*)
     GET  /debug/pid             {"pid": ...}
+    POST /sleep, /wake_up, ...  with --sleep-api vllm|sglang: vLLM's or SGLang's sleep
+                                mode (responder/sleep.py)
 
 The OpenAI paths also answer without `/v1` (`/chat/completions`, `/messages`,
 ...): that is where trio-swap sends its versionless `/v/...` routes. Every
@@ -37,9 +39,10 @@ trio-swap's `useModelName` rewriting.
 POST endpoints take `?delay=S` to hold the response for S seconds. While the
 model is "loading" (--load-delay, --never-healthy) every route but /health,
 /v1/models and /debug/* answers 503 like llama-server does, so a proxy that
-forwards too early is caught. Generating routes (chat, completions, responses,
-messages, /completion, /infill) follow --tokens, --token-delay and, when
-streamed, --crash-after-tokens.
+forwards too early is caught. So do they while asleep (--sleep-api), and
+after a wake with --broken-after-wake they answer 500. Generating routes
+(chat, completions, responses, messages, /completion, /infill) follow
+--tokens, --token-delay and, when streamed, --crash-after-tokens.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ from hypercorn.typing import (
 import trio_swap.responder.anthropic as anthropic
 import trio_swap.responder.llama as llama
 import trio_swap.responder.media as media
+from trio_swap.responder.memory import HeldMemory
 from trio_swap.responder.options import ResponderOptions
 from trio_swap.responder.payloads import (
     BadRequest,
@@ -85,6 +89,7 @@ from trio_swap.responder.payloads import (
     rerank_body,
     responses_body,
 )
+from trio_swap.responder.sleep import SleepApi
 from trio_swap.responder.slots import SlotFaults, SlotTable, prompt_tokens
 
 __all__ = ["RequestRecord", "ResponderApp", "log"]
@@ -271,8 +276,10 @@ class ResponderApp:
     its state is touched only from that run's tasks, one at a time.
     """
 
-    def __init__(self, options: ResponderOptions) -> None:
+    def __init__(self, options: ResponderOptions, memory: HeldMemory | None = None) -> None:
         self._options = options
+        #: --sleep-api's routes and state; None without it.
+        self._sleep = SleepApi(options, memory) if options.sleep_api else None
         # Invariant: before this trio time /health answers 503 "loading".
         self._ready_at = trio.current_time() + options.load_delay
         self._requests: collections.deque[RequestRecord] = collections.deque(maxlen=_HISTORY)
@@ -304,6 +311,17 @@ class ResponderApp:
     def loaded(self) -> bool:
         """Whether the simulated model has finished loading."""
         return not self._options.never_healthy and trio.current_time() >= self._ready_at
+
+    async def _refused(self, exchange: _Exchange) -> bool:
+        """Answer for a route that needs the model: 503 loading or asleep, 500 broken."""
+        if not self.loaded():
+            await _respond_loading(exchange)
+            return True
+        refusal = self._sleep.refusal() if self._sleep is not None else None
+        if refusal is not None:
+            await exchange.respond(*refusal)
+            return True
+        return False
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -361,6 +379,9 @@ class ResponderApp:
                 await exchange.respond(200, _encode([r.as_json() for r in self._requests]))
             case "GET", "/debug/pid":
                 await exchange.respond(200, b'{"pid":%d}' % os.getpid())
+            case _, sleep_path if self._sleep is not None and self._sleep.owns(sleep_path):
+                answer = self._sleep.handle(method, path, query, exchange.body)
+                await exchange.respond(*await answer)
             case _:
                 await self._route_more(exchange, method, path, query)
 
@@ -416,8 +437,7 @@ class ResponderApp:
 
     async def _completion(self, exchange: _Exchange, kind: Kind, delay: float) -> None:
         """POST /v1/chat/completions and /v1/completions."""
-        if not self.loaded():
-            await _respond_loading(exchange)
+        if await self._refused(exchange):
             return
         request = parse_json_object(exchange.body)
         predicted_n = requested_tokens(request, self._options.tokens)
@@ -458,8 +478,7 @@ class ResponderApp:
 
     async def _slot_action(self, exchange: _Exchange, slot: str, query: bytes) -> None:
         """POST /slots/{id}?action=save|restore|erase (llama-server's slot files)."""
-        if not self.loaded():
-            await _respond_loading(exchange)
+        if await self._refused(exchange):
             return
         action = _query_value(query, "action")
 
@@ -472,8 +491,7 @@ class ResponderApp:
 
     async def _messages(self, exchange: _Exchange, delay: float) -> None:
         """POST /v1/messages, Anthropic's API."""
-        if not self.loaded():
-            await _respond_loading(exchange)
+        if await self._refused(exchange):
             return
         request = parse_json_object(exchange.body)
         predicted_n, stop = anthropic.message_tokens(request, self._options.tokens)
@@ -500,8 +518,7 @@ class ResponderApp:
 
     async def _responses(self, exchange: _Exchange, delay: float) -> None:
         """POST /v1/responses, OpenAI's Responses API, whole answers only."""
-        if not self.loaded():
-            await _respond_loading(exchange)
+        if await self._refused(exchange):
             return
         request = parse_json_object(exchange.body)
         if request.get("stream") is True:
@@ -526,8 +543,7 @@ class ResponderApp:
 
     async def _native(self, exchange: _Exchange, delay: float) -> None:
         """POST /completion and /infill, llama-server's own API."""
-        if not self.loaded():
-            await _respond_loading(exchange)
+        if await self._refused(exchange):
             return
         request = parse_json_object(exchange.body)
         predicted_n = llama.native_tokens(request, self._options.tokens)
@@ -602,8 +618,7 @@ class ResponderApp:
 
         `build` runs before the delay, so a bad request is refused at once.
         """
-        if not self.loaded():
-            await _respond_loading(exchange)
+        if await self._refused(exchange):
             return
         body = build()
 

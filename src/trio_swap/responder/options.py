@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Literal
 
 import msgspec
 
@@ -33,6 +34,10 @@ class ResponderOptions(msgspec.Struct, frozen=True, kw_only=True):
     slot_restore_delay: float = 0.0
     slot_restore_fails: bool = False
     slot_restore_noop: bool = False
+    sleep_api: Literal["vllm", "sglang"] | None = None
+    sleep_delay: float = 0.0
+    wake_delay: float = 0.0
+    broken_after_wake: bool = False
 
 
 def _seconds(text: str) -> float:
@@ -157,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit with status 0 S seconds after the process starts (a crash while idle)",
     )
     _add_slot_options(parser)
+    _add_sleep_options(parser)
     return parser
 
 
@@ -203,10 +209,48 @@ def _add_slot_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_sleep_options(parser: argparse.ArgumentParser) -> None:
+    """vLLM's and SGLang's sleep mode (``responder/sleep.py``)."""
+    add = parser.add_argument
+    add(
+        "--sleep-api",
+        choices=("vllm", "sglang"),
+        default=None,
+        help=(
+            "serve vLLM's sleep endpoints (/sleep, /wake_up, /is_sleeping, /collective_rpc, "
+            "/reset_prefix_cache) or SGLang's (/release_memory_occupation, "
+            "/resume_memory_occupation); a sleep releases --hold-memory, a wake holds it again"
+        ),
+    )
+    add(
+        "--sleep-delay",
+        type=_seconds,
+        default=0.0,
+        metavar="S",
+        help="a sleep call answers after S seconds",
+    )
+    add(
+        "--wake-delay",
+        type=_seconds,
+        default=0.0,
+        metavar="S",
+        help="a wake call answers after S seconds",
+    )
+    add(
+        "--broken-after-wake",
+        action="store_true",
+        help="after a wake, every completion answers 500 (a wake that left the server broken)",
+    )
+
+
 def parse_options(argv: list[str] | None = None) -> ResponderOptions:
     """Parse `argv` (default `sys.argv[1:]`); argparse exits 2 on bad input."""
     parser = build_parser()
     namespace = parser.parse_args(argv)
     if namespace.fail_start_message is not None and not namespace.fail_start:
         parser.error("--fail-start-message needs --fail-start")
+    if namespace.sleep_api is None:
+        for flag in ("sleep_delay", "wake_delay", "broken_after_wake"):
+            if getattr(namespace, flag):
+                parser.error(f"--{flag.replace('_', '-')} needs --sleep-api")
     return msgspec.convert(vars(namespace), ResponderOptions)

@@ -14,14 +14,15 @@ around the app; the app only knows about requests.
 
 --hold-memory comes first and is fully resident before the socket binds, so a
 supervisor that sees the model healthy measures its whole footprint at once,
-as with a real server whose weights are loaded before it listens.
+as with a real server whose weights are loaded before it listens. With
+--sleep-api a sleep releases it and a wake holds it again (``memory``,
+``sleep``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import mmap
 import os
 import signal
 import sys
@@ -33,6 +34,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
 from trio_swap.responder.app import ResponderApp, log
+from trio_swap.responder.memory import HeldMemory, hold_memory
 from trio_swap.responder.options import ResponderOptions, parse_options
 
 __all__ = ["hold_memory", "hypercorn_config", "main", "serve"]
@@ -84,12 +86,13 @@ async def serve(
             nursery.start_soon(_watch_signals, options, nursery.cancel_scope)
             if options.exit_after is not None:
                 nursery.start_soon(_exit_after, options.exit_after, nursery.cancel_scope)
+            memory: HeldMemory | None = None
             if options.hold_memory:
-                block = await _hold(options.hold_memory)
-                if block is None:
+                memory = await _hold(options.hold_memory)
+                if memory is None:
                     nursery.cancel_scope.cancel(reason="--hold-memory failed")
                     return 1
-                held.enter_context(block)
+                held.callback(memory.release)
             await trio.sleep(options.startup_delay)
             if options.fail_start:
                 if options.fail_start_message is not None:
@@ -101,7 +104,7 @@ async def serve(
                 )
                 nursery.cancel_scope.cancel(reason="--fail-start")
                 return 1
-            url = await _start_server(nursery, options)
+            url = await _start_server(nursery, options, memory)
             if url is None:
                 nursery.cancel_scope.cancel(reason="bind failed")
                 return 1
@@ -110,37 +113,24 @@ async def serve(
         return 0
 
 
-def hold_memory(size: int) -> mmap.mmap:
-    """``size`` bytes of private anonymous memory, every page written, so all resident.
-
-    Writing (not reading) is what matters: a read maps the shared zero page, and
-    memory never touched is only promised, so RSS and PSS would not show it.
-    Raises OSError (or OverflowError) when the kernel refuses the mapping; a
-    mapping granted but not backed ends in the kernel's OOM killer, as a real
-    server's would.
-    """
-    block = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    for offset in range(0, size, mmap.PAGESIZE):
-        block[offset] = 1
-    return block
-
-
-async def _hold(size: int) -> mmap.mmap | None:
+async def _hold(size: int) -> HeldMemory | None:
     """--hold-memory: the held block, or None after printing why the kernel refused it."""
+    memory = HeldMemory(size)
     try:
-        # In a thread, so a signal is still noticed while gigabytes are touched.
-        block = await trio.to_thread.run_sync(hold_memory, size)
+        await memory.hold()
     except (OSError, OverflowError) as error:
         message = f"error: cannot hold {size / (1 << 20):.0f} MiB: {error}"
         print(message, file=sys.stderr, flush=True)
         return None
     log(f"holding {size / (1 << 20):.0f} MiB (--hold-memory)")
-    return block
+    return memory
 
 
-async def _start_server(nursery: trio.Nursery, options: ResponderOptions) -> str | None:
+async def _start_server(
+    nursery: trio.Nursery, options: ResponderOptions, memory: HeldMemory | None
+) -> str | None:
     """Start hypercorn in `nursery`; return its URL, or None after printing a bind error."""
-    app = ResponderApp(options)
+    app = ResponderApp(options, memory)
     start = functools.partial(hypercorn_serve, app, hypercorn_config(options))
     binds: list[str] = []
     try:
