@@ -6,7 +6,10 @@ process: a running process cannot take new ones, so a change means a restart
 with the new ones. Everything else (ttl, aliases, filters, name,
 concurrencyLimit, unloadTimeout, ...) is read by trio-swap per request or per
 decision, so it is applied in place and the process keeps running: editing a
-TTL or an alias never reloads a 70B model.
+TTL or an alias never reloads a 70B model. ``sleep:`` is of the second kind
+too: its calls are HTTP requests trio-swap sends, not how the process was
+started, so a changed ``sleep:`` applies in place (a model asleep at the
+reload is woken with the calls that put it to sleep; docs/sleep.md).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ SETTINGS: Final = {
     "resources": "resources",
     "cache_disk_budget": "cacheDiskBudget",
     "prefetch": "prefetch",
+    "sleep_ttl": "sleepTTL",
 }
 #: Config fields compared some other way, or not settings at all. Every Config
 #: field is in exactly one of these two tables (a test checks it), so a new

@@ -54,6 +54,7 @@ from trio_swap.config.schema import (
     RawModel,
     RawPeer,
 )
+from trio_swap.config.sleep import check_sleep, check_sleep_ttl
 from trio_swap.config.store import check_store
 from trio_swap.config.validate import (
     NOT_PRINTABLE,
@@ -198,6 +199,9 @@ class _Loader:
                 model_config = msgspec.structs.replace(
                     model_config, files=files, prefetch=raw.prefetch
                 )
+            if raw.sleep is not None:
+                sleep = check_sleep(model_config, raw.sleep, doc)
+                model_config = msgspec.structs.replace(model_config, sleep=sleep)
             models[model_id] = model_config
         check_aliases(models, doc)
         peers = self._peers(peers_value, global_macros, models)
@@ -225,6 +229,7 @@ class _Loader:
             store_max_rows=store_rows,
             resources=resources,
             prefetch=check_prefetch(raw_settings.prefetch, doc),
+            sleep_ttl=check_sleep_ttl(raw_settings.sleep_ttl, doc),
             peers=peers,
             warnings=tuple(text for _, text in sorted(self.warnings, key=lambda w: w[0])),
             ports=ports,

@@ -25,6 +25,10 @@ DEFAULT_PEER_CONNECT_TIMEOUT: Final = 30.0
 DEFAULT_METRICS_MAX_IN_MEMORY: Final = 1000
 #: Bytes of saved KV cache files (``keepCache``) kept on disk, all models together.
 DEFAULT_CACHE_DISK_BUDGET: Final = 20 * 2**30
+#: Seconds a model may stay asleep (``sleep:``) before it is stopped (``sleepTTL``).
+DEFAULT_SLEEP_TTL: Final = 3600.0
+#: Seconds each sleep, wake, check or test request may take (``sleep.timeout``).
+DEFAULT_SLEEP_CALL_TIMEOUT: Final = 120.0
 
 #: The literal placeholder kept in ``cmd_stop`` argv items, replaced by the PID at stop time.
 PID_PLACEHOLDER: Final = "${PID}"
@@ -43,6 +47,40 @@ class FilterConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     def __bool__(self) -> bool:
         return bool(self.strip_params or self.set_params or self.set_params_by_id)
+
+
+@final
+class HttpCall(msgspec.Struct, frozen=True, kw_only=True):
+    """One request trio-swap sends to a model's ``proxy`` itself (a sleep, a wake, a test)."""
+
+    #: ``GET``, ``POST`` or ``PUT``.
+    method: str
+    #: Starts with ``/``; may carry a query (``/sleep?level=1``). Appended to ``proxy``.
+    path: str
+    #: Sent as JSON; None: no body.
+    body: dict[str, object] | None = None
+
+
+@final
+class SleepConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """``sleep:``: how to put a model's server to sleep and wake it (docs/sleep.md).
+
+    A wake is every call of ``wake`` in order (vLLM level 2 needs its weights
+    reloaded and its prefix cache reset after ``/wake_up``), then ``test``.
+    """
+
+    #: The preset it came from (``vllm``, ``vllm-2``, ``sglang``); None: written out.
+    preset: str | None = None
+    sleep: HttpCall
+    #: At least one call.
+    wake: tuple[HttpCall, ...]
+    #: Asks whether the server is asleep (vLLM's ``GET /is_sleeping``); None: no such call.
+    check: HttpCall | None = None
+    #: Sent after a wake, before any client request, to catch a wake that left the
+    #: server broken; None: no test.
+    test: HttpCall | None = None
+    #: Seconds each call (sleep, each wake call, check, test) may take; always > 0.
+    timeout: float = DEFAULT_SLEEP_CALL_TIMEOUT
 
 
 @final
@@ -87,6 +125,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     files: tuple[str, ...] = ()
     #: False: its files are never read ahead, on start or while idle.
     prefetch: bool = True
+    #: Put to sleep instead of stopped (``sleep:``); None: stopped as usual.
+    sleep: SleepConfig | None = None
 
 
 @final
@@ -242,6 +282,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     resources: dict[str, int] = msgspec.field(default_factory=dict)
     #: Reading model files ahead into the page cache (``prefetch:``).
     prefetch: PrefetchConfig = msgspec.field(default_factory=PrefetchConfig)
+    #: Seconds a model may stay asleep before it is stopped (``sleepTTL``); 0 = never.
+    sleep_ttl: float = DEFAULT_SLEEP_TTL
     #: Remote servers by peer id, in config order.
     peers: dict[str, PeerConfig] = msgspec.field(default_factory=dict)
     #: Computed from ``models`` and ``peers`` on construction (a value passed in is

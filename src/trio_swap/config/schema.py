@@ -19,6 +19,7 @@ from trio_swap.config.model import (
     DEFAULT_HEALTH_CHECK_TIMEOUT,
     DEFAULT_METRICS_MAX_IN_MEMORY,
     DEFAULT_PEER_CONNECT_TIMEOUT,
+    DEFAULT_SLEEP_TTL,
     DEFAULT_START_PORT,
     DEFAULT_UNLOAD_TIMEOUT,
 )
@@ -74,6 +75,8 @@ class RawModel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     files: list[str] = msgspec.field(default_factory=list)
     #: False: never read this model's files ahead (on start or while idle).
     prefetch: bool = True
+    #: A preset name or a mapping of calls: sleep instead of stop (config/sleep.py).
+    sleep: str | dict[str, object] | None = None
 
 
 class RawPeerTimeouts(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -138,6 +141,8 @@ class RawConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     resources: dict[str, int | str] = msgspec.field(default_factory=dict)
     #: ``false`` turns every read-ahead off; a mapping sets the idle prefetch budget.
     prefetch: bool | RawPrefetch = True
+    #: Seconds a model may stay asleep before it is stopped; 0 = never.
+    sleep_ttl: float = msgspec.field(default=DEFAULT_SLEEP_TTL, name="sleepTTL")
 
 
 def _keys(struct: type[msgspec.Struct]) -> frozenset[str]:
