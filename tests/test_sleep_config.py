@@ -297,3 +297,20 @@ def test_sleep_ttl_errors(value: str, fragment: str) -> None:
         load(f"models: {{}}\nsleepTTL: {value}\n")
     assert (info.value.key_path, info.value.line) == ("sleepTTL", 2)
     assert fragment in info.value.message
+
+
+def test_a_model_with_sleep_is_warned_that_swaps_do_not_use_it_yet() -> None:
+    config = load(
+        """
+        models:
+          a:
+            cmd: server --port ${PORT}
+            sleep: vllm
+          b:
+            cmd: server --port ${PORT}
+        """
+    )
+    warnings = [w for w in config.warnings if "models.a.sleep" in w]
+    assert len(warnings) == 1
+    assert "not used yet" in warnings[0]
+    assert not any("models.b" in w for w in config.warnings)

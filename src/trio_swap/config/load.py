@@ -66,6 +66,11 @@ from trio_swap.config.validate import (
 )
 from trio_swap.config.yamlsource import Document, KeyPath, parse_document, type_name
 
+#: ``sleep:`` is checked, but swaps do not use it yet: say so instead of pretending.
+SLEEP_NOT_YET: Final = (
+    "checked, but not used yet: the model is stopped and started as before "
+    "(sleep and wake in swaps is issue 12; docs/sleep.md)"
+)
 #: Largest config file read (the loader's other limits: docs/configuration.md#limits).
 MAX_FILE_BYTES: Final = 16 << 20
 #: YAML 1.1 booleans that llama-swap's Go YAML library still accepts for bool fields.
@@ -202,6 +207,7 @@ class _Loader:
             if raw.sleep is not None:
                 sleep = check_sleep(model_config, raw.sleep, doc)
                 model_config = msgspec.structs.replace(model_config, sleep=sleep)
+                self.warnings.append(doc.warning(("models", model_id, "sleep"), SLEEP_NOT_YET))
             models[model_id] = model_config
         check_aliases(models, doc)
         peers = self._peers(peers_value, global_macros, models)
