@@ -299,9 +299,8 @@ def test_sleep_ttl_errors(value: str, fragment: str) -> None:
     assert fragment in info.value.message
 
 
-def test_a_model_with_sleep_is_warned_that_swaps_do_not_use_it_yet() -> None:
-    config = load(
-        """
+def test_sleep_beside_fit_by_memory_is_warned_that_it_stops_instead() -> None:
+    text = """
         models:
           a:
             cmd: server --port ${PORT}
@@ -309,8 +308,8 @@ def test_a_model_with_sleep_is_warned_that_swaps_do_not_use_it_yet() -> None:
           b:
             cmd: server --port ${PORT}
         """
-    )
+    assert not load(text).warnings
+    config = load("resources: {ram: 1GiB}\n" + textwrap.dedent(text))
     warnings = [w for w in config.warnings if "models.a.sleep" in w]
     assert len(warnings) == 1
-    assert "not used yet" in warnings[0]
-    assert not any("models.b" in w for w in config.warnings)
+    assert "fit by memory does not count" in warnings[0]

@@ -200,6 +200,8 @@ class Router:
         self._swap_victims: dict[int, tuple[str, ...]] = {}
         #: PIDs a measuring task watches (one task per process).
         self._measuring: set[int] = set()
+        #: Stop id -> sleeping models an unload stops with it (the scheduler thinks them cold).
+        self._also_stop: dict[int, tuple[str, ...]] = {}
         settings = settings or SchedulerConfig()
         self.scheduler = FifoScheduler(
             {name: _limits(proc.model, settings) for name, proc in processes.items()},
@@ -427,9 +429,17 @@ class Router:
                 return scheduler.on_model_stopped(model, now)
             case _UnloadRequested(models=models, reply=reply):
                 decisions = scheduler.on_unload(models, now)
+                # The scheduler sees a sleeping model as stopped; its process is not.
+                asleep = tuple(
+                    m
+                    for m in models
+                    if m in self._processes
+                    and self._processes[m].state is ProcessState.SLEEPING
+                )
                 for decision in decisions:
                     if isinstance(decision, StopModels):
                         self._unload_replies[decision.stop_id] = reply
+                        self._also_stop[decision.stop_id] = asleep
                 return decisions  # applying its StopModels cancels loads of these models
             case _ShutdownRequested(reply=reply):
                 decisions = scheduler.on_shutdown()
@@ -483,7 +493,8 @@ class Router:
                         if target in models:  # never finish loading what is being stopped
                             self._swap_cancel_errors.setdefault(swap_id, ModelUnloaded(target))
                             scope.cancel(reason=f"{target}: {reason.description}")
-                    self._nursery.start_soon(self._run_stops, stop_id, models, reason)
+                    extra = tuple(m for m in self._also_stop.pop(stop_id, ()) if m not in models)
+                    self._nursery.start_soon(self._run_stops, stop_id, (*models, *extra), reason)
                 case Queued(request_id=rid, model=model, position=position):
                     log.info("request %d for %s queued at #%d", rid, model, position)
                 case Joined(request_id=rid, model=model, swap_id=swap_id):
@@ -644,8 +655,19 @@ class Router:
 
     async def _stop_one(self, model: str, reason: StopReason) -> None:
         process = self._processes.get(model)
-        if process is not None:  # None: retired meanwhile (it was stopped already)
-            await process.stop(reason=reason)
+        if process is None:  # retired meanwhile (it was stopped already)
+            return
+        if reason in _SLEEP_INSTEAD and self._may_sleep(process) and await process.sleep(
+            reason=reason
+        ):
+            return  # asleep: it holds no accelerator memory, and wakes for its next request
+        await process.stop(reason=reason)
+
+    def _may_sleep(self, process: ModelProcess) -> bool:
+        """``sleep:`` models sleep instead of stopping, unless fit by memory is on: it
+        does not count a sleeping model's host memory yet (docs/sleep.md)."""
+        fit = self.ledger is not None and bool(self.ledger.resources)
+        return process.model.sleep is not None and not fit
 
     async def _run_stops(self, stop_id: int, models: tuple[str, ...], reason: StopReason) -> None:
         async with trio.open_nursery() as nursery:
@@ -658,6 +680,10 @@ class Router:
             for model in self._processes:
                 nursery.start_soon(self._stop_one, model, StopReason.SHUTDOWN)
         reply.set(None)
+
+
+#: Stops a ``sleep:`` model answers by sleeping (an unload, a reload, shutdown stop it).
+_SLEEP_INSTEAD: Final = frozenset({StopReason.SWAP, StopReason.TTL})
 
 
 def _admission(request_id: int, decisions: Sequence[Decision]) -> Admission | None:

@@ -225,6 +225,8 @@ async def serve(
                 residency=residency,
             )
 
+            sleep_ttl_box = [config.sleep_ttl]  # sleepTTL: a reload changes it in place
+
             def spawn(model: ModelConfig, health_check_timeout: float) -> ModelProcess:
                 """A supervised process for ``model``: at startup, and for models a reload adds."""
                 process = ModelProcess(
@@ -235,6 +237,7 @@ async def serve(
                     on_stopped=on_stopped,
                     cache_disk=cache_disk,
                     hooks=HookFanout(metrics, timeline, retirer, read_ahead, prefetcher),
+                    sleep_ttl=lambda: sleep_ttl_box[0],
                 )
                 supervisors.start_soon(process.run)
                 return process
@@ -308,6 +311,7 @@ async def serve(
                 state.config = new
                 cache_disk.budget = new.cache_disk_budget
                 prefetch_box[0] = new.prefetch
+                sleep_ttl_box[0] = new.sleep_ttl
                 app.set_api_keys(new.api_keys)
 
             reloader = Reloader(

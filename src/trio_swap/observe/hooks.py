@@ -37,6 +37,18 @@ class ProcessHooks:
     def stopped(self, model: str) -> None:
         """The process spawned after :meth:`starting` is gone (every life ends with this)."""
 
+    def slept(self, model: str) -> None:
+        """A ready server was put to sleep (``sleep:``) instead of being stopped."""
+
+    def sleep_failed(self, model: str) -> None:
+        """Its sleep call failed: it is stopped instead."""
+
+    def woke(self, model: str, seconds: float) -> None:
+        """A sleeping server woke and passed its test request in ``seconds``."""
+
+    def wake_failed(self, model: str) -> None:
+        """A wake (or its test request) failed: it is stopped and started cold."""
+
 
 class HookFanout(ProcessHooks):
     """Tells several observers (the metrics, the timeline) the same facts, in order."""
@@ -67,3 +79,19 @@ class HookFanout(ProcessHooks):
     def stopped(self, model: str) -> None:
         for hook in self._hooks:
             hook.stopped(model)
+
+    def slept(self, model: str) -> None:
+        for hook in self._hooks:
+            hook.slept(model)
+
+    def sleep_failed(self, model: str) -> None:
+        for hook in self._hooks:
+            hook.sleep_failed(model)
+
+    def woke(self, model: str, seconds: float) -> None:
+        for hook in self._hooks:
+            hook.woke(model, seconds)
+
+    def wake_failed(self, model: str) -> None:
+        for hook in self._hooks:
+            hook.wake_failed(model)

@@ -53,7 +53,7 @@ CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 #: that are evictions (:class:`~trio_swap.reasons.StopReason`), and crashes.
 EVICTION_REASONS: Final = (*(r.value for r in StopReason if r.is_eviction), "crash")
 #: ``state`` label values of ``trio_swap_model_state`` (:class:`ProcessState` values).
-PROCESS_STATES: Final = ("stopped", "starting", "ready", "stopping")
+PROCESS_STATES: Final = ("stopped", "starting", "ready", "stopping", "sleeping")
 
 #: Loading a model takes from a tenth of a second (a tiny model, warm page cache)
 #: to minutes (a big one from a network disk).
@@ -139,6 +139,25 @@ class Metrics(ProcessHooks, CacheHooks):
             registry=registry,
         )
         self._kv = _KvCacheMetrics(registry)
+        self.sleeps = Counter(
+            "trio_swap_model_sleeps",
+            "Times a model was put to sleep instead of stopped (sleep:), by outcome.",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.wakes = Counter(
+            "trio_swap_model_wakes",
+            "Wakes of a sleeping model, by outcome (failed: stopped and started cold).",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.wake_seconds = Histogram(
+            "trio_swap_model_wake_seconds",
+            "Seconds from a wake's first call to its passing test request.",
+            model,
+            buckets=READY_BUCKETS,
+            registry=registry,
+        )
         self._live = _LiveCollector()
         registry.register(self._live)
         ProcessCollector(registry=registry)  # process_* (Linux /proc; empty elsewhere)
@@ -176,6 +195,19 @@ class Metrics(ProcessHooks, CacheHooks):
 
     def crashed(self, model: str) -> None:
         self.evictions.labels(model, "crash").inc()
+
+    def slept(self, model: str) -> None:
+        self.sleeps.labels(model, "ok").inc()
+
+    def sleep_failed(self, model: str) -> None:
+        self.sleeps.labels(model, "failed").inc()
+
+    def woke(self, model: str, seconds: float) -> None:
+        self.wakes.labels(model, "ok").inc()
+        self.wake_seconds.labels(model).observe(seconds)
+
+    def wake_failed(self, model: str) -> None:
+        self.wakes.labels(model, "failed").inc()
 
     # -- keepCache (called by the supervisors' KV cache keepers and the cache disk) ----
 

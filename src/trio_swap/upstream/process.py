@@ -14,6 +14,10 @@ State transitions (the ``_handle`` and ``_run_once`` code marks them)::
     STARTING --stop-->          STOPPING  (waiters get ModelStartFailed "stopped while starting")
     READY    --stop-->          STOPPING  (slots saved, then the signal)  --exit-->  STOPPED
     READY    --exit-->          STOPPING at once, then STOPPED (a crash; no restart)
+    READY    --sleep-->         SLEEPING  (``sleep:``: the sleep call answered; else a stop)
+    SLEEPING --ensure_ready-->  STARTING  (wake calls, check, test request) --ok--> READY
+    SLEEPING --wake failed-->   STOPPING, then a cold start for the waiters
+    SLEEPING --stop / sleepTTL / exit-->  STOPPING, then STOPPED
 
 Every return to STOPPED from a process that was ready is reported through
 ``on_stopped``, whatever caused it: the router uses it to correct its own view
@@ -64,7 +68,7 @@ import trio
 from trio_swap._sync import Reply, race
 from trio_swap.config.address import Upstream
 from trio_swap.config.diff import same_process
-from trio_swap.config.model import PID_PLACEHOLDER, ModelConfig
+from trio_swap.config.model import DEFAULT_SLEEP_TTL, PID_PLACEHOLDER, ModelConfig
 from trio_swap.errors import ModelStartFailed
 from trio_swap.observe.hooks import ProcessHooks
 from trio_swap.reasons import StopReason
@@ -73,6 +77,7 @@ from trio_swap.upstream.kvcache import SAVE_SHARE, ModelCache
 from trio_swap.upstream.launcher import ChildProcess, Launcher, OrphanGuard, spawn
 from trio_swap.upstream.logs import LogRing
 from trio_swap.upstream.probe import HealthProbe, http_health_probe
+from trio_swap.upstream.sleep_calls import SleepFailed, sleep_server, wake_server
 from trio_swap.upstream.slots import SlotApi
 
 __all__ = ["ModelProcess", "ProcessState"]
@@ -108,6 +113,7 @@ class ProcessState(enum.Enum):
     STARTING = "starting"  # spawned; readiness check running
     READY = "ready"  # health check passed; requests may be forwarded
     STOPPING = "stopping"  # graceful stop sent; SIGKILL follows after the grace period
+    SLEEPING = "sleeping"  # ``sleep:``: the process lives, its accelerator memory released
 
 
 class _Waited(enum.Enum):
@@ -117,6 +123,9 @@ class _Waited(enum.Enum):
     EXITED = "exited"  # the process exited by itself
     STOP = "stop"  # a stop was ordered
     TIMEOUT = "timeout"  # healthCheckTimeout passed
+    SLEEP = "sleep"  # the router asked it to sleep instead of stopping
+    WAKE = "wake"  # a request for it arrived while it slept
+    SLEPT_ENOUGH = "slept enough"  # sleepTTL passed while it slept
 
 
 class _LifeEnd(enum.Enum):
@@ -140,6 +149,12 @@ class _Stop(msgspec.Struct, frozen=True):
     grace: float
     reason: StopReason
     reply: Reply[None]
+
+
+class _Sleep(msgspec.Struct, frozen=True):
+    reason: StopReason
+    #: Set True once asleep; False when it could not sleep (not ready, no ``sleep:``).
+    reply: Reply[bool]
 
 
 @final
@@ -168,7 +183,7 @@ class _ResponseSeen(msgspec.Struct, frozen=True):
     cached_tokens: int
 
 
-_Command = _EnsureReady | _Stop | _Reconfigure | _ResponseSeen
+_Command = _EnsureReady | _Stop | _Reconfigure | _ResponseSeen | _Sleep
 
 
 @final
@@ -188,8 +203,19 @@ class ModelProcess:
         hooks: ProcessHooks | None = None,
         cache_disk: CacheDisk | None = None,
         slot_api: SlotApi | None = None,
+        sleep_ttl: Callable[[], float] = lambda: DEFAULT_SLEEP_TTL,
     ) -> None:
         self.model = model
+        #: Seconds a model may sleep before it is stopped (``sleepTTL``; 0: forever).
+        self._sleep_ttl = sleep_ttl
+        #: The router asked for sleep (set once per ready period) / a request wants it awake.
+        self._sleep_asked = trio.Event()
+        self._sleep_reason = StopReason.SWAP
+        self._wake_asked = trio.Event()
+        # Invariant: non-empty only while READY with a sleep asked for.
+        self._sleep_waiters: list[Reply[bool]] = []
+        #: Seconds the last wake took (calls, check and test request).
+        self.last_wake_seconds: float | None = None
         self._upstream: Upstream | None = None
         self.health_check_timeout = health_check_timeout
         self.log = log_ring if log_ring is not None else LogRing(model.id)
@@ -263,6 +289,14 @@ class ModelProcess:
         )
         await reply.wait()
 
+    async def sleep(self, *, reason: StopReason = StopReason.SWAP) -> bool:
+        """Put a ready server with ``sleep:`` to sleep; False when it cannot (the
+        caller then stops it). A server whose sleep call fails is stopped, and
+        this answers True once it is gone: either way it no longer holds the GPU."""
+        reply: Reply[bool] = Reply()
+        self._send.send_nowait(_Sleep(reason, reply))
+        return await reply.wait()
+
     def reconfigure(self, model: ModelConfig, *, health_check_timeout: float) -> None:
         """A reload's settings for this model: used from the next start on. Never blocks.
 
@@ -306,12 +340,14 @@ class ModelProcess:
     def _handle(self, command: _Command) -> None:
         match command:
             case _EnsureReady(reply=reply):
-                if self.state is ProcessState.READY:
+                if self.state is ProcessState.READY and not self._sleep_asked.is_set():
                     reply.set(None)
                     return
                 self._ready_waiters.append(reply)
                 if self.state is ProcessState.STOPPED:  # STOPPED -> STARTING
                     self._begin_life()
+                elif self.state is ProcessState.SLEEPING:  # woken by the life task
+                    self._wake_asked.set()
                 # STARTING: answered when ready; STOPPING: the life task restarts after the stop.
             case _Stop(grace=grace, reason=reason, reply=reply):
                 if self.state is ProcessState.STOPPED:
@@ -319,10 +355,26 @@ class ModelProcess:
                     return
                 self._stop_waiters.append(reply)
                 self._fail_ready_waiters(f"stopped while starting ({reason.description})")
-                if self.state in (ProcessState.STARTING, ProcessState.READY):  # -> STOPPING
+                if self.state in (
+                    ProcessState.STARTING,
+                    ProcessState.READY,
+                    ProcessState.SLEEPING,
+                ):  # -> STOPPING
                     self._hooks.stopping(self.model.id, reason)
                     self.state = ProcessState.STOPPING
                     self._stop_order.give(grace, reason)
+            case _Sleep(reason=reason, reply=reply):
+                if (
+                    self.state is not ProcessState.READY
+                    or self.model.sleep is None
+                    or self._next_model is not None  # a reload replaced it: stop it
+                    or self._stop_order.given.is_set()
+                ):
+                    reply.set(self.state is ProcessState.SLEEPING)
+                    return
+                self._sleep_waiters.append(reply)
+                self._sleep_reason = reason
+                self._sleep_asked.set()
             case _Reconfigure(model=model, health_check_timeout=timeout):
                 self.health_check_timeout = timeout  # read when a start begins
                 if self.state is ProcessState.STOPPED or same_process(self.model, model):
@@ -444,9 +496,7 @@ class ModelProcess:
             for reply in self._ready_waiters:
                 reply.set(None)
             self._ready_waiters.clear()
-            outcome = await race(
-                {_Waited.EXITED: child.exited.wait, _Waited.STOP: self._stop_order.given.wait}
-            )
+            outcome = await self._while_ready(child)
         if outcome is _Waited.EXITED:
             crashed = self.state is ProcessState.READY
             starting = self.state is ProcessState.STARTING
@@ -549,6 +599,132 @@ class ModelProcess:
         started = trio.current_time()
         await cache.save(self.upstream, order.grace * SAVE_SHARE)
         return trio.current_time() - started
+
+    async def _while_ready(self, child: ChildProcess) -> _Waited:
+        """READY (and SLEEPING) until the process exits or is to be stopped.
+
+        Returns EXITED or STOP; a sleep that fails, a sleepTTL that passes and a
+        wake that fails all end as a STOP given here (the waiters of a failed
+        wake stay: :meth:`_life` starts the model cold for them).
+        """
+        while True:
+            outcome = await race(
+                {
+                    _Waited.EXITED: child.exited.wait,
+                    _Waited.STOP: self._stop_order.given.wait,
+                    _Waited.SLEEP: self._sleep_asked.wait,
+                }
+            )
+            if outcome is not _Waited.SLEEP:
+                return outcome
+            outcome = await self._sleep_now(child)
+            if outcome is not _Waited.WAKE:
+                return outcome
+            if not await self._wake_now(child):
+                return _Waited.STOP
+
+    async def _sleep_now(self, child: ChildProcess) -> _Waited:
+        """READY -> SLEEPING, then wait there: WAKE, or EXITED / STOP (to be stopped)."""
+        config = self.model.sleep
+        assert config is not None
+        waiters, self._sleep_waiters = self._sleep_waiters, []
+        try:
+            await sleep_server(self.upstream, config)
+        except SleepFailed as exc:
+            log.warning("model %s: could not sleep (%s); stopping it", self.model.id, exc)
+            self.log.append(f"trio-swap: sleep failed ({exc}); stopping")
+            self._hooks.sleep_failed(self.model.id)
+            self._order_stop(self._sleep_reason)
+            for reply in waiters:
+                reply.set(True)  # it goes: the caller need not stop it too
+            return _Waited.STOP
+        if self._stop_order.given.is_set():  # a stop arrived during the sleep call
+            for reply in waiters:
+                reply.set(True)
+            return _Waited.STOP
+        self.state = ProcessState.SLEEPING  # READY -> SLEEPING
+        self._sleep_asked = trio.Event()
+        log.info("model %s: asleep (%s)", self.model.id, self._sleep_reason.description)
+        self._hooks.slept(self.model.id)
+        for reply in waiters:
+            reply.set(True)
+        if self._ready_waiters:  # asked for again while the sleep call ran
+            self._wake_asked.set()
+        ttl = self._sleep_ttl()
+
+        async def slept_enough() -> None:
+            await trio.sleep(ttl if ttl > 0 else math.inf)
+
+        outcome = await race(
+            {
+                _Waited.EXITED: child.exited.wait,
+                _Waited.STOP: self._stop_order.given.wait,
+                _Waited.WAKE: self._wake_asked.wait,
+                _Waited.SLEPT_ENOUGH: slept_enough,
+            }
+        )
+        self._wake_asked = trio.Event()
+        if outcome is _Waited.SLEPT_ENOUGH:
+            log.info("model %s: asleep for %gs (sleepTTL); stopping it", self.model.id, ttl)
+            self._order_stop(StopReason.TTL)
+            return _Waited.STOP
+        return outcome
+
+    async def _wake_now(self, child: ChildProcess) -> bool:
+        """SLEEPING -> STARTING -> READY; False (a stop ordered) when the wake failed."""
+        config = self.model.sleep
+        assert config is not None
+        self.state = ProcessState.STARTING  # nothing is forwarded until the test passed
+        started = trio.current_time()
+
+        failures: list[SleepFailed] = []
+
+        async def wake() -> None:
+            try:
+                await wake_server(self.upstream, config)
+            except SleepFailed as exc:  # judged below (race would wrap it in a group)
+                failures.append(exc)
+
+        outcome = await race(
+            {
+                _Waited.READY: wake,
+                _Waited.EXITED: child.exited.wait,
+                _Waited.STOP: self._stop_order.given.wait,
+            }
+        )
+        if outcome is _Waited.READY and failures and not self._stop_order.given.is_set():
+            exc = failures[0]
+            log.warning(
+                "model %s: the wake failed (%s); stopping it and starting it cold",
+                self.model.id,
+                exc,
+            )
+            self.log.append(f"trio-swap: wake failed ({exc}); restarting cold")
+            self._hooks.wake_failed(self.model.id)
+            self._order_stop(StopReason.SWAP, keep_waiters=True)
+            return False
+        if outcome is not _Waited.READY or self._stop_order.given.is_set():
+            if not self._stop_order.given.is_set():  # it exited while waking
+                self._order_stop(StopReason.SWAP, keep_waiters=True)
+            return False
+        self.last_wake_seconds = trio.current_time() - started
+        self.state = ProcessState.READY  # SLEEPING -> READY, through the test request
+        log.info("model %s: awake in %.3fs", self.model.id, self.last_wake_seconds)
+        self._hooks.woke(self.model.id, self.last_wake_seconds)
+        for reply in self._ready_waiters:
+            reply.set(None)
+        self._ready_waiters.clear()
+        return True
+
+    def _order_stop(self, reason: StopReason, *, keep_waiters: bool = False) -> None:
+        """The life task stops its own process (a failed sleep or wake, sleepTTL)."""
+        if self._stop_order.given.is_set():
+            return
+        if not keep_waiters:
+            self._fail_ready_waiters(f"stopped ({reason.description})")
+        self._hooks.stopping(self.model.id, reason)
+        self.state = ProcessState.STOPPING
+        self._stop_order.give(self.model.unload_timeout, reason)
 
     async def _wait_ready(self, child: ChildProcess, deadline: float) -> _Waited:
         """The health check until 200, racing the exit, a stop order and ``deadline``."""

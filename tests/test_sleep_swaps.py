@@ -1,0 +1,103 @@
+"""Sleep instead of stop (issue 12): swaps put ``sleep:`` models to sleep and wake them.
+
+Real responders speaking vLLM's sleep API (``--sleep-api vllm``), holding real
+memory that they release when asleep: a swap keeps the process (same PID),
+its memory goes and comes back, a wake that leaves the server broken is caught
+by the test request and the model is started cold, sleepTTL stops a model
+that slept too long, and an unload stops a sleeping one.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from tests.conftest import chat, free_port, running, wait_for
+from trio_swap.config.load import load_config_text
+from trio_swap.config.model import Config
+from trio_swap.upstream.footprint import measure_footprint
+
+MiB = 1 << 20
+
+
+def sleepy_config(*flags_by_model: tuple[str, Sequence[str]], sleep_ttl: float = 3600) -> Config:
+    lines = [f"startPort: {free_port()}", f"sleepTTL: {sleep_ttl}", "logToStdout: none", "models:"]
+    for model, flags in flags_by_model:
+        cmd = [sys.executable, "-m", "trio_swap", "responder", "--port", "${PORT}"]
+        cmd += ["--model", model, "--sleep-api", "vllm", "--hold-memory", "64MiB", *flags]
+        lines += [f"  {model}:", f"    cmd: {' '.join(cmd)}", "    sleep: vllm"]
+    return load_config_text("\n".join(lines) + "\n", "<test>")
+
+
+async def answer(harness: object, model: str) -> str:
+    client = harness.client  # type: ignore[attr-defined]
+    response = await client.post("/v1/chat/completions", json=chat(model))
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["message"]["content"])
+
+
+async def test_a_swap_puts_the_victim_to_sleep_and_the_next_request_wakes_it() -> None:
+    config = sleepy_config(("a", ()), ("b", ()))
+    with trio.fail_after(60):
+        async with running(config) as harness:
+            await answer(harness, "a")
+            pid_a = harness.pid("a")
+            assert pid_a is not None
+            held = measure_footprint(pid_a, None)["ram"]
+            await answer(harness, "b")  # a goes to sleep, not away
+            rows = await harness.models()
+            assert rows["a"]["state"] == "sleeping"
+            assert rows["a"]["pid"] == pid_a
+            assert measure_footprint(pid_a, None)["ram"] < held - 48 * MiB  # memory released
+            await answer(harness, "a")  # wakes: the same process answers
+            rows = await harness.models()
+            assert rows["a"]["state"] == "ready"
+            assert rows["a"]["pid"] == pid_a
+            assert rows["a"]["start_count"] == 1
+            assert rows["b"]["state"] == "sleeping"
+            running_rows = (await harness.client.get("/running")).json()["running"]
+            assert {r["model"]: r["state"] for r in running_rows} == {
+                "a": "ready",
+                "b": "sleeping",
+            }
+            metrics = (await harness.client.get("/metrics")).text
+            assert 'trio_swap_model_sleeps_total{model="a",outcome="ok"} 1.0' in metrics
+            assert 'trio_swap_model_wakes_total{model="a",outcome="ok"} 1.0' in metrics
+            assert 'trio_swap_model_state{model="b",state="sleeping"} 1.0' in metrics
+            await harness.client.post("/api/models/unload")  # an unload stops sleepers too
+            rows = await harness.models()
+            assert {rows[m]["state"] for m in ("a", "b")} == {"stopped"}
+
+
+async def test_a_broken_wake_is_caught_by_the_test_request_and_started_cold() -> None:
+    config = sleepy_config(("a", ("--broken-after-wake",)), ("b", ()))
+    with trio.fail_after(60):
+        async with running(config) as harness:
+            await answer(harness, "a")
+            pid_a = harness.pid("a")
+            await answer(harness, "b")
+            assert (await harness.models())["a"]["state"] == "sleeping"
+            await answer(harness, "a")  # the woken server fails its test: a cold start
+            rows = await harness.models()
+            assert rows["a"]["state"] == "ready"
+            assert rows["a"]["pid"] != pid_a
+            assert rows["a"]["start_count"] == 2
+            metrics = (await harness.client.get("/metrics")).text
+            assert 'trio_swap_model_wakes_total{model="a",outcome="failed"} 1.0' in metrics
+
+
+async def test_a_model_asleep_longer_than_sleep_ttl_is_stopped() -> None:
+    config = sleepy_config(("a", ()), ("b", ()), sleep_ttl=0.5)
+    with trio.fail_after(60):
+        async with running(config) as harness:
+            await answer(harness, "a")
+            await answer(harness, "b")
+
+            async def a_stopped() -> bool:
+                return (await harness.models())["a"]["state"] == "stopped"
+
+            await wait_for(a_stopped, what="a to be stopped after sleepTTL")
+            await answer(harness, "a")  # a cold start now
+            assert (await harness.models())["a"]["start_count"] == 2
