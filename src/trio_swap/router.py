@@ -433,8 +433,7 @@ class Router:
                 asleep = tuple(
                     m
                     for m in models
-                    if m in self._processes
-                    and self._processes[m].state is ProcessState.SLEEPING
+                    if m in self._processes and self._processes[m].state is ProcessState.SLEEPING
                 )
                 for decision in decisions:
                     if isinstance(decision, StopModels):
@@ -657,8 +656,10 @@ class Router:
         process = self._processes.get(model)
         if process is None:  # retired meanwhile (it was stopped already)
             return
-        if reason in _SLEEP_INSTEAD and self._may_sleep(process) and await process.sleep(
-            reason=reason
+        if (
+            reason in _SLEEP_INSTEAD
+            and self._may_sleep(process)
+            and await process.sleep(reason=reason)
         ):
             return  # asleep: it holds no accelerator memory, and wakes for its next request
         await process.stop(reason=reason)
