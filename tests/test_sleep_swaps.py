@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+import msgspec
 import trio
 
 from tests.conftest import chat, free_port, running, wait_for
@@ -101,3 +103,29 @@ async def test_a_model_asleep_longer_than_sleep_ttl_is_stopped() -> None:
             await wait_for(a_stopped, what="a to be stopped after sleepTTL")
             await answer(harness, "a")  # a cold start now
             assert (await harness.models())["a"]["start_count"] == 2
+
+
+async def test_a_reload_that_changes_a_sleeping_model_stops_it_and_starts_the_new_settings() -> (
+    None
+):
+    config = sleepy_config(("a", ()), ("b", ()))
+    with trio.fail_after(60):
+        async with running(config) as harness:
+            await answer(harness, "a")
+            pid_a = harness.pid("a")
+            await answer(harness, "b")
+            assert (await harness.models())["a"]["state"] == "sleeping"
+            a = config.models["a"]
+            changed = msgspec.structs.replace(a, cmd=(*a.cmd, "--tokens", "3"))
+            new = msgspec.structs.replace(config, models={**config.models, "a": changed})
+            await harness.server.reload(new)
+
+            async def a_stopped() -> bool:
+                return (await harness.models())["a"]["state"] == "stopped"
+
+            await wait_for(a_stopped, what="the sleeping a to be stopped by the reload")
+            await answer(harness, "a")
+            pid = harness.pid("a")
+            assert pid is not None and pid != pid_a
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()  # noqa: ASYNC240
+            assert b"--tokens\x003" in cmdline  # the new settings run

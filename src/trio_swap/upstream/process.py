@@ -382,6 +382,10 @@ class ModelProcess:
                     self._next_model = None
                 else:  # applied once the running process is gone (in _life)
                     self._next_model = model
+                    if self.state is ProcessState.SLEEPING:
+                        # Asleep it serves nobody: stop it now, so the next request
+                        # starts the new settings instead of waking the old ones.
+                        self._order_stop(StopReason.RELOAD)
             case _ResponseSeen(cached_tokens=cached):
                 if self._cache is not None:
                     self._cache.response_seen(cached)
