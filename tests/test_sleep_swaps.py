@@ -16,7 +16,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from tests.conftest import chat, free_port, running, wait_for
+from tests.conftest import alive, chat, free_port, running, wait_for
 from trio_swap.config.load import load_config_text
 from trio_swap.config.model import Config
 from trio_swap.upstream.footprint import measure_footprint
@@ -129,3 +129,95 @@ async def test_a_reload_that_changes_a_sleeping_model_stops_it_and_starts_the_ne
             assert pid is not None and pid != pid_a
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()  # noqa: ASYNC240
             assert b"--tokens\x003" in cmdline  # the new settings run
+
+
+def two_models(a_sleep: str, a_flags: Sequence[str] = ()) -> Config:
+    """a with ``a_sleep`` and ``a_flags``, b with ``sleep: vllm``."""
+    lines = [f"startPort: {free_port()}", "logToStdout: none", "models:"]
+    for model, sleep, flags in (("a", a_sleep, a_flags), ("b", "vllm", ())):
+        cmd = [sys.executable, "-m", "trio_swap", "responder", "--port", "${PORT}"]
+        cmd += ["--model", model, "--sleep-api", "vllm", *flags]
+        lines += [f"  {model}:", f"    cmd: {' '.join(cmd)}", f"    sleep: {sleep}"]
+    return load_config_text("\n".join(lines) + "\n", "<test>")
+
+
+async def test_a_failed_sleep_stops_the_model_and_its_next_start_stays_awake() -> None:
+    config = two_models("{sleep: POST /nope, wake: POST /wake_up}")  # the sleep call 404s
+    with trio.fail_after(60):
+        async with running(config) as harness:
+            await answer(harness, "a")
+            await answer(harness, "b")
+            assert (await harness.models())["a"]["state"] == "stopped"
+            await answer(harness, "a")  # a cold start, not put to sleep at once
+            assert (await harness.models())["a"]["state"] == "ready"
+            await answer(harness, "a")
+
+
+async def test_a_stop_during_the_sleep_call_does_not_wait_for_it_nor_haunt_the_next_start() -> None:
+    config = two_models("vllm", ("--sleep-delay", "30"))  # a sleep call that hangs
+    with trio.fail_after(20):  # a hang guard: the unload must not wait 30 s
+        async with running(config) as harness:
+            await answer(harness, "a")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(answer, harness, "b")
+                await wait_for(
+                    lambda: harness.server.processes["a"]._sleep_asked.is_set(),
+                    what="a's sleep to be asked for",
+                )
+                await harness.client.post("/api/models/unload/a")
+            await answer(harness, "a")
+            rows = await harness.models()
+            assert rows["a"]["state"] == "ready"  # awake: no leftover sleep order
+            await answer(harness, "a")
+
+
+async def test_a_reload_during_the_sleep_call_never_wakes_the_old_settings() -> None:
+    config = two_models("vllm", ("--sleep-delay", "1"))
+    with trio.fail_after(60):
+        async with running(config) as harness:
+            await answer(harness, "a")
+            pid_a = harness.pid("a")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(answer, harness, "b")
+                await wait_for(
+                    lambda: harness.server.processes["a"]._sleep_asked.is_set(),
+                    what="a's sleep to be asked for",
+                )
+                a = config.models["a"]
+                changed = msgspec.structs.replace(a, cmd=(*a.cmd, "--tokens", "3"))
+                await harness.server.reload(
+                    msgspec.structs.replace(config, models={**config.models, "a": changed})
+                )
+            await answer(harness, "a")
+            assert harness.pid("a") != pid_a
+
+
+async def test_a_reload_that_drops_sleep_from_a_sleeper_wakes_it_with_the_calls_it_slept_with() -> (
+    None
+):
+    config = two_models("vllm")
+    with trio.fail_after(60):
+        async with running(config) as harness:
+            await answer(harness, "a")
+            pid_a = harness.pid("a")
+            await answer(harness, "b")
+            a = msgspec.structs.replace(config.models["a"], sleep=None)
+            await harness.server.reload(
+                msgspec.structs.replace(config, models={**config.models, "a": a})
+            )
+            await answer(harness, "a")  # the server keeps serving
+            assert harness.pid("a") == pid_a
+
+
+async def test_a_reload_that_removes_a_sleeping_model_stops_its_process() -> None:
+    config = two_models("vllm")
+    with trio.fail_after(60):
+        async with running(config) as harness:
+            await answer(harness, "a")
+            await answer(harness, "b")
+            pid_a = harness.pid("a")
+            assert (await harness.models())["a"]["state"] == "sleeping"
+            await harness.server.reload(
+                msgspec.structs.replace(config, models={"b": config.models["b"]})
+            )
+            await wait_for(lambda: not alive(pid_a), what="the removed sleeper to exit")

@@ -68,7 +68,7 @@ import trio
 from trio_swap._sync import Reply, race
 from trio_swap.config.address import Upstream
 from trio_swap.config.diff import same_process
-from trio_swap.config.model import DEFAULT_SLEEP_TTL, PID_PLACEHOLDER, ModelConfig
+from trio_swap.config.model import DEFAULT_SLEEP_TTL, PID_PLACEHOLDER, ModelConfig, SleepConfig
 from trio_swap.errors import ModelStartFailed
 from trio_swap.observe.hooks import ProcessHooks
 from trio_swap.reasons import StopReason
@@ -216,6 +216,10 @@ class ModelProcess:
         self._sleep_waiters: list[Reply[bool]] = []
         #: Seconds the last wake took (calls, check and test request).
         self.last_wake_seconds: float | None = None
+        #: The process went to sleep in this life (no KV cache to save when it stops).
+        self._slept = False
+        #: The ``sleep:`` calls it slept with (a reload may change the config meanwhile).
+        self._slept_with: SleepConfig | None = None
         self._upstream: Upstream | None = None
         self.health_check_timeout = health_check_timeout
         self.log = log_ring if log_ring is not None else LogRing(model.id)
@@ -385,7 +389,7 @@ class ModelProcess:
                     if self.state is ProcessState.SLEEPING:
                         # Asleep it serves nobody: stop it now, so the next request
                         # starts the new settings instead of waking the old ones.
-                        self._order_stop(StopReason.RELOAD)
+                        self._order_stop(StopReason.RELOAD, keep_waiters=True)
             case _ResponseSeen(cached_tokens=cached):
                 if self._cache is not None:
                     self._cache.response_seen(cached)
@@ -402,6 +406,7 @@ class ModelProcess:
         assert self.state is ProcessState.STOPPED
         self.state = ProcessState.STARTING
         self._stop_order = _StopOrder()
+        self._fresh_sleep_state()
         self._nursery.start_soon(self._life)
 
     async def _life(self) -> None:
@@ -422,6 +427,7 @@ class ModelProcess:
                 # Someone asked for the model while it was stopping: start it again.
                 self.state = ProcessState.STARTING
                 self._stop_order = _StopOrder()
+                self._fresh_sleep_state()
         finally:
             self.state = ProcessState.STOPPED  # cancelled: the process is gone by now
 
@@ -502,7 +508,7 @@ class ModelProcess:
             self._ready_waiters.clear()
             outcome = await self._while_ready(child)
         if outcome is _Waited.EXITED:
-            crashed = self.state is ProcessState.READY
+            crashed = self.state in (ProcessState.READY, ProcessState.SLEEPING)
             starting = self.state is ProcessState.STARTING
             # Not ready from this instant: an ensure_ready arriving while the pipe
             # drains must wait and restart, never be told "ready".
@@ -542,7 +548,7 @@ class ModelProcess:
             return _LifeEnd.FAILED
         # _Waited.STOP: STARTING or READY -> STOPPING
         grace = self._stop_order.grace
-        if reached_ready:
+        if reached_ready and not self._slept:  # a sleeping server has no cache to save
             grace = max(0.0, grace - await self._save_cache())
         await self._terminate(child, grace, self._stop_order.reason.description)
         return _LifeEnd.STOPPED if reached_ready else _LifeEnd.FAILED
@@ -620,6 +626,7 @@ class ModelProcess:
                 }
             )
             if outcome is not _Waited.SLEEP:
+                self._answer_sleepers()  # it goes away: it holds nothing any more
                 return outcome
             outcome = await self._sleep_now(child)
             if outcome is not _Waited.WAKE:
@@ -630,28 +637,46 @@ class ModelProcess:
     async def _sleep_now(self, child: ChildProcess) -> _Waited:
         """READY -> SLEEPING, then wait there: WAKE, or EXITED / STOP (to be stopped)."""
         config = self.model.sleep
-        assert config is not None
-        waiters, self._sleep_waiters = self._sleep_waiters, []
-        try:
-            await sleep_server(self.upstream, config)
-        except SleepFailed as exc:
+        if config is None:  # a reload took sleep: away just now: a plain stop
+            self._order_stop(self._sleep_reason)
+            self._answer_sleepers()
+            return _Waited.STOP
+        failures: list[SleepFailed] = []
+
+        async def put_to_sleep() -> None:
+            try:
+                await sleep_server(self.upstream, config)
+            except SleepFailed as exc:  # judged below (race would wrap it in a group)
+                failures.append(exc)
+
+        # Raced, like a wake: a stop or an exit never waits for a hanging sleep call.
+        outcome = await race(
+            {
+                _Waited.SLEEP: put_to_sleep,
+                _Waited.EXITED: child.exited.wait,
+                _Waited.STOP: self._stop_order.given.wait,
+            }
+        )
+        if outcome is _Waited.SLEEP and failures and not self._stop_order.given.is_set():
+            exc = failures[0]
             log.warning("model %s: could not sleep (%s); stopping it", self.model.id, exc)
             self.log.append(f"trio-swap: sleep failed ({exc}); stopping")
             self._hooks.sleep_failed(self.model.id)
             self._order_stop(self._sleep_reason)
-            for reply in waiters:
-                reply.set(True)  # it goes: the caller need not stop it too
-            return _Waited.STOP
-        if self._stop_order.given.is_set():  # a stop arrived during the sleep call
-            for reply in waiters:
-                reply.set(True)
+        if outcome is not _Waited.SLEEP or self._stop_order.given.is_set():
+            self._answer_sleepers()  # it goes: the caller need not stop it too
+            return _Waited.STOP if outcome is _Waited.SLEEP else outcome
+        if self._next_model is not None:  # a reload replaced it during the sleep call
+            self._order_stop(StopReason.RELOAD)
+            self._answer_sleepers()
             return _Waited.STOP
         self.state = ProcessState.SLEEPING  # READY -> SLEEPING
+        self._slept = True
+        self._slept_with = config
         self._sleep_asked = trio.Event()
         log.info("model %s: asleep (%s)", self.model.id, self._sleep_reason.description)
         self._hooks.slept(self.model.id)
-        for reply in waiters:
-            reply.set(True)
+        self._answer_sleepers()
         if self._ready_waiters:  # asked for again while the sleep call ran
             self._wake_asked.set()
         ttl = self._sleep_ttl()
@@ -676,8 +701,8 @@ class ModelProcess:
 
     async def _wake_now(self, child: ChildProcess) -> bool:
         """SLEEPING -> STARTING -> READY; False (a stop ordered) when the wake failed."""
-        config = self.model.sleep
-        assert config is not None
+        config = self._slept_with  # the calls that put it to sleep wake it
+        assert config is not None, "SLEEPING always has the config it slept with"
         self.state = ProcessState.STARTING  # nothing is forwarded until the test passed
         started = trio.current_time()
 
@@ -705,12 +730,14 @@ class ModelProcess:
             )
             self.log.append(f"trio-swap: wake failed ({exc}); restarting cold")
             self._hooks.wake_failed(self.model.id)
-            self._order_stop(StopReason.SWAP, keep_waiters=True)
+            self._order_stop(StopReason.SWAP, keep_waiters=True, announce=False)
             return False
         if outcome is not _Waited.READY or self._stop_order.given.is_set():
             if not self._stop_order.given.is_set():  # it exited while waking
-                self._order_stop(StopReason.SWAP, keep_waiters=True)
+                self._hooks.wake_failed(self.model.id)
+                self._order_stop(StopReason.SWAP, keep_waiters=True, announce=False)
             return False
+        self._slept = False
         self.last_wake_seconds = trio.current_time() - started
         self.state = ProcessState.READY  # SLEEPING -> READY, through the test request
         log.info("model %s: awake in %.3fs", self.model.id, self.last_wake_seconds)
@@ -720,15 +747,36 @@ class ModelProcess:
         self._ready_waiters.clear()
         return True
 
-    def _order_stop(self, reason: StopReason, *, keep_waiters: bool = False) -> None:
-        """The life task stops its own process (a failed sleep or wake, sleepTTL)."""
+    def _order_stop(
+        self, reason: StopReason, *, keep_waiters: bool = False, announce: bool = True
+    ) -> None:
+        """The process stops itself (a failed sleep or wake, sleepTTL, a reload).
+
+        ``announce`` False: not an eviction (a failed wake restarts the model for
+        its waiters; the metrics count it as a failed wake instead).
+        """
         if self._stop_order.given.is_set():
             return
         if not keep_waiters:
             self._fail_ready_waiters(f"stopped ({reason.description})")
-        self._hooks.stopping(self.model.id, reason)
+        if announce:
+            self._hooks.stopping(self.model.id, reason)
         self.state = ProcessState.STOPPING
         self._stop_order.give(self.model.unload_timeout, reason)
+
+    def _fresh_sleep_state(self) -> None:
+        """A new life starts awake, with no sleep asked for and nobody waiting on one."""
+        self._sleep_asked = trio.Event()
+        self._wake_asked = trio.Event()
+        self._slept = False
+        self._slept_with = None
+        self._answer_sleepers()
+
+    def _answer_sleepers(self) -> None:
+        """Whoever asked for a sleep: the process sleeps or goes; either way it is done."""
+        waiters, self._sleep_waiters = self._sleep_waiters, []
+        for reply in waiters:
+            reply.set(True)
 
     async def _wait_ready(self, child: ChildProcess, deadline: float) -> _Waited:
         """The health check until 200, racing the exit, a stop order and ``deadline``."""
