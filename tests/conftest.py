@@ -9,6 +9,7 @@ trio-swap check the process groups themselves). A test waits for a condition
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import inspect
@@ -212,6 +213,25 @@ def make_config(*models: ModelConfig, health_check_timeout: float = 30.0) -> Con
         start_port=_config_start_port(),
         log_to_stdout="none",
     )
+
+
+def sockets_to(port: int) -> int:
+    """This process's TCP sockets whose *remote* port is ``port``, in any state (from
+    /proc, not from trio-swap's bookkeeping): an in-process trio-swap's connections
+    to a model server, idle, in use or left in CLOSE-WAIT."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            count += link.startswith("socket:[") and link[8:-1] in inodes
+    return count
 
 
 def alive(pid: int | None) -> bool:

@@ -9,30 +9,12 @@ llama-server's exit by ~100 ms).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 
 import trio
 
-from tests.conftest import chat, make_config, responder_model, running, wait_for
-
-
-def sockets_to(port: int) -> int:
-    """This process's TCP sockets whose remote port is ``port``, any state."""
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(FileNotFoundError), open(table) as rows:
-            for row in list(rows)[1:]:
-                fields = row.split()
-                if int(fields[2].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(fields[9])
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/self/fd/{fd}")
-            count += link.startswith("socket:[") and link[8:-1] in inodes
-    return count
+from tests.conftest import chat, make_config, responder_model, running, sockets_to, wait_for
 
 
 def port_of(proxy: str) -> int:

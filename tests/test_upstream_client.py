@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.conftest import free_port
+from tests.conftest import free_port, sockets_to
 from trio_swap.errors import UpstreamFailed
 from trio_swap.http.upstream_client import Upstream, UpstreamClient
 
@@ -136,23 +136,6 @@ async def test_a_request_the_server_received_is_never_sent_twice() -> None:
     await client.aclose()
 
 
-def _sockets_to(port: int) -> int:
-    """This process's TCP sockets whose *remote* port is ``port`` (any state), from /proc."""
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(FileNotFoundError), open(table) as rows:
-            for row in list(rows)[1:]:
-                fields = row.split()
-                if int(fields[2].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(fields[9])
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/self/fd/{fd}")
-            count += link.startswith("socket:[") and link[8:-1] in inodes
-    return count
-
-
 async def keep_alive_server(
     headers: bytes, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -198,18 +181,18 @@ async def test_retire_closes_idle_connections_at_once_and_never_pools_one_in_use
             upstream = Upstream(f"http://127.0.0.1:{port}")
             await post(client, upstream)
             assert client.idle_connections(upstream) == 1
-            assert _sockets_to(port) == 1
+            assert sockets_to(port) == 1
             busy = await client.send(
                 upstream, method=b"POST", target=b"/", headers=[], body=b"x", model="m"
             )
             client.retire(upstream)  # the model's process is told to stop
             # No checkpoint in between: the idle socket is already closed.
             assert client.idle_connections(upstream) == 0
-            assert _sockets_to(port) == 1  # only the one in use
+            assert sockets_to(port) == 1  # only the one in use
             assert b"".join([c async for c in busy.iter_raw()]) == b"ok"
             await busy.aclose()  # its response is over: closed, not pooled
             assert client.idle_connections(upstream) == 0
-            assert _sockets_to(port) == 0
+            assert sockets_to(port) == 0
             await post(client, upstream)  # a new process there: new connections pool again
             assert client.idle_connections(upstream) == 1
             nursery.cancel_scope.cancel()
@@ -238,7 +221,7 @@ async def test_idle_connections_expire_before_the_servers_keep_alive_timeout(
             assert client.idle_connections(default) == 1  # no header: 4 s
             await trio.sleep(2.0)
             assert client.idle_connections(default) == 0
-            assert _sockets_to(short) == _sockets_to(silent) == 0  # nothing left in CLOSE-WAIT
+            assert sockets_to(short) == sockets_to(silent) == 0  # nothing left in CLOSE-WAIT
             nursery.cancel_scope.cancel()
     await client.aclose()
 
@@ -252,7 +235,7 @@ async def test_a_connection_that_carried_an_event_stream_is_not_pooled() -> None
             upstream = Upstream(f"http://127.0.0.1:{port}")
             await post(client, upstream)
             assert client.idle_connections(upstream) == 0
-            assert _sockets_to(port) == 0
+            assert sockets_to(port) == 0
             nursery.cancel_scope.cancel()
     await client.aclose()
 

@@ -8,20 +8,11 @@ module writes the config text it is given and starts trio-swap the same way.
 from __future__ import annotations
 
 import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
-import pytest
-from real_support import (
-    LLAMA_SERVER_FLAGS,
-    SERVE_START_TIMEOUT,
-    TrioSwapServer,
-    free_port_range,
-)
-from tests.conftest import free_port
+from real_support import LLAMA_SERVER_FLAGS, TrioSwapServer, free_port_range, serve_config
 
 
 def model_lines(model_id: str, server: Path, model: Path, *extra: str) -> list[str]:
@@ -40,47 +31,8 @@ def start_with_config(
     for entry in models:
         lines += entry
     config.write_text("\n".join(lines) + "\n")
-    port = free_port()
-    log = tmp / "trio-swap.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "trio_swap",
-        "serve",
-        "--config",
-        str(config),
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--state-dir",
-        str(tmp / "state"),
-    ]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
     server_bin = Path(shlex.split(models[0][1].split("cmd: ", 1)[1])[0])
-    handle = TrioSwapServer(proc, f"http://127.0.0.1:{port}", config, log, files, server_bin)
-    deadline = time.monotonic() + SERVE_START_TIMEOUT
-    with httpx.Client(timeout=2.0) as client:
-        while True:
-            if proc.poll() is not None:
-                handle.kill_everything()
-                pytest.fail(f"trio-swap exited before listening:\n{handle.log_tail()}")
-            try:
-                if client.get(f"{handle.base_url}/health").status_code == 200:
-                    return handle
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                handle.kill_everything()
-                pytest.fail(
-                    f"trio-swap not healthy in {SERVE_START_TIMEOUT}s:\n{handle.log_tail()}"
-                )
-            time.sleep(0.05)
+    return serve_config(tmp, config, files, server_bin)
 
 
 def row(client: httpx.Client, model: str) -> dict[str, object]:

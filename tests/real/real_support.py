@@ -127,6 +127,15 @@ def start_trio_swap(
 ) -> TrioSwapServer:
     """Spawn trio-swap in its own session and wait until /health answers 200."""
     config = write_config(tmp / "config.yaml", server, models, top=top)
+    return serve_config(tmp, config, models, server)
+
+
+def serve_config(tmp: Path, config: Path, models: dict[str, Path], server: Path) -> TrioSwapServer:
+    """Run ``trio-swap serve`` on ``config`` in its own session; wait until /health is 200.
+
+    ``models`` (id -> model file) and ``server`` (the llama-server binary) are
+    what :meth:`TrioSwapServer.kill_everything` looks for when cleaning up.
+    """
     port = free_port()
     log = tmp / "trio-swap.log"
     cmd = [
