@@ -8,11 +8,15 @@ import logging
 import sys
 from collections.abc import Sequence
 from functools import partial
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import trio
 
 from trio_swap import __version__
+
+if TYPE_CHECKING:
+    from trio_swap.config import Config
+    from trio_swap.config.sources import ConfigSources
 
 __all__ = ["main", "parse_listen"]
 
@@ -25,6 +29,7 @@ for different models.
 
   trio-swap serve                          serve the built-in demo models
   trio-swap serve --config config.yaml     serve your models (llama-swap's config format)
+  trio-swap serve --config-dir conf.d      serve the merged *.yaml files of a directory
   trio-swap check --config config.yaml     validate a config file (exit 2 if invalid)
   trio-swap plan --config config.yaml --running a,b --request c
                                            what a request for c would stop, and why
@@ -60,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--config", "-config", metavar="FILE", help="config file (llama-swap format)"
     )
+    _add_config_dir(serve)
     serve.add_argument(
         "--listen",
         "-listen",
@@ -104,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--watch-config",
         "-watch-config",
         action="store_true",
-        help="reload the --config file when it changes (polled every second; SIGHUP always "
-        "reloads); models whose settings did not change keep running",
+        help="reload the --config file (and the --config-dir files) when they change (polled "
+        "every second; SIGHUP always reloads); models whose settings did not change keep running",
     )
 
     check = commands.add_parser(
@@ -113,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate a config file",
         description="Load and validate a config; exit 0 if valid, 2 if not (error on stderr).",
     )
-    check.add_argument("--config", "-config", metavar="FILE", required=True)
+    check.add_argument("--config", "-config", metavar="FILE")
+    _add_config_dir(check)
     check.add_argument(
         "--format",
         choices=("text", "json"),
@@ -129,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
             "while the --running models are loaded. Nothing is started."
         ),
     )
-    plan.add_argument("--config", "-config", metavar="FILE", required=True)
+    plan.add_argument("--config", "-config", metavar="FILE")
+    _add_config_dir(plan)
     plan.add_argument(
         "--running", default="", metavar="A,B", help="comma-separated models loaded now"
     )
@@ -155,6 +163,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_config_dir(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--config-dir",
+        "-config-dir",
+        metavar="DIR",
+        help="also read the top-level *.yaml/*.yml files of DIR, merged in file-name order "
+        "after --config (docs/configuration.md#several-files)",
+    )
+
+
+def _sources(args: argparse.Namespace) -> ConfigSources | None:
+    """``--config`` and ``--config-dir`` as one value; None when neither is given."""
+    from trio_swap.config.sources import ConfigSources
+
+    if args.config is None and args.config_dir is None:
+        return None
+    return ConfigSources(args.config, args.config_dir)
+
+
+def _load(sources: ConfigSources) -> Config:
+    from trio_swap.config.sources import load_sources
+
+    return load_sources(sources)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["responder"]:
@@ -165,8 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_list)
     if args.command == "serve":
         return _serve(args)
+    if args.command in ("check", "plan") and _sources(args) is None:
+        parser.error(f"{args.command} needs --config FILE or --config-dir DIR (or both)")
     if args.command == "check":
-        return _check(args.config, args.format)
+        sources = _sources(args)
+        assert sources is not None
+        return _check(sources, args.format)
     if args.command == "plan":
         return _plan(args)
     if args.command == "schema":
@@ -180,11 +217,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-def _check(path: str, output: str = "text") -> int:
-    from trio_swap.config import ConfigError, load_config
+def _check(sources: ConfigSources | str, output: str = "text") -> int:
+    from trio_swap.config import ConfigError
+    from trio_swap.config.sources import ConfigSources
 
     try:
-        config = load_config(path)
+        config = _load(ConfigSources(sources) if isinstance(sources, str) else sources)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -203,7 +241,7 @@ def _check(path: str, output: str = "text") -> int:
             return 1
         print(msgspec.json.encode(document).decode())
     else:
-        print(f"{path}: ok ({len(config.models)} models, {config.routing.router} router)")
+        print(f"{config.source}: ok ({len(config.models)} models, {config.routing.router} router)")
     return 0
 
 
@@ -212,12 +250,14 @@ def _plan(args: argparse.Namespace) -> int:
 
     import msgspec
 
-    from trio_swap.config import ConfigError, load_config
+    from trio_swap.config import ConfigError
     from trio_swap.explain import plan
     from trio_swap.fit.state import STATE_FILE, default_state_dir, estimates, read_learned
 
+    sources = _sources(args)
+    assert sources is not None
     try:
-        config = load_config(args.config)
+        config = _load(sources)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -262,15 +302,16 @@ def _positive_float(text: str) -> float:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from trio_swap.config import ConfigError, load_config, load_demo_config
+    from trio_swap.config import ConfigError, load_demo_config
     from trio_swap.fit.state import default_state_dir
     from trio_swap.server import RunningServer, serve
 
-    if args.watch_config and not args.config:
-        print("error: --watch-config needs --config FILE", file=sys.stderr)
+    sources = _sources(args)
+    if args.watch_config and sources is None:
+        print("error: --watch-config needs --config FILE or --config-dir DIR", file=sys.stderr)
         return 2
     try:
-        config = load_config(args.config) if args.config else load_demo_config()
+        config = _load(sources) if sources is not None else load_demo_config()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -290,7 +331,8 @@ def _serve(args: argparse.Namespace) -> int:
                     shutdown_timeout=args.shutdown_timeout,
                     max_body_bytes=int(args.max_body_mib * 1024 * 1024),
                     activity_db=args.activity_db,
-                    config_path=args.config,
+                    # A reload reads the same files again (all of --config-dir's).
+                    config_path=sources if args.config_dir is not None else args.config,
                     watch_config=args.watch_config,
                     h2c=args.h2c,
                     state_dir=args.state_dir or default_state_dir(),

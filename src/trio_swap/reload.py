@@ -40,6 +40,7 @@ import trio
 
 from trio_swap.config import Config, ConfigError, ModelConfig, load_config
 from trio_swap.config.diff import NOT_RELOADED, ConfigDiff, diff_configs
+from trio_swap.config.sources import ConfigSources, load_sources, yaml_files
 from trio_swap.fit.ledger import FitLedger
 from trio_swap.fit.state import estimates
 from trio_swap.policy import build_policy
@@ -77,7 +78,7 @@ class ReloadReport(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     msg: str = "ok"
-    #: The file the new config came from.
+    #: The file the new config came from (with ``--config-dir``: every file).
     source: str
     added: tuple[str, ...]
     removed: tuple[str, ...]
@@ -112,7 +113,7 @@ class Reloader:
         self,
         config: Config,
         *,
-        path: str | os.PathLike[str] | None,
+        path: str | os.PathLike[str] | ConfigSources | None,
         router: Router,
         switch_config: SwitchConfig,
         spawn: Spawn,
@@ -123,10 +124,13 @@ class Reloader:
         It must switch every reader of the config outside the router (the HTTP
         layer: inference routes, admin state, API keys) at once, and must not
         block or raise. ``spawn`` makes the supervised process of a model a
-        reload adds.
+        reload adds. ``path``: the config file, or :class:`ConfigSources` (a
+        ``--config-dir``, whose every file a reload reads again).
         """
         self._config = config
-        self._path = None if path is None else os.fspath(path)
+        self._path: str | ConfigSources | None = (
+            path if path is None or isinstance(path, ConfigSources) else os.fspath(path)
+        )
         self._router = router
         self._switch_config = switch_config
         self._spawn = spawn
@@ -187,8 +191,12 @@ class Reloader:
             raise ReloadUnavailable(
                 "trio-swap was not started from a config file: start it with --config FILE"
             )
-        load = partial(
-            load_config, self._path, previous=self._config, ports_in_use=self._ports_in_use()
+        path = self._path
+        ports = self._ports_in_use()
+        load = (
+            partial(load_sources, path, previous=self._config, ports_in_use=ports)
+            if isinstance(path, ConfigSources)
+            else partial(load_config, path, previous=self._config, ports_in_use=ports)
         )
         try:
             return await trio.to_thread.run_sync(load)
@@ -200,7 +208,7 @@ class Reloader:
             # the server: logged here with its traceback, then a failed reload like any other.
             log.exception("config reload failed (a loader bug); still serving the previous config")
             reason = f"cannot be loaded (a bug in trio-swap's loader): {type(exc).__name__}: {exc}"
-            raise ConfigError(reason, source=self._path) from exc
+            raise ConfigError(reason, source=os.fspath(path)) from exc
 
     def _ports_in_use(self) -> dict[int, str]:
         """Port -> model for every process still running or stopping (docs/reload.md).
@@ -275,49 +283,93 @@ def _learn_config(ledger: FitLedger | None, config: Config, sizes: dict[str, int
 
 
 async def watch_config_file(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | ConfigSources,
     request: Callable[[str], None],
     *,
     interval: float = WATCH_INTERVAL,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """``--watch-config``: poll ``path``; ask for a reload once an edit has settled.
+    """``--watch-config``: poll the config; ask for a reload once an edit has settled.
 
-    A change is noticed by the file's mtime, size or inode (polling, not
+    ``path`` is the config file, or :class:`ConfigSources` (the file and the
+    ``--config-dir`` directory): then a file added to or removed from the
+    directory is a change too, as is an edit of any of its files.
+
+    A change is noticed by each file's mtime, size or inode (polling, not
     inotify, so it works on bind mounts and Kubernetes ConfigMaps, which swap
-    the file by rename). It counts once the file has stayed the same for one
+    the file by rename). It counts once the files have stayed the same for one
     whole interval, so a file half-way through being written is never read,
-    and only if its content (SHA-256) differs from what was last seen: a
-    ``touch`` reloads nothing. A missing file is waited for.
+    and only if their content (SHA-256 of the names and contents) differs from
+    what was last seen: a ``touch`` reloads nothing. A missing file, or a
+    missing or empty directory, is waited for (a ConfigMap being swapped).
+    Started (``nursery.start``) once it has taken its first look: an edit from
+    then on is seen.
     """
-    source = os.fspath(path)
-    seen = await trio.to_thread.run_sync(_stat_key, source)
-    loaded = await trio.to_thread.run_sync(_digest, source)
+    watched: str | ConfigSources = path if isinstance(path, ConfigSources) else os.fspath(path)
+    seen = await trio.to_thread.run_sync(_stat_key, watched)
+    loaded = await trio.to_thread.run_sync(_digest, watched)
     settling = False
+    task_status.started()
     while True:
         await trio.sleep(interval)
-        key = await trio.to_thread.run_sync(_stat_key, source)
+        key = await trio.to_thread.run_sync(_stat_key, watched)
         if key != seen:  # (still) changing: look again after one more interval
             seen, settling = key, key is not None
             continue
         if not settling:
             continue
         settling = False
-        digest = await trio.to_thread.run_sync(_digest, source)
+        digest = await trio.to_thread.run_sync(_digest, watched)
         if digest is not None and digest != loaded:
             loaded = digest
-            request(f"{source} changed")
+            request(f"{_describe(watched)} changed")
 
 
-def _stat_key(path: str) -> tuple[int, int, int] | None:
-    try:
-        stat = os.stat(path)
-    except OSError:
+#: The look of the watched files: (path, mtime, size, inode) for each.
+StatKey = tuple[tuple[str, int, int, int], ...]
+
+
+def _watched_files(watched: str | ConfigSources) -> list[str] | None:
+    """The files a reload would read now; None while a directory is missing or empty."""
+    if not isinstance(watched, ConfigSources):
+        return [watched]
+    files = [] if watched.file is None else [watched.file]
+    if watched.directory is not None:
+        try:
+            files.extend(yaml_files(watched.directory))
+        except ConfigError:
+            return None
+    return files
+
+
+def _describe(watched: str | ConfigSources) -> str:
+    return watched if isinstance(watched, str) else watched.describe()
+
+
+def _stat_key(watched: str | ConfigSources) -> StatKey | None:
+    files = _watched_files(watched)
+    if files is None:
         return None
-    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+    key: list[tuple[str, int, int, int]] = []
+    for path in files:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        key.append((path, stat.st_mtime_ns, stat.st_size, stat.st_ino))
+    return tuple(key)
 
 
-def _digest(path: str) -> bytes | None:
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).digest()
-    except OSError:
+def _digest(watched: str | ConfigSources) -> bytes | None:
+    files = _watched_files(watched)
+    if files is None:
         return None
+    digest = hashlib.sha256()
+    for path in files:
+        try:
+            content = Path(path).read_bytes()
+        except OSError:
+            return None
+        digest.update(path.encode(errors="surrogateescape") + b"\0")
+        digest.update(hashlib.sha256(content).digest())
+    return digest.digest()

@@ -95,6 +95,16 @@ def load_config(
             :func:`load_config_text` rejects.
     """
     source = os.fspath(path)
+    text = read_config_file(source)
+    return load_config_text(text, source, previous=previous, ports_in_use=ports_in_use)
+
+
+def read_config_file(source: str) -> str:
+    """The text of one config file (also each file of ``--config-dir``).
+
+    Raises:
+        ConfigError: unreadable, larger than :data:`MAX_FILE_BYTES`, not UTF-8.
+    """
     try:
         with open(source, "rb") as file:
             # One byte over the limit is enough to refuse it (--config pointed at a log file).
@@ -110,7 +120,7 @@ def load_config(
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigError("is not valid UTF-8", source=source, line=line) from exc
-    return load_config_text(text, source, previous=previous, ports_in_use=ports_in_use)
+    return text
 
 
 def load_config_text(
@@ -136,7 +146,21 @@ def load_config_text(
         ConfigError: the first problem found, located by key path and line.
     """
     text = substitute_env(text.removeprefix("\ufeff"), source, environ)
-    return _Loader(parse_document(text, source), previous, ports_in_use).load()
+    return load_document(parse_document(text, source), previous=previous, ports_in_use=ports_in_use)
+
+
+def load_document(
+    doc: Document,
+    *,
+    previous: Config | None = None,
+    ports_in_use: Mapping[int, str] | None = None,
+) -> Config:
+    """Load a parsed document (one file's, or several merged by :mod:`.merge`).
+
+    Raises:
+        ConfigError: the first problem found, located by file, key path and line.
+    """
+    return _Loader(doc, previous, ports_in_use).load()
 
 
 @final

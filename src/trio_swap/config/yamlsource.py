@@ -121,36 +121,64 @@ def type_name(value: object) -> str:
 
 @final
 class Document:
-    """A parsed YAML document: its value plus the line of every key path."""
+    """A parsed YAML document: its value plus the line of every key path.
 
-    def __init__(self, source: str, value: object, lines: dict[KeyPath, int]) -> None:
+    A document merged from several files (``--config-dir``, :mod:`.merge`)
+    also knows the file of every key path (``origins``), so an error found
+    after merging still names the file and line the value was written on.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        value: object,
+        lines: dict[KeyPath, int],
+        *,
+        origins: dict[KeyPath, str] | None = None,
+        files: tuple[str, ...] = (),
+    ) -> None:
+        """``origins``: key path -> the file it was written in, for every path of
+        ``lines`` (None: all of them are in ``source``). ``files``: the files in
+        merge order, so warnings sort by file, then line."""
+        #: The file, or for a merged document a description of its files.
         self.source = source
         #: Plain values: ``dict[str, ...]``, ``list``, ``str``, ``int``, ``float``,
         #: ``bool`` or ``None``. Mapping keys are always ``str``.
         self.value = value
         self._lines = lines
+        self._origins = origins
+        self._rank = {name: index for index, name in enumerate(files)}
 
-    def line(self, path: KeyPath) -> int | None:
-        """The line ``path`` was written on, or that of its nearest written ancestor.
+    def locate(self, path: KeyPath) -> tuple[str, int | None]:
+        """(file, line) where ``path`` was written, or its nearest written ancestor.
 
         A missing key (``cmd`` left out) thus points at the model it belongs to.
         """
         for end in range(len(path), -1, -1):
             line = self._lines.get(path[:end])
             if line is not None:
-                return line
-        return None
+                origins = self._origins
+                source = self.source if origins is None else origins.get(path[:end], self.source)
+                return source, line
+        return self.source, None
+
+    def line(self, path: KeyPath) -> int | None:
+        """The line ``path`` was written on, or that of its nearest written ancestor."""
+        return self.locate(path)[1]
 
     def error(self, path: KeyPath, message: str) -> ConfigError:
         """A :class:`ConfigError` located at ``path``, for the caller to raise."""
-        return ConfigError(
-            message, source=self.source, key_path=format_path(path), line=self.line(path)
-        )
+        source, line = self.locate(path)
+        return ConfigError(message, source=source, key_path=format_path(path), line=line)
 
     def warning(self, path: KeyPath, message: str) -> tuple[int, str]:
-        """(line, text) of a warning at ``path``, worded and made safe like an error."""
+        """(sort key, text) of a warning at ``path``, worded and made safe like an error.
+
+        The sort key is the line, after the rank of its file in a merged
+        document, so warnings read file by file, each in line order.
+        """
         error = self.error(path, message)
-        return error.line or 0, str(error)
+        return (self._rank.get(error.source, 0) << 32) + (error.line or 0), str(error)
 
 
 def parse_document(text: str, source: str) -> Document:
