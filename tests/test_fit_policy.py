@@ -11,12 +11,13 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trio_swap.config.matrix_dsl import compile_matrix
-from trio_swap.config.model import GroupConfig, ModelConfig
+from trio_swap.config.model import GroupConfig, HttpCall, ModelConfig, SleepConfig
 from trio_swap.fit.ledger import (
     DEMAND_HALF_LIFE,
     FitLedger,
@@ -371,3 +372,207 @@ def test_a_measured_zero_is_knowledge_and_unmeasured_resources_default_to_zero()
     assert ledger.need("cpu")["vram0"] == 0
     assert ledger.basis("cpu")["vram0"] == "measured"
     assert ledger.need("counted")["slots"] == 2
+
+
+# --- sleeping models (``sleep:``) ----------------------------------------------------------
+
+SLEEPS = SleepConfig(
+    sleep=HttpCall(method="POST", path="/sleep"), wake=(HttpCall(method="POST", path="/wake_up"),)
+)
+
+
+def sleeper(model_id: str, **needs: int) -> ModelConfig:
+    return msgspec.structs.replace(model(model_id, **needs), sleep=SLEEPS)
+
+
+def test_a_sleeper_holds_its_measured_asleep_footprint_and_before_it_its_weights_in_ram() -> None:
+    ledger = FitLedger(
+        {"ram": 1024 * MiB, "vram0": 1024 * MiB},
+        {"a": sleeper("a", ram=100 * MiB, vram0=300 * MiB)},
+    )
+    # Before a measurement asleep: its ram plus its GPU memory (level 1 moves the weights).
+    assert ledger.asleep_need("a") == {"ram": 400 * MiB, "vram0": 0}
+    assert ledger.measured("a", {"ram": 50 * MiB, "vram0": 10 * MiB}, asleep=True)
+    assert ledger.asleep_need("a") == {"ram": 55 * MiB, "vram0": 11 * MiB}
+    assert ledger.need("a") == {"ram": 100 * MiB, "vram0": 300 * MiB}  # awake: unchanged
+    ledger.set_asleep(["a"])
+    use = ledger.use(["a"])  # its process lives, asleep: what it holds asleep is reserved
+    assert use["ram"]["reserved"] == 55 * MiB
+    assert use["vram0"]["used"] == 10 * MiB
+    again = FitLedger(
+        {"ram": 1024 * MiB, "vram0": 1024 * MiB},
+        {"a": sleeper("a", ram=100 * MiB, vram0=300 * MiB)},
+        learned=ledger.learned(),
+    )
+    assert again.asleep_need("a") == ledger.asleep_need("a")  # kept across a restart
+
+
+def test_wake_time_is_learned_and_makes_sleeping_cheaper_than_stopping() -> None:
+    ledger = FitLedger({}, {"a": sleeper("a"), "b": model("b")})
+    ledger.loaded("a", 20.0)
+    assert ledger.sleep_cost("a") == pytest.approx(2.0)  # a tenth of a load, unmeasured
+    ledger.woke("a", 1.0)
+    ledger.woke("a", 2.0)
+    assert ledger.wake_seconds("a") == pytest.approx(1.3)
+    assert ledger.sleep_cost("a") == pytest.approx(1.3)
+    assert ledger.asleep_stop_cost("a") == pytest.approx(20.0 - 1.3)
+    assert ledger.eviction_cost("a") == pytest.approx(20.0)
+    # The matrix's default cost of a sleep: model is its wake, in whole seconds.
+    assert learned_matrix_cost(ledger, "a") == 1
+    ledger.loaded("b", 20.0)
+    assert learned_matrix_cost(ledger, "b") == 20
+
+
+def test_a_victim_that_fits_asleep_sleeps_and_one_too_big_asleep_stops() -> None:
+    gpu = {"ram": 1000, "vram0": 100}
+    ledger = FitLedger(
+        gpu, {"a": sleeper("a", ram=100, vram0=60), "b": model("b", ram=100, vram0=60)}
+    )
+    ledger.measured("a", {"ram": 200}, asleep=True)  # asleep: 220 with the margin
+    policy = FitPolicy(ledger)
+    plan = policy.plan("b", ["a"])
+    assert plan.evict == ("a",)
+    assert plan.sleep == ("a",)  # waking is cheaper than a cold start, and it fits asleep
+    tight = FitLedger(
+        {"ram": 300, "vram0": 100},
+        {"a": sleeper("a", ram=100, vram0=60), "b": model("b", ram=100, vram0=60)},
+    )
+    tight.measured("a", {"ram": 250}, asleep=True)  # 275 asleep + 100 for b > 300
+    plan = FitPolicy(tight).plan("b", ["a"])
+    assert plan.evict == ("a",)
+    assert plan.sleep == ()  # too big to sleep beside b: it stops
+    assert plan.fits
+
+
+def test_a_sleeper_is_stopped_when_its_host_memory_is_needed() -> None:
+    ledger = FitLedger(
+        {"ram": 500, "vram0": 100},
+        {"a": sleeper("a", ram=100, vram0=60), "b": model("b", ram=300, vram0=60)},
+    )
+    ledger.measured("a", {"ram": 300, "vram0": 0}, asleep=True)  # 330 asleep
+    ledger.set_asleep(["a"])
+    policy = FitPolicy(ledger)
+    plan = policy.plan("b", [])
+    assert plan.evict == ()  # nothing runs...
+    assert plan.stop_asleep == ("a",)  # ...but a's host memory is needed
+    assert "asleep" in policy.explain("b", "a")
+    # The target itself asleep: waking it replaces what it holds asleep.
+    assert FitPolicy(ledger).plan("a", []).stop_asleep == ()
+
+
+ACTIONS = ("keep", "sleep", "stop")
+
+
+@st.composite
+def sleep_cases(draw: st.DrawFn) -> tuple[FitLedger, str, list[str], list[str], Placement]:
+    capacity = {"ram": draw(st.integers(4, 40)), "vram0": draw(st.integers(4, 40))}
+    names = NAMES[: draw(st.integers(2, 6))]
+    models: dict[str, ModelConfig] = {}
+    for name in names:
+        need = {r: draw(st.integers(0, capacity[r])) for r in capacity}
+        models[name] = sleeper(name, **need) if draw(st.booleans()) else model(name, **need)
+    ledger = FitLedger(capacity, models)
+    for name in names:
+        if draw(st.booleans()):
+            ledger.loaded(name, draw(st.floats(0.1, 50.0)))
+        if models[name].sleep is not None and draw(st.booleans()):
+            ledger.woke(name, draw(st.floats(0.01, 10.0)))
+        if models[name].sleep is not None and draw(st.booleans()):
+            ledger.measured(name, {"ram": draw(st.integers(0, capacity["ram"]))}, asleep=True)
+        for _ in range(draw(st.integers(0, 3))):
+            ledger.requested(name, 0.0)
+    target = draw(st.sampled_from(names))
+    others = [m for m in names if m != target]
+    running = draw(st.lists(st.sampled_from(others), unique=True, max_size=len(others)))
+    can_sleep = [m for m in others if m not in running and models[m].sleep is not None]
+    asleep = draw(st.lists(st.sampled_from(can_sleep), unique=True)) if can_sleep else []
+    ledger.set_asleep(asleep)
+    pick = st.sets(st.sampled_from(running), max_size=2) if running else st.just(set())
+    context = Placement(busy=frozenset(draw(pick)), pinned=frozenset(draw(pick)))
+    return ledger, target, running, asleep, context
+
+
+@settings(max_examples=400)
+@given(sleep_cases())
+def test_sleep_or_stop_choices_are_the_best_by_brute_force(
+    case: tuple[FitLedger, str, list[str], list[str], Placement],
+) -> None:
+    ledger, target, running, asleep, context = case
+    plan = FitPolicy(ledger).plan(target, running, context)
+    capacity = ledger.resources
+
+    def held(choice: dict[str, str]) -> dict[str, int]:
+        total = dict(ledger.need(target))
+        for m, action in choice.items():
+            hold = {"keep": ledger.need(m), "sleep": ledger.asleep_need(m), "stop": {}}[action]
+            if m in asleep:
+                hold = {"keep": ledger.asleep_need(m), "stop": {}}[action]
+            for r in capacity:
+                total[r] += hold.get(r, 0)
+        return total
+
+    def fits(choice: dict[str, str]) -> bool:
+        total = held(choice)
+        return all(total[r] <= capacity[r] for r in capacity)
+
+    def cost(m: str, action: str) -> float:
+        if m in asleep:
+            return ledger.asleep_stop_cost(m)
+        return ledger.sleep_cost(m) if action == "sleep" else ledger.eviction_cost(m)
+
+    def rank(choice: dict[str, str]) -> tuple[int, int, float, int]:
+        gone = [m for m, action in choice.items() if action != "keep"]
+        return (
+            sum(1 for m in gone if m in context.pinned),
+            sum(1 for m in gone if m in context.busy),
+            round(sum(cost(m, choice[m]) for m in gone), 9),
+            len(gone),
+        )
+
+    def ways(m: str) -> tuple[str, ...]:
+        if m in asleep:
+            return ("keep",) if m in context.pinned else ("keep", "stop")
+        return ACTIONS if ledger.can_sleep(m) else ("keep", "stop")
+
+    candidates = [*running, *asleep]
+    everything = [
+        dict(zip(candidates, combo, strict=True))
+        for combo in itertools.product(*(ways(m) for m in candidates))
+    ]
+    chosen = {m: "keep" for m in candidates}
+    for m in plan.evict:
+        chosen[m] = "sleep" if m in plan.sleep else "stop"
+    for m in plan.stop_asleep:
+        chosen[m] = "stop"
+    assert set(plan.sleep) <= set(plan.evict)
+    assert all(ledger.can_sleep(m) for m in plan.sleep)
+    assert set(plan.stop_asleep) <= set(asleep)
+    if fits({m: "keep" for m in candidates}):
+        assert plan.evict == () and plan.stop_asleep == ()  # never evicts when it fits
+        return
+    good = [choice for choice in everything if fits(choice)]
+    if not good:  # cannot happen: stopping everything always makes room
+        pytest.fail("no choice fits")
+    assert fits(chosen)
+    assert plan.fits
+    assert rank(chosen) == min(rank(choice) for choice in good)
+
+
+@settings(max_examples=50)
+@given(st.integers(EXACT_LIMIT, EXACT_LIMIT + 6), st.integers(1, 6), st.integers(0, 2))
+def test_many_sleepers_use_the_greedy_search_and_still_make_room(
+    count: int, target_size: int, asleep_ram: int
+) -> None:
+    names = [f"m{i}" for i in range(count)]
+    models = {m: sleeper(m, ram=2, vram0=1) for m in names}
+    models["t"] = model("t", ram=2, vram0=target_size)
+    ledger = FitLedger({"ram": 2 * count + 2, "vram0": count}, models)
+    for m in names:
+        ledger.measured(m, {"ram": asleep_ram, "vram0": 0}, asleep=True)
+    plan = FitPolicy(ledger).plan("t", names)
+    assert plan.fits
+    assert len(plan.evict) == target_size  # exactly enough GPU memory freed
+    if asleep_ram <= 1:
+        assert set(plan.sleep) == set(plan.evict)  # asleep they fit in ram: all sleep
+    else:  # asleep each holds 3 where it held 2 awake: a stop pays for at most two sleeps
+        assert len(plan.sleep) <= 2 * (len(plan.evict) - len(plan.sleep))

@@ -68,9 +68,15 @@ async def test_a_swap_puts_the_victim_to_sleep_and_the_next_request_wakes_it() -
             assert 'trio_swap_model_sleeps_total{model="a",outcome="ok"} 1.0' in metrics
             assert 'trio_swap_model_wakes_total{model="a",outcome="ok"} 1.0' in metrics
             assert 'trio_swap_model_state{model="b",state="sleeping"} 1.0' in metrics
+            # A sleep for a swap is an eviction (it left the GPU)...
+            assert 'trio_swap_model_evictions_total{model="a",reason="swap"} 1.0' in metrics
             await harness.client.post("/api/models/unload")  # an unload stops sleepers too
             rows = await harness.models()
             assert {rows[m]["state"] for m in ("a", "b")} == {"stopped"}
+            metrics = (await harness.client.get("/metrics")).text
+            # ...and stopping it asleep later is not a second one; a (awake) is.
+            assert 'trio_swap_model_evictions_total{model="b",reason="unload"} 0.0' in metrics
+            assert 'trio_swap_model_evictions_total{model="a",reason="unload"} 1.0' in metrics
 
 
 async def test_a_broken_wake_is_caught_by_the_test_request_and_started_cold() -> None:

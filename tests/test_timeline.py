@@ -40,6 +40,7 @@ def band(
     reason: str | None = None,
     evicted_by: str | None = None,
     why: str | None = None,
+    asleep: bool = False,
 ) -> dict[str, object]:
     return {
         "state": state,
@@ -48,6 +49,7 @@ def band(
         "reason": reason,
         "evicted_by": evicted_by,
         "why": why,
+        "asleep": asleep,
     }
 
 
@@ -385,3 +387,34 @@ async def test_a_bad_since_is_a_400() -> None:
             for good in ("1733900000.5", "-1", "1e9", ".5", ""):
                 ok = await h.client.get("/api/timeline", params={"since": good})
                 assert ok.status_code == 200, (good, ok.text)
+
+
+def test_a_sleep_is_a_sleeping_band_an_eviction_once_and_a_wake_opens_a_ready_band(
+    clock: Clock, timeline: Timeline
+) -> None:
+    timeline.starting("m")
+    clock.at(T0 + 1)
+    timeline.ready("m", 1.0)
+    clock.at(T0 + 5)
+    timeline.evicted("m", by="big", why="big needs vram0 20 GiB with 4 GiB free")
+    timeline.slept("m", StopReason.SWAP)
+    clock.at(T0 + 9)
+    timeline.woke("m", 0.5)
+    clock.at(T0 + 12)
+    timeline.slept("m", StopReason.TTL)
+    clock.at(T0 + 20)
+    timeline.evicted("m", by="other", why="its host memory is needed")
+    timeline.stopping("m", StopReason.SWAP)  # stopped asleep: not a second eviction
+    clock.at(T0 + 21)
+    timeline.stopped("m")
+    assert bands(timeline, "m") == [
+        band("loading", 0, 1),
+        band("ready", 1, 5),
+        band("sleeping", 5, 9, "swap", "big", "big needs vram0 20 GiB with 4 GiB free"),
+        band("ready", 9, 12),
+        band("sleeping", 12, 20, "ttl"),
+        band("stopping", 20, 21, "swap", "other", "its host memory is needed", asleep=True),
+    ]
+    counts = timeline.counts()
+    assert counts.evictions == 2  # the two sleeps; the stop of the sleeper is not another
+    assert counts.loads == 1  # a wake is not a load

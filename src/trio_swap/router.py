@@ -104,6 +104,8 @@ class _SwapDone(msgspec.Struct, frozen=True):
     error: SwapError | None
     #: Seconds from spawn to ready when this swap started the process; None otherwise.
     load_seconds: float | None = None
+    #: Seconds the wake took when this swap woke a sleeping process; None otherwise.
+    wake_seconds: float | None = None
 
 
 class _Measured(msgspec.Struct, frozen=True):
@@ -113,6 +115,8 @@ class _Measured(msgspec.Struct, frozen=True):
     footprint: dict[str, int]
     #: The config the measured process was started with (a reload may have replaced it).
     started_with: ModelConfig
+    #: Measured while asleep (``sleep:``): its asleep footprint.
+    asleep: bool = False
 
 
 class _StopsDone(msgspec.Struct, frozen=True):
@@ -202,6 +206,10 @@ class Router:
         self._measuring: set[int] = set()
         #: Stop id -> sleeping models an unload stops with it (the scheduler thinks them cold).
         self._also_stop: dict[int, tuple[str, ...]] = {}
+        #: Swap id -> (victims that sleep instead of stopping, sleepers it stops).
+        self._swap_ways: dict[int, tuple[frozenset[str], tuple[str, ...]]] = {}
+        #: Sleeping models a swap is stopping: they hold their memory until gone.
+        self._stopping_sleepers: set[str] = set()
         settings = settings or SchedulerConfig()
         self.scheduler = FifoScheduler(
             {name: _limits(proc.model, settings) for name, proc in processes.items()},
@@ -384,6 +392,7 @@ class Router:
         scheduler = self.scheduler
         if self.ledger is not None:
             self.ledger.tick(now)
+            self.ledger.set_asleep(self._asleep())
         match event:
             case _RequestArrived(request_id=rid, model=model, reply=reply, on_wait=on_wait):
                 self._waiting[rid] = reply
@@ -398,7 +407,7 @@ class Router:
             case _RequestFinished(request_id=rid):
                 self._waiting.pop(rid, None)
                 return scheduler.on_finished(rid, now)
-            case _SwapDone(swap_id=swap_id, error=error, load_seconds=seconds):
+            case _SwapDone(swap_id=swap_id, error=error, load_seconds=seconds, wake_seconds=woke):
                 target = self._swap_scopes.pop(swap_id, ("", trio.CancelScope()))[0]
                 victims = self._swap_victims.pop(swap_id, ())
                 retry = False
@@ -406,6 +415,8 @@ class Router:
                     self.swap_count += 1
                     if self.ledger is not None and seconds is not None:
                         self.ledger.loaded(target, seconds)
+                    if self.ledger is not None and woke is not None:
+                        self.ledger.woke(target, woke)
                     self._start_measuring(target)
                 else:
                     retry = self._retry_after_oom(target, victims, error)
@@ -414,8 +425,9 @@ class Router:
                 else:  # a success, or a failure that is not retried: the next OOM may be
                     self._oom_retried.discard(target)
                 return scheduler.on_swap_done(swap_id, error, now, retry=retry)
-            case _Measured(model=model, footprint=footprint, started_with=config):
-                if self.ledger is not None and self.ledger.measured(model, footprint, config):
+            case _Measured(model=model, footprint=footprint, started_with=config, asleep=asleep):
+                ledger = self.ledger
+                if ledger is not None and ledger.measured(model, footprint, config, asleep=asleep):
                     return scheduler.on_policy_inputs_changed(now)
                 return []
             case _StopsDone(stop_id=stop_id):
@@ -430,7 +442,7 @@ class Router:
             case _UnloadRequested(models=models, reply=reply):
                 decisions = scheduler.on_unload(models, now)
                 # The scheduler sees a sleeping model as stopped; its process is not.
-                asleep = tuple(
+                sleepers = tuple(
                     m
                     for m in models
                     if m in self._processes and self._processes[m].state is ProcessState.SLEEPING
@@ -438,7 +450,7 @@ class Router:
                 for decision in decisions:
                     if isinstance(decision, StopModels):
                         self._unload_replies[decision.stop_id] = reply
-                        self._also_stop[decision.stop_id] = asleep
+                        self._also_stop[decision.stop_id] = sleepers
                 return decisions  # applying its StopModels cancels loads of these models
             case _ShutdownRequested(reply=reply):
                 decisions = scheduler.on_shutdown()
@@ -479,7 +491,9 @@ class Router:
                         )
                     else:
                         log.info("swap %d: loading %s", swap_id, target)
-                    for victim in victims:
+                    sleep, stop_asleep = self._ways_to_go(target, victims)
+                    self._swap_ways[swap_id] = (sleep, stop_asleep)
+                    for victim in (*victims, *stop_asleep):
                         self._tell_eviction(victim, target)
                     self._swap_victims[swap_id] = victims
                     scope = trio.CancelScope()
@@ -557,11 +571,19 @@ class Router:
         """
         started = trio.current_time()
         error: SwapError | None = None
-        async with trio.open_nursery() as nursery:
-            for victim in swap.victims:
-                nursery.start_soon(self._stop_one, victim, StopReason.SWAP)
+        sleep, stop_asleep = self._swap_ways.pop(swap.swap_id, (frozenset(), ()))
+        self._stopping_sleepers.update(stop_asleep)
+        try:
+            async with trio.open_nursery() as nursery:
+                for victim in swap.victims:
+                    nursery.start_soon(self._stop_one, victim, StopReason.SWAP, victim in sleep)
+                for sleeper in stop_asleep:
+                    nursery.start_soon(self._stop_one, sleeper, StopReason.SWAP, False)
+        finally:
+            self._stopping_sleepers.difference_update(stop_asleep)
         process = self._processes[swap.target]
         starts_before = process.start_count
+        wakes_before = process.wake_count
         with scope:
             try:
                 # Cancelled while the victims stopped (the target was unloaded or
@@ -581,7 +603,10 @@ class Router:
         else:
             log.warning("swap %d: %s failed: %s", swap.swap_id, swap.target, error.message)
         loaded = process.last_ready_seconds if process.start_count != starts_before else None
-        self._send.send_nowait(_SwapDone(swap.swap_id, error, loaded if error is None else None))
+        woke = process.last_wake_seconds if process.wake_count != wakes_before else None
+        if error is not None:
+            loaded = woke = None
+        self._send.send_nowait(_SwapDone(swap.swap_id, error, loaded, woke))
 
     def _retry_after_oom(self, model: str, victims: tuple[str, ...], error: SwapError) -> bool:
         """A start that ran out of memory beside other models: learn, and try once more.
@@ -636,39 +661,95 @@ class Router:
     async def _measure(
         self, model: str, process: ModelProcess, pid: int, started_with: ModelConfig
     ) -> None:
-        """One process's measurements, for as long as it is ready (one task per pid)."""
-        assert self._footprint is not None
+        """One process's measurements, while it is ready or asleep (one task per pid)."""
         try:
-            while process.state is ProcessState.READY and process.pid == pid:
-                try:
-                    footprint = await self._footprint(pid)
-                except OSError as exc:  # /proc vanished under us: the process is going
-                    log.debug("measuring %s failed: %s", model, exc)
+            while process.pid == pid and process.state in _MEASURED_STATES:
+                waking = process.state is ProcessState.STARTING  # not measured mid-wake
+                if not waking and not await self._measure_once(model, process, pid, started_with):
                     return
-                if process.pid != pid:
-                    return  # a measurement of a process that is gone means nothing
-                self._send.send_nowait(_Measured(model, footprint, started_with))
                 await trio.sleep(self._measure_every)
         finally:
             self._measuring.discard(pid)
 
-    async def _stop_one(self, model: str, reason: StopReason) -> None:
+    async def _measure_once(
+        self, model: str, process: ModelProcess, pid: int, started_with: ModelConfig
+    ) -> bool:
+        """Report one measurement of ``pid``; False when the process is going."""
+        assert self._footprint is not None
+        state = process.state
+        try:
+            footprint = await self._footprint(pid)
+        except OSError as exc:  # /proc vanished under us: the process is going
+            log.debug("measuring %s failed: %s", model, exc)
+            return False
+        if process.pid != pid:
+            return False  # a measurement of a process that is gone means nothing
+        if process.state is state:  # else it fell asleep or woke meanwhile: which is it?
+            asleep = state is ProcessState.SLEEPING
+            self._send.send_nowait(_Measured(model, footprint, started_with, asleep))
+        return True
+
+    async def _stop_one(self, model: str, reason: StopReason, may_sleep: bool = True) -> None:
+        """Stop ``model``; a ``sleep:`` model sleeps instead for a swap (when the swap lets
+        it: fit may stop it) or a TTL."""
         process = self._processes.get(model)
         if process is None:  # retired meanwhile (it was stopped already)
             return
+        if process.state is ProcessState.SLEEPING and reason in _SLEEP_INSTEAD and may_sleep:
+            return  # asleep already (a TTL's sleep before this swap chose it): stays so
         if (
             reason in _SLEEP_INSTEAD
-            and self._may_sleep(process)
+            and may_sleep
+            and process.model.sleep is not None
             and await process.sleep(reason=reason)
         ):
-            return  # asleep: it holds no accelerator memory, and wakes for its next request
+            # Asleep: it holds no accelerator memory and wakes for its next request.
+            # Measured now, so the next placement counts what it holds asleep.
+            pid = process.pid
+            if self._footprint is not None and pid is not None:
+                await self._measure_once(model, process, pid, process.model)
+                self._start_measuring(model)
+            return
         await process.stop(reason=reason)
 
-    def _may_sleep(self, process: ModelProcess) -> bool:
-        """``sleep:`` models sleep instead of stopping, unless fit by memory is on: it
-        does not count a sleeping model's host memory yet (docs/sleep.md)."""
-        fit = self.ledger is not None and bool(self.ledger.resources)
-        return process.model.sleep is not None and not fit
+    def _ways_to_go(
+        self, target: str, victims: tuple[str, ...]
+    ) -> tuple[frozenset[str], tuple[str, ...]]:
+        """Which ``victims`` sleep instead of stopping, and which sleepers also stop.
+
+        Fit by memory decided both (a model too big to sleep beside the others
+        stops; a sleeper's host memory may be needed); without it, every
+        ``sleep:`` victim sleeps.
+        """
+        policy = self._policy
+        if not isinstance(policy, FitPolicy):
+            return frozenset(v for v in victims if self._can_sleep(v)), ()
+        plan = policy.latest(target)
+        if plan is None or not set(plan.evict) <= set(victims):
+            log.error("fit: no plan behind the swap to %s; its victims stop", target)
+            return frozenset(), ()
+        stop_asleep = tuple(m for m in plan.stop_asleep if m in self._processes)
+        return frozenset(plan.sleep), stop_asleep
+
+    def _can_sleep(self, model: str) -> bool:
+        process = self._processes.get(model)
+        return process is not None and process.model.sleep is not None
+
+    def _asleep(self) -> list[str]:
+        """Models whose process sleeps while the scheduler thinks them stopped (not being
+        woken), and sleepers a swap is stopping: what they hold is not free yet."""
+        scheduler = self.scheduler
+        known = set(scheduler.models())
+        return [
+            name
+            for name, process in self._processes.items()
+            if name in self._stopping_sleepers
+            or (
+                process.state is ProcessState.SLEEPING
+                and name in known
+                and scheduler.phase(name) is Phase.COLD
+            )
+        ]
 
     async def _run_stops(self, stop_id: int, models: tuple[str, ...], reason: StopReason) -> None:
         async with trio.open_nursery() as nursery:
@@ -685,6 +766,10 @@ class Router:
 
 #: Stops a ``sleep:`` model answers by sleeping (an unload, a reload, shutdown stop it).
 _SLEEP_INSTEAD: Final = frozenset({StopReason.SWAP, StopReason.TTL})
+#: States in which a process is measured (STARTING: a wake; not measured, not ended).
+_MEASURED_STATES: Final = frozenset(
+    {ProcessState.READY, ProcessState.SLEEPING, ProcessState.STARTING}
+)
 
 
 def _admission(request_id: int, decisions: Sequence[Decision]) -> Admission | None:

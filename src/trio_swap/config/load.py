@@ -66,11 +66,6 @@ from trio_swap.config.validate import (
 )
 from trio_swap.config.yamlsource import Document, KeyPath, parse_document, type_name
 
-#: Fit by memory does not count a sleeping model's host memory yet: such models stop.
-SLEEP_WITH_FIT: Final = (
-    "not used while 'resources:' is set: fit by memory does not count a sleeping "
-    "model's memory yet, so the model is stopped and started as before (docs/sleep.md)"
-)
 #: Largest config file read (the loader's other limits: docs/configuration.md#limits).
 MAX_FILE_BYTES: Final = 16 << 20
 #: YAML 1.1 booleans that llama-swap's Go YAML library still accepts for bool fields.
@@ -231,9 +226,6 @@ class _Loader:
             if raw.sleep is not None:
                 sleep = check_sleep(model_config, raw.sleep, doc)
                 model_config = msgspec.structs.replace(model_config, sleep=sleep)
-                if resources:
-                    where = ("models", model_id, "sleep")
-                    self.warnings.append(doc.warning(where, SLEEP_WITH_FIT))
             models[model_id] = model_config
         check_aliases(models, doc)
         peers = self._peers(peers_value, global_macros, models)

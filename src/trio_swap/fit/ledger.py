@@ -48,6 +48,7 @@ from trio_swap.config.model import ModelConfig
 
 __all__ = [
     "DEFAULT_LOAD_SECONDS",
+    "DEFAULT_WAKE_SHARE",
     "DEMAND_HALF_LIFE",
     "FORMULA",
     "LOAD_SMOOTHING",
@@ -70,6 +71,9 @@ LOAD_SMOOTHING: Final = 0.3
 DEFAULT_LOAD_SECONDS: Final = 1.0
 #: A request followed by this many others counts half as much in ``demand``.
 DEMAND_HALF_LIFE: Final = 5.0
+#: A wake's assumed share of a load before the first wake was timed (vLLM reports
+#: wakes 18-200x faster than a reload; a tenth is a cautious guess).
+DEFAULT_WAKE_SHARE: Final = 0.1
 
 
 #: The rules above in one paragraph, for ``/api/fit`` and ``trio-swap plan`` readers.
@@ -79,7 +83,10 @@ FORMULA: Final = (
     "that frees enough of every resource with the fewest pinned, then busy models, "
     "then the lowest total cost. "
     f"Need = declared, else measured peak + {MARGIN:.0%}, else model files + {MARGIN:.0%}, "
-    "else the whole resource."
+    "else the whole resource. A sleep: model may sleep instead (cost wake_seconds * "
+    "(1 + demand)); asleep it holds its measured asleep footprint + margin (before one: "
+    "its ram need plus its GPU needs, in ram); stopping a sleeper costs "
+    "(load_seconds - wake_seconds) * (1 + demand)."
 )
 
 
@@ -110,6 +117,11 @@ class Learned(msgspec.Struct, kw_only=True):
     #: Moving average of load times (spawn to ready), seconds; None before a load.
     load_seconds: float | None = None
     loads: int = 0
+    #: Highest footprint measured while asleep (``sleep:``), bytes per resource.
+    asleep_peak: dict[str, int] = msgspec.field(default_factory=dict)
+    #: Moving average of wake times (wake calls, check, test request), seconds.
+    wake_seconds: float | None = None
+    wakes: int = 0
 
 
 _PORT_TOKEN = re.compile(r"(?<!\d)(\d{2,5})(?!\d)")
@@ -187,6 +199,8 @@ class FitLedger:
         self._learned: dict[str, Learned] = {}
         self._clock = clock
         self._footprint: dict[str, dict[str, int]] = {}
+        #: Models asleep now (the router's view), in the order it reported them.
+        self._asleep: tuple[str, ...] = ()
         self._demand: dict[str, _Demand] = {}
         #: Requests seen so far: the clock ``demand`` decays on.
         self._requests = 0
@@ -223,6 +237,7 @@ class FitLedger:
         for model_id in list(self._learned):
             if model_id not in models:
                 del self._learned[model_id]
+        self._asleep = tuple(m for m in self._asleep if m in models)
         self.version += 1
 
     def fingerprint(self, model_id: str, model: ModelConfig) -> str:
@@ -242,9 +257,15 @@ class FitLedger:
             self.version += 1
 
     def measured(
-        self, model: str, footprint: Mapping[str, int], started_with: ModelConfig | None = None
+        self,
+        model: str,
+        footprint: Mapping[str, int],
+        started_with: ModelConfig | None = None,
+        *,
+        asleep: bool = False,
     ) -> bool:
-        """A measurement of a running model; True when its effective need changed.
+        """A measurement of a running (``asleep``: a sleeping) model; True when its
+        effective need (awake or asleep) changed.
 
         ``started_with`` is the config its process runs: a process a reload
         replaced (still finishing its requests) is not the current command, so
@@ -258,16 +279,37 @@ class FitLedger:
             and self.fingerprint(model, started_with) != learned.fingerprint
         ):
             return False
-        before = self.need(model)
+        before = (self.need(model), self.asleep_need(model))
         self._footprint[model] = dict(footprint)
+        peak = learned.asleep_peak if asleep else learned.peak
         for name, size in footprint.items():
-            if name not in learned.peak or size > learned.peak[name]:
-                learned.peak[name] = size  # a measured 0 counts: it is knowledge
+            if name not in peak or size > peak[name]:
+                peak[name] = size  # a measured 0 counts: it is knowledge
                 self._touch(learned)
-        changed = self.need(model) != before
+        changed = (self.need(model), self.asleep_need(model)) != before
         if changed:
             self.version += 1
         return changed
+
+    def set_asleep(self, models: Iterable[str]) -> None:
+        """The models asleep now (the scheduler thinks them stopped; their processes live)."""
+        asleep = tuple(m for m in models if m in self._learned)
+        if asleep != self._asleep:
+            self._asleep = asleep
+            self.version += 1
+
+    def woke(self, model: str, seconds: float) -> None:
+        """A wake finished (wake calls, check and test request) in ``seconds``."""
+        learned = self._learned.get(model)
+        if learned is None:
+            return
+        if learned.wake_seconds is None:
+            learned.wake_seconds = seconds
+        else:
+            learned.wake_seconds += LOAD_SMOOTHING * (seconds - learned.wake_seconds)
+        learned.wakes += 1
+        self._touch(learned)
+        self.version += 1
 
     def loaded(self, model: str, seconds: float) -> None:
         """A load finished (spawn to ready) in ``seconds``."""
@@ -348,21 +390,71 @@ class FitLedger:
         return demand.read(self._requests) if demand is not None else 0.0
 
     def eviction_cost(self, model: str) -> float:
-        """Expected seconds of reloading caused by evicting ``model`` now."""
-        seconds = self.load_seconds(model)
+        """Expected seconds of reloading caused by stopping ``model`` now."""
+        return self._load_or_default(model) * (1.0 + self.demand(model))
+
+    def can_sleep(self, model: str) -> bool:
+        """Whether ``model`` has ``sleep:`` (it may sleep where it would stop)."""
+        config = self._models.get(model)
+        return config is not None and config.sleep is not None
+
+    def asleep(self) -> tuple[str, ...]:
+        """The models asleep now, as the router last reported them."""
+        return self._asleep
+
+    def wake_seconds(self, model: str) -> float | None:
+        learned = self._learned.get(model)
+        return learned.wake_seconds if learned is not None else None
+
+    def expected_wake_seconds(self, model: str) -> float:
+        """The measured wake time, else :data:`DEFAULT_WAKE_SHARE` of the load time."""
+        seconds = self.wake_seconds(model)
         if seconds is None:
-            seconds = DEFAULT_LOAD_SECONDS
-        return seconds * (1.0 + self.demand(model))
+            seconds = DEFAULT_WAKE_SHARE * self._load_or_default(model)
+        return seconds
+
+    def sleep_cost(self, model: str) -> float:
+        """Expected seconds of waking caused by putting ``model`` to sleep now."""
+        return self.expected_wake_seconds(model) * (1.0 + self.demand(model))
+
+    def asleep_stop_cost(self, model: str) -> float:
+        """What stopping a sleeping ``model`` adds: a cold load where a wake would do."""
+        extra = max(0.0, self._load_or_default(model) - self.expected_wake_seconds(model))
+        return extra * (1.0 + self.demand(model))
+
+    def asleep_need(self, model: str) -> dict[str, int]:
+        """What ``model`` holds while asleep, bytes per resource (the module docstring)."""
+        learned = self._learned.get(model)
+        peak = learned.asleep_peak if learned is not None else {}
+        awake = self.need(model)
+        needs: dict[str, int] = {}
+        for name, capacity in self.resources.items():
+            if name in peak:
+                size = _with_margin(peak[name])
+            elif name == "ram":
+                gpu = sum(size for other, size in awake.items() if other.startswith("vram"))
+                size = awake.get("ram", 0) + gpu
+            else:  # a GPU's memory is released; a counted resource (slots) is not held
+                size = 0
+            needs[name] = min(size, capacity)
+        return needs
+
+    def _load_or_default(self, model: str) -> float:
+        seconds = self.load_seconds(model)
+        return DEFAULT_LOAD_SECONDS if seconds is None else seconds
 
     def use(self, running: Iterable[str]) -> dict[str, dict[str, int]]:
-        """Per resource: ``capacity``, ``reserved`` (effective needs of ``running``) and
-        ``used`` (their last measurements): ``/api/fit`` and ``/metrics`` show the same."""
-        models = list(running)
+        """Per resource: ``capacity``, ``reserved`` (effective needs of ``running``, and
+        asleep needs of the sleepers) and ``used`` (their last measurements):
+        ``/api/fit`` and ``/metrics`` show the same."""
+        asleep = list(self._asleep)
+        models = [m for m in running if m not in asleep]
+        held = [self.need(m) for m in models] + [self.asleep_need(m) for m in asleep]
         return {
             name: {
                 "capacity": capacity,
-                "reserved": sum(self.need(m).get(name, 0) for m in models),
-                "used": sum(self._footprint.get(m, {}).get(name, 0) for m in models),
+                "reserved": sum(n.get(name, 0) for n in held),
+                "used": sum(self._footprint.get(m, {}).get(name, 0) for m in [*models, *asleep]),
             }
             for name, capacity in self.resources.items()
         }
@@ -402,12 +494,15 @@ def _with_margin(size: int) -> int:
 
 
 def learned_matrix_cost(ledger: FitLedger, model: str) -> int | None:
-    """The matrix's default eviction cost: whole seconds of load time, at least 1.
+    """The matrix's default eviction cost: whole seconds of load time (of wake time
+    for a ``sleep:`` model, which the swap puts to sleep), at least 1.
 
     Whole seconds, so models that load in well under a second keep
     llama-swap's default of 1 and timing noise never flips a tie.
     """
     seconds = ledger.load_seconds(model)
+    if ledger.can_sleep(model) and seconds is not None:
+        seconds = ledger.expected_wake_seconds(model)
     if seconds is None:
         return None
     return max(1, round(seconds))

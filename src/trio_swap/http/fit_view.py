@@ -29,7 +29,8 @@ def fit_fields(ledger: FitLedger | None, model_id: str) -> dict[str, object]:
 def resource_use(
     ledger: FitLedger, processes: Mapping[str, ModelProcess]
 ) -> dict[str, dict[str, int]]:
-    """Per resource: capacity, reserved (effective needs of running models), used (measured)."""
+    """Per resource: capacity, reserved (effective needs of running models, asleep needs
+    of sleeping ones), used (measured)."""
     return ledger.use(m for m, p in processes.items() if p.state is not ProcessState.STOPPED)
 
 
@@ -50,6 +51,13 @@ def fit_document(
                 "peak": ledger.peak(model_id),
                 "demand": round(ledger.demand(model_id), 6),
                 "eviction_cost": round(ledger.eviction_cost(model_id), 6),
+                # ``sleep:`` models: what they hold asleep, and what a wake costs.
+                "can_sleep": ledger.can_sleep(model_id),
+                "asleep_need": ledger.asleep_need(model_id) if ledger.can_sleep(model_id) else {},
+                "wake_seconds": ledger.wake_seconds(model_id),
+                "sleep_cost": (
+                    round(ledger.sleep_cost(model_id), 6) if ledger.can_sleep(model_id) else None
+                ),
             }
         )
     return {

@@ -37,8 +37,9 @@ class ProcessHooks:
     def stopped(self, model: str) -> None:
         """The process spawned after :meth:`starting` is gone (every life ends with this)."""
 
-    def slept(self, model: str) -> None:
-        """A ready server was put to sleep (``sleep:``) instead of being stopped."""
+    def slept(self, model: str, reason: StopReason) -> None:
+        """A ready server was put to sleep (``sleep:``) instead of being stopped for
+        ``reason`` (a swap or a TTL)."""
 
     def sleep_failed(self, model: str) -> None:
         """Its sleep call failed: it is stopped instead."""
@@ -80,9 +81,9 @@ class HookFanout(ProcessHooks):
         for hook in self._hooks:
             hook.stopped(model)
 
-    def slept(self, model: str) -> None:
+    def slept(self, model: str, reason: StopReason) -> None:
         for hook in self._hooks:
-            hook.slept(model)
+            hook.slept(model, reason)
 
     def sleep_failed(self, model: str) -> None:
         for hook in self._hooks:

@@ -164,6 +164,8 @@ class Metrics(ProcessHooks, CacheHooks):
         # labels() validates and locks on every call: keep the children per request shape.
         self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._model_series: dict[str, _ModelSeries] = {}
+        #: Models asleep: stopping one later is not a second eviction (its sleep was).
+        self._asleep: set[str] = set()
 
     def watch(self, processes: Mapping[str, ModelProcess], router: Router) -> None:
         """Read live state from these at scrape time; show every model's series from zero."""
@@ -190,23 +192,31 @@ class Metrics(ProcessHooks, CacheHooks):
         self.load_failures.labels(model).inc()
 
     def stopping(self, model: str, reason: StopReason) -> None:
-        if reason.is_eviction:
+        if model in self._asleep:  # its sleep was the eviction; this frees host memory
+            self._asleep.discard(model)
+        elif reason.is_eviction:
             self.evictions.labels(model, reason.value).inc()
 
     def crashed(self, model: str) -> None:
+        self._asleep.discard(model)
         self.evictions.labels(model, "crash").inc()
 
-    def slept(self, model: str) -> None:
+    def slept(self, model: str, reason: StopReason) -> None:
         self.sleeps.labels(model, "ok").inc()
+        if reason.is_eviction:  # it left the GPU for a swap or a TTL: an eviction
+            self.evictions.labels(model, reason.value).inc()
+            self._asleep.add(model)
 
     def sleep_failed(self, model: str) -> None:
         self.sleeps.labels(model, "failed").inc()
 
     def woke(self, model: str, seconds: float) -> None:
+        self._asleep.discard(model)
         self.wakes.labels(model, "ok").inc()
         self.wake_seconds.labels(model).observe(seconds)
 
     def wake_failed(self, model: str) -> None:
+        self._asleep.discard(model)  # stopped and started cold: not an eviction
         self.wakes.labels(model, "failed").inc()
 
     # -- keepCache (called by the supervisors' KV cache keepers and the cache disk) ----

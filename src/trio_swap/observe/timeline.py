@@ -14,11 +14,14 @@ ready      ``ready``                      ``stopping``; ``stopped`` (a crash: re
                                           ``"crashed"``)
 stopping   ``stopping`` (reason: the      ``stopped``
            :class:`~trio_swap.reasons.StopReason`'s value)
+sleeping   ``slept`` (reason: the         ``woke`` (a ready band follows);
+           StopReason's value: swap, ttl) ``stopping``; ``stopped``
 ========== ============================== ==========================================
 
 At most one band per model is open (``end`` is None), always the last one.
 The router calls :meth:`Timeline.evicted` just before it stops a model for a
-swap; who needed the room and why goes on that model's stopping band.
+swap (or puts it to sleep, or stops it asleep); who needed the room and why
+goes on that model's next stopping or sleeping band.
 
 Memory is bounded whatever happens: closed bands older than the horizon (an
 hour) are dropped, and a model keeps at most ``max_bands`` bands (a model that
@@ -59,6 +62,7 @@ class BandState(enum.StrEnum):
     LOADING = "loading"  # spawned, waiting for the health check
     READY = "ready"  # serving
     STOPPING = "stopping"  # told to stop, not gone yet
+    SLEEPING = "sleeping"  # ``sleep:``: the process lives, its GPU memory released
 
 
 @final
@@ -71,6 +75,8 @@ class _Band(msgspec.Struct):
     reason: str | None = None
     evicted_by: str | None = None
     why: str | None = None
+    #: A stopping band of a model that was asleep (not counted as an eviction again).
+    asleep: bool = False
 
     def overlaps(self, since: float, until: float) -> bool:
         return since <= until and self.start <= until and (self.end is None or self.end >= since)
@@ -115,7 +121,8 @@ class TimelineCounts(msgspec.Struct, frozen=True):
 
     loads: int  # starts in the window, failed ones included
     failed_loads: int  # of those, the ones that never became ready
-    evictions: int  # stops in the window for an eviction reason (not shutdown, not crashes)
+    evictions: int  # stops and sleeps in the window for an eviction reason (not shutdown,
+    # not crashes, not the later stop of a model already asleep)
     crashes: int  # ready processes that exited by themselves, in the window
     loading_seconds: float  # time spent loading within the window, all models together
 
@@ -169,10 +176,22 @@ class Timeline(ProcessHooks):
             lane.bands.append(_Band(BandState.LOADING, now, now, FAILED))
 
     def stopping(self, model: str, reason: StopReason) -> None:
+        self._open(model, BandState.STOPPING, reason)
+
+    def slept(self, model: str, reason: StopReason) -> None:
+        self._open(model, BandState.SLEEPING, reason)
+
+    def woke(self, model: str, seconds: float) -> None:
+        self.ready(model, seconds)
+
+    def _open(self, model: str, state: BandState, reason: StopReason) -> None:
+        """Close the open band; open a ``state`` band carrying the pending eviction."""
         now = self._clock()
         lane = self._lane(model, now)
-        lane.close(now)
-        band = _Band(BandState.STOPPING, now, reason=reason.value)
+        closed = lane.close(now)
+        band = _Band(state, now, reason=reason.value)
+        if closed is not None and closed.state is BandState.SLEEPING:
+            band.asleep = True  # the stop of a sleeper: its sleep was the eviction
         if lane.pending is not None:
             band.evicted_by, band.why = lane.pending.by, lane.pending.why
             lane.pending = None
@@ -233,7 +252,7 @@ class Timeline(ProcessHooks):
                 if since <= band.start <= now:
                     loads += 1
                     failed += band.reason == FAILED
-            elif band.state is BandState.STOPPING:
+            elif band.state in (BandState.STOPPING, BandState.SLEEPING) and not band.asleep:
                 evictions += since <= band.start <= now and band.reason in _EVICTIONS
             elif band.reason == CRASHED and band.end is not None:
                 crashes += since <= band.end <= now

@@ -13,15 +13,25 @@ preference, compared in turn (docs/swap-policies.md#fit):
    already stopping costs nothing: it is going anyway);
 4. fewest models; then the earliest in running order.
 
-The search is exact (branch and bound over subsets) up to
-:data:`EXACT_LIMIT` candidates, greedy beyond. Pure: the ledger is data the
-router updates between decisions.
+A model with ``sleep:`` has two ways to go: **sleep** (its GPU memory is
+freed, its asleep need stays, a wake costs little) or **stop** (everything
+is freed, a cold load costs more); a model already asleep may be **stopped**
+to free its host memory. Each candidate contributes at most one of its ways;
+a victim of the inner policy that can sleep sleeps, unless fit stops it.
+So a model too big to sleep beside the others is stopped instead
+(docs/sleep.md).
+
+The search is exact (branch and bound over the candidates' ways) while the
+choices number at most :data:`EXACT_LIMIT` candidates' worth (2^12), greedy
+beyond. Pure: the ledger is data the router updates between decisions.
 """
 
 from __future__ import annotations
 
+import enum
+import math
 from collections.abc import Mapping, Sequence
-from typing import Final, final
+from typing import Final, NamedTuple, final
 
 import msgspec
 
@@ -29,14 +39,34 @@ from trio_swap.config.sizes import format_size
 from trio_swap.fit.ledger import Basis, FitLedger, is_measured
 from trio_swap.policy.base import NO_CONTEXT, Placement, SwapPolicy
 
-__all__ = ["EXACT_LIMIT", "FitPlan", "FitPolicy", "amount", "shortage", "victim_key"]
+__all__ = ["EXACT_LIMIT", "Action", "FitPlan", "FitPolicy", "amount", "shortage"]
 
-#: Most candidate victims searched exactly (2^n subsets at worst, ~10 ms at 12; pruning
-#: usually keeps it far smaller). Beyond it the greedy search runs.
+#: Most candidate victims searched exactly when each has one way to go (2^n
+#: choices at worst, ~10 ms at 12; pruning usually keeps it far smaller). With
+#: sleepers (two ways) the exact search runs while its choices number at most
+#: as many. Beyond, the greedy search runs.
 EXACT_LIMIT: Final = 12
+_EXACT_CHOICES: Final = 2**EXACT_LIMIT
 
-#: A victim set's rank: lower is better (the module docstring's order).
-_Key = tuple[int, int, float, int, tuple[int, ...]]
+
+class Action(enum.IntEnum):
+    """How a candidate makes room."""
+
+    SLEEP = 1  # a running ``sleep:`` model sleeps: its GPU memory is freed
+    STOP = 2  # a running model stops, or a sleeping one is stopped
+
+
+class _Option(NamedTuple):
+    candidate: int
+    action: Action
+    frees: tuple[int, ...]  # per resource; may be negative (a sleep into host memory)
+    cost: float
+    pinned: bool
+    busy: bool
+
+
+#: A choice's rank: lower is better (the module docstring's order).
+_Key = tuple[int, int, float, int, tuple[tuple[int, int], ...]]
 
 
 class FitPlan(msgspec.Struct, frozen=True, kw_only=True):
@@ -45,27 +75,21 @@ class FitPlan(msgspec.Struct, frozen=True, kw_only=True):
     evict: tuple[str, ...]
     #: Evicted by the inner policy (groups or matrix), before fit looked.
     inner: tuple[str, ...]
-    #: Added by fit to make room.
+    #: Running models fit chose to make room (they sleep or stop).
     fit: tuple[str, ...]
+    #: Of ``evict``, the models that sleep instead of stopping.
+    sleep: tuple[str, ...] = ()
+    #: Models asleep now that fit stops to free their host memory.
+    stop_asleep: tuple[str, ...] = ()
     #: Bytes per resource: capacity, the target's need, and what stays running.
     capacity: dict[str, int]
     need: dict[str, int]
     #: What is free beside the models the inner policy keeps, before fit evicts.
     free_before: dict[str, int]
     used_after: dict[str, int]
-    #: Expected seconds of reloading of each victim fit chose.
+    #: Expected seconds of reloading (or waking) for each victim fit chose.
     costs: dict[str, float]
     fits: bool
-
-
-def victim_key(
-    chosen: Sequence[int], names: Sequence[str], context: Placement, cost: Mapping[str, float]
-) -> _Key:
-    """The rank of evicting ``names[i]`` for each i in ``chosen`` (lower wins)."""
-    pinned = sum(1 for i in chosen if names[i] in context.pinned)
-    busy = sum(1 for i in chosen if names[i] in context.busy)
-    total = sum(0.0 if names[i] in context.stopping else cost[names[i]] for i in chosen)
-    return (pinned, busy, round(total, 9), len(chosen), tuple(chosen))
 
 
 @final
@@ -99,46 +123,111 @@ class FitPolicy:
         self._latest[target] = cached
         return cached
 
+    def latest(self, target: str) -> FitPlan | None:
+        """The plan behind the latest :meth:`evictions` for ``target`` (the router reads
+        which victims sleep and which sleepers stop as it starts the swap)."""
+        return self._latest.get(target)
+
     def _plan(self, target: str, running: Sequence[str], context: Placement) -> FitPlan:
         ledger = self.ledger
         running = [m for m in dict.fromkeys(running) if m != target]
         inner = self.inner.evictions(target, running, context) if self.inner else ()
         kept = [m for m in running if m not in inner]
+        # The inner policy's victims that can sleep will: they join the sleepers.
+        inner_sleepers = [m for m in inner if ledger.can_sleep(m) and m not in context.stopping]
+        sleepers = [m for m in ledger.asleep() if m != target and m not in running]
         capacity = ledger.resources
         needs = {m: ledger.need(m) for m in kept}
+        held = {m: ledger.asleep_need(m) for m in [*sleepers, *inner_sleepers]}
         need = self._target_need(target, kept, needs, context)
-        over = {
-            name: sum(n.get(name, 0) for n in needs.values()) + need.get(name, 0) - size
-            for name, size in capacity.items()
-        }
-        over = {name: excess for name, excess in over.items() if excess > 0}
-        chosen: tuple[str, ...] = ()
-        # A target already running needs no room: an overcommit a new measurement
-        # found is settled at the next load, never by cutting a ready model.
-        if over and not context.resident:
-            cost = {m: ledger.eviction_cost(m) for m in kept}
-            picked = _cheapest(kept, needs, over, context, cost)
-            chosen = tuple(kept[i] for i in picked)
-        evict = tuple(m for m in running if m in inner or m in chosen)
-        staying = [m for m in kept if m not in chosen]
-        used_after = {
-            name: sum(needs[m].get(name, 0) for m in staying) + need.get(name, 0)
+        taken = {
+            name: sum(n.get(name, 0) for n in needs.values())
+            + sum(h.get(name, 0) for h in held.values())
             for name in capacity
         }
+        # Per resource, what must be freed (negative: the room to spare, which a
+        # sleep that moves weights into host memory may use up).
+        goal = {name: taken[name] + need.get(name, 0) - size for name, size in capacity.items()}
+        chosen: list[_Option] = []
+        candidates = [*kept, *inner_sleepers, *sleepers]
+        # A target already running needs no room: an overcommit a new measurement
+        # found is settled at the next load, never by cutting a ready model.
+        if any(excess > 0 for excess in goal.values()) and not context.resident:
+            options = self._options(kept, [*inner_sleepers, *sleepers], needs, held, goal, context)
+            chosen = _cheapest(options, list(goal.values()))
+        picked = {candidates[o.candidate]: o for o in chosen}
+        going = [m for m in kept if m in picked]
+        sleep = tuple(
+            m
+            for m in running
+            if (m in inner_sleepers and m not in picked)
+            or (m in picked and picked[m].action is Action.SLEEP)
+        )
+        stop_asleep = tuple(m for m in sleepers if m in picked)
+        after = dict.fromkeys(capacity, 0)
+        for m in kept:
+            option = picked.get(m)
+            if option is None:
+                hold = needs[m]
+            elif option.action is Action.SLEEP:
+                hold = ledger.asleep_need(m)
+            else:
+                hold = {}
+            for name in capacity:
+                after[name] += hold.get(name, 0)
+        for m in [*inner_sleepers, *sleepers]:
+            if m not in picked:
+                for name in capacity:
+                    after[name] += held[m].get(name, 0)
+        used_after = {name: after[name] + need.get(name, 0) for name in capacity}
         return FitPlan(
-            evict=evict,
+            evict=tuple(m for m in running if m in inner or m in picked),
             inner=tuple(inner),
-            fit=chosen,
+            fit=tuple(going),
+            sleep=sleep,
+            stop_asleep=stop_asleep,
             capacity=dict(capacity),
             need=need,
-            free_before={
-                name: size - sum(n.get(name, 0) for n in needs.values())
-                for name, size in capacity.items()
-            },
+            free_before={name: size - taken[name] for name, size in capacity.items()},
             used_after=used_after,
-            costs={m: ledger.eviction_cost(m) for m in chosen},
+            costs={candidates[o.candidate]: o.cost for o in chosen},
             fits=all(used_after[name] <= size for name, size in capacity.items()),
         )
+
+    def _options(
+        self,
+        kept: Sequence[str],
+        asleep: Sequence[str],
+        needs: Mapping[str, Mapping[str, int]],
+        held: Mapping[str, dict[str, int]],
+        goal: Mapping[str, int],
+        context: Placement,
+    ) -> list[_Option]:
+        """Every way each candidate (``kept`` first, then ``asleep``) can make room."""
+        ledger = self.ledger
+        names = list(goal)
+        options: list[_Option] = []
+        for index, m in enumerate(kept):
+            pinned, busy = m in context.pinned, m in context.busy
+            if m in context.stopping:  # going anyway: stopping it costs nothing
+                frees = tuple(needs[m].get(r, 0) for r in names)
+                options.append(_Option(index, Action.STOP, frees, 0.0, pinned, busy))
+                continue
+            if ledger.can_sleep(m):
+                asleep_need = ledger.asleep_need(m)
+                frees = tuple(needs[m].get(r, 0) - asleep_need.get(r, 0) for r in names)
+                cost = ledger.sleep_cost(m)
+                options.append(_Option(index, Action.SLEEP, frees, cost, pinned, busy))
+            frees = tuple(needs[m].get(r, 0) for r in names)
+            cost = ledger.eviction_cost(m)
+            options.append(_Option(index, Action.STOP, frees, cost, pinned, busy))
+        for offset, m in enumerate(asleep):
+            if m in context.pinned:
+                continue  # ``swappable: false``: only an unload stops it
+            frees = tuple(held[m].get(r, 0) for r in names)
+            cost = ledger.asleep_stop_cost(m)
+            options.append(_Option(len(kept) + offset, Action.STOP, frees, cost, False, False))
+        return options
 
     def _target_need(
         self,
@@ -162,15 +251,26 @@ class FitPolicy:
     def explain(self, target: str, victim: str) -> str:
         """Why the latest plan for ``target`` evicts ``victim`` (the router asks as it swaps)."""
         plan = self._latest.get(target)
-        if plan is None or victim not in plan.evict:
+        if plan is None or (victim not in plan.evict and victim not in plan.stop_asleep):
             return f"evicted for {target}"
         return self.explain_victim(target, plan, victim)
 
     def explain_victim(self, target: str, plan: FitPlan, victim: str) -> str:
         """Why ``victim`` goes, in one sentence (the timeline and the log show it)."""
         if victim in plan.inner:
-            return f"the swap policy evicts it for {target}"
+            how = "sleeps" if victim in plan.sleep else "stops"
+            return f"the swap policy evicts it for {target}; it {how}"
         cost = plan.costs.get(victim, 0.0)
+        if victim in plan.stop_asleep:
+            return (
+                f"{target} needs {shortage(plan)}: {victim} is asleep and stopping it is in "
+                f"the cheapest set (expected {cost:.2f}s more to load it than to wake it)"
+            )
+        if victim in plan.sleep:
+            return (
+                f"{target} needs {shortage(plan)}: {victim} sleeps, in the cheapest set "
+                f"(expected {cost:.2f}s of waking for it)"
+            )
         return (
             f"{target} needs {shortage(plan)}: {victim} is in the cheapest set to reload "
             f"(expected {cost:.2f}s of loading for it)"
@@ -192,64 +292,81 @@ def amount(resource: str, size: int) -> str:
     return format_size(size) if is_measured(resource) else str(size)
 
 
-def _cheapest(
-    names: Sequence[str],
-    needs: Mapping[str, Mapping[str, int]],
-    over: Mapping[str, int],
-    context: Placement,
-    cost: Mapping[str, float],
-) -> tuple[int, ...]:
-    """Indices of the best-ranked subset of ``names`` freeing at least ``over`` of each."""
-    frees = [[needs[m].get(name, 0) for name in over] for m in names]
-    goal = list(over.values())
-    everything = tuple(range(len(names)))
-    if not _enough(everything, frees, goal):
-        return everything  # even evicting all cannot make room: the target runs alone
-    if len(names) > EXACT_LIMIT:
-        return _greedy(names, frees, goal, context, cost)
-    best: list[tuple[_Key, tuple[int, ...]]] = []
+def _key(chosen: Sequence[_Option]) -> _Key:
+    """The rank of a choice (lower wins)."""
+    return (
+        sum(o.pinned for o in chosen),
+        sum(o.busy for o in chosen),
+        round(sum(o.cost for o in chosen), 9),
+        len(chosen),
+        tuple(sorted((o.candidate, int(o.action)) for o in chosen)),
+    )
 
-    def search(start: int, chosen: tuple[int, ...]) -> None:
-        if _enough(chosen, frees, goal):
-            key = victim_key(chosen, names, context, cost)
+
+def _cheapest(options: Sequence[_Option], goal: Sequence[int]) -> list[_Option]:
+    """The best-ranked choice (at most one option per candidate) freeing ``goal``."""
+    by_candidate: dict[int, list[_Option]] = {}
+    for option in options:
+        by_candidate.setdefault(option.candidate, []).append(option)
+    groups = list(by_candidate.values())
+    most = [max(group, key=lambda o: sum(o.frees)) for group in groups]  # STOP: frees all
+    if not _enough(most, goal):
+        return most  # even evicting all cannot make room: the target runs alone
+    if math.prod(len(group) + 1 for group in groups) > _EXACT_CHOICES:
+        return _greedy(groups, goal)
+    best: list[tuple[_Key, list[_Option]]] = []
+
+    def search(start: int, chosen: list[_Option]) -> None:
+        if _enough(chosen, goal):
+            key = _key(chosen)
             if not best or key < best[0][0]:
-                best[:] = [(key, chosen)]
-            return  # a superset only ranks worse (more of everything counted)
-        if best and victim_key(chosen, names, context, cost)[:3] > best[0][0][:3]:
-            return  # already worse on pinned, busy or cost: adding only adds
-        for index in range(start, len(names)):
-            search(index + 1, (*chosen, index))
+                best[:] = [(key, list(chosen))]
+            return  # adding only adds (costs and counts are never negative)
+        if best and _key(chosen)[:3] > best[0][0][:3]:
+            return  # already worse on pinned, busy or cost
+        for index in range(start, len(groups)):
+            for option in groups[index]:
+                chosen.append(option)
+                search(index + 1, chosen)
+                chosen.pop()
 
-    search(0, ())
+    search(0, [])
     return best[0][1]
 
 
-def _enough(chosen: Sequence[int], frees: Sequence[Sequence[int]], goal: Sequence[int]) -> bool:
-    return all(sum(frees[i][r] for i in chosen) >= need for r, need in enumerate(goal))
+def _enough(chosen: Sequence[_Option], goal: Sequence[int]) -> bool:
+    return all(sum(o.frees[r] for o in chosen) >= need for r, need in enumerate(goal))
 
 
-def _greedy(
-    names: Sequence[str],
-    frees: Sequence[Sequence[int]],
-    goal: Sequence[int],
-    context: Placement,
-    cost: Mapping[str, float],
-) -> tuple[int, ...]:
-    """Many candidates: take the best rank per byte freed until enough, then drop extras."""
-    total_goal = sum(goal) or 1
+def _greedy(groups: Sequence[Sequence[_Option]], goal: Sequence[int]) -> list[_Option]:
+    """Many candidates: repeatedly take the option with the best rank per byte of
+    shortage it removes (a stop may replace a sleep of the same model), then drop
+    what is not needed, most expensive first."""
+    chosen: dict[int, _Option] = {}
 
-    def rank(i: int) -> tuple[int, int, float]:
-        useful = sum(min(f, g) for f, g in zip(frees[i], goal, strict=True)) / total_goal
-        price = 0.0 if names[i] in context.stopping else cost[names[i]]
-        return (names[i] in context.pinned, names[i] in context.busy, price / max(useful, 1e-12))
+    def shortage(picked: Sequence[_Option]) -> int:
+        return sum(max(0, need - sum(o.frees[r] for o in picked)) for r, need in enumerate(goal))
 
-    chosen: list[int] = []
-    for index in sorted(range(len(names)), key=rank):
-        if _enough(chosen, frees, goal):
-            break
-        chosen.append(index)
-    for index in sorted(chosen, key=rank, reverse=True):  # most expensive first
-        trial = [i for i in chosen if i != index]
-        if _enough(trial, frees, goal):
-            chosen = trial
-    return tuple(sorted(chosen))
+    while not _enough(list(chosen.values()), goal):
+        before = shortage(list(chosen.values()))
+        best: tuple[tuple[bool, bool, float], _Option] | None = None
+        for option in (o for group in groups for o in group):
+            current = chosen.get(option.candidate)
+            if current is option:
+                continue
+            trial = [o for o in chosen.values() if o.candidate != option.candidate]
+            gain = before - shortage([*trial, option])
+            if gain <= 0:
+                continue
+            extra = option.cost - (current.cost if current is not None else 0.0)
+            rank = (option.pinned, option.busy, max(extra, 0.0) / gain)
+            if best is None or rank < best[0]:
+                best = (rank, option)
+        if best is None:  # nothing helps any more (cannot happen: stopping all is enough)
+            return [max(group, key=lambda o: sum(o.frees)) for group in groups]
+        chosen[best[1].candidate] = best[1]
+    for option in sorted(chosen.values(), key=lambda o: (o.pinned, o.busy, o.cost), reverse=True):
+        trial = [o for o in chosen.values() if o.candidate != option.candidate]
+        if _enough(trial, goal):
+            del chosen[option.candidate]
+    return sorted(chosen.values(), key=lambda o: o.candidate)

@@ -38,6 +38,7 @@ class ResponderOptions(msgspec.Struct, frozen=True, kw_only=True):
     sleep_delay: float = 0.0
     wake_delay: float = 0.0
     broken_after_wake: bool = False
+    asleep_memory: int = 0
 
 
 def _seconds(text: str) -> float:
@@ -241,6 +242,16 @@ def _add_sleep_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="after a wake, every completion answers 500 (a wake that left the server broken)",
     )
+    add(
+        "--asleep-memory",
+        type=_size,
+        default=0,
+        metavar="SIZE",
+        help=(
+            "hold SIZE of RAM while asleep, released by the wake (vLLM's level 1 moves the "
+            "weights to host memory)"
+        ),
+    )
 
 
 def parse_options(argv: list[str] | None = None) -> ResponderOptions:
@@ -250,7 +261,7 @@ def parse_options(argv: list[str] | None = None) -> ResponderOptions:
     if namespace.fail_start_message is not None and not namespace.fail_start:
         parser.error("--fail-start-message needs --fail-start")
     if namespace.sleep_api is None:
-        for flag in ("sleep_delay", "wake_delay", "broken_after_wake"):
+        for flag in ("sleep_delay", "wake_delay", "broken_after_wake", "asleep_memory"):
             if getattr(namespace, flag):
                 parser.error(f"--{flag.replace('_', '-')} needs --sleep-api")
     return msgspec.convert(vars(namespace), ResponderOptions)

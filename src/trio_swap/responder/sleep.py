@@ -23,7 +23,9 @@ so a test sees the memory move.) While asleep, generating routes answer 503
 wake they answer 500 "weights not loaded" until ``reload_weights`` runs, as
 vLLM needs. ``--sleep-delay`` and ``--wake-delay`` make each call take that
 long; ``--broken-after-wake`` makes every generating route answer 500 after
-the first wake (a wake that left the server broken).
+the first wake (a wake that left the server broken). ``--asleep-memory``
+holds a block of its own while asleep (what vLLM's level 1 keeps in host
+RAM), so a test sees a sleeper that holds more than it did awake.
 
 Calls are serialised: a wake sent during a sleep waits for it.
 """
@@ -77,6 +79,8 @@ class SleepApi:
         self._options = options
         self._paths = SLEEP_PATHS[options.sleep_api]
         self._memory = memory
+        #: Held while asleep only (``--asleep-memory``): the weights moved to host RAM.
+        self._asleep_memory = HeldMemory(options.asleep_memory) if options.asleep_memory else None
         self._lock = trio.Lock()
         self.sleeping = False
         self._level = 1
@@ -139,6 +143,12 @@ class SleepApi:
             self._level = level
             if self._memory is not None:
                 self._memory.release()
+            if self._asleep_memory is not None:
+                try:
+                    await self._asleep_memory.hold()
+                except (OSError, OverflowError) as error:
+                    message = f"cannot hold the asleep memory: {error}"
+                    return 500, error_body(message, type_="server_error", code=500)
             await trio.sleep(self._options.sleep_delay)
             _log(f"sleeping (level {level})" if not sglang else "memory released")
         return (200, _encode({"success": True, "message": "released"})) if sglang else _OK
@@ -151,6 +161,8 @@ class SleepApi:
                 except (OSError, OverflowError) as error:
                     message = f"cannot hold the memory again: {error}"
                     return 500, error_body(message, type_="server_error", code=500)
+            if self._asleep_memory is not None:
+                self._asleep_memory.release()
             await trio.sleep(self._options.wake_delay)
             if self.sleeping:
                 self.weights_loaded = self._level != 2

@@ -216,6 +216,8 @@ class ModelProcess:
         self._sleep_waiters: list[Reply[bool]] = []
         #: Seconds the last wake took (calls, check and test request).
         self.last_wake_seconds: float | None = None
+        #: Successful wakes so far (the router tells a wake from a start by it).
+        self.wake_count = 0
         #: The process went to sleep in this life (no KV cache to save when it stops).
         self._slept = False
         #: The ``sleep:`` calls it slept with (a reload may change the config meanwhile).
@@ -675,7 +677,7 @@ class ModelProcess:
         self._slept_with = config
         self._sleep_asked = trio.Event()
         log.info("model %s: asleep (%s)", self.model.id, self._sleep_reason.description)
-        self._hooks.slept(self.model.id)
+        self._hooks.slept(self.model.id, self._sleep_reason)
         self._answer_sleepers()
         if self._ready_waiters:  # asked for again while the sleep call ran
             self._wake_asked.set()
@@ -739,6 +741,7 @@ class ModelProcess:
             return False
         self._slept = False
         self.last_wake_seconds = trio.current_time() - started
+        self.wake_count += 1
         self.state = ProcessState.READY  # SLEEPING -> READY, through the test request
         log.info("model %s: awake in %.3fs", self.model.id, self.last_wake_seconds)
         self._hooks.woke(self.model.id, self.last_wake_seconds)

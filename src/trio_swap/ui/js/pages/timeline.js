@@ -1,5 +1,5 @@
 // Timeline: what each model's process did lately (GET /api/timeline): one lane per
-// model with its loading / ready / stopping bands, a mark at each stop saying why,
+// model with its loading / ready / sleeping / stopping bands, a mark at each stop saying why,
 // and a summary line (loads, evictions, time spent loading) for the window.
 //
 // Live: fetched every few seconds and soon after any model row changes in the feed;
@@ -52,8 +52,10 @@ function bandTitle(band, now) {
 
 /** The mark a band leaves on its lane, if any: where, what kind, and its tooltip. */
 function markOf(band, now) {
-  if (band.state === "stopping") {
-    const words = STOP_WORDS[band.reason] ?? band.reason ?? "stopped";
+  if (band.state === "stopping" && band.asleep) return null; // its sleep left the mark
+  if (band.state === "stopping" || band.state === "sleeping") {
+    const stopWords = STOP_WORDS[band.reason] ?? band.reason ?? "stopped";
+    const words = band.state === "sleeping" ? `asleep (${stopWords})` : stopWords;
     const who = band.evicted_by ? ` for ${band.evicted_by}` : "";
     const why = band.why ? `\n${band.why}` : "";
     return { at: band.start, kind: "stop", title: `${clockTime(band.start)}: ${words}${who}${why}` };
@@ -117,6 +119,7 @@ export function mount(root, params) {
       swatch("loading"), "loading",
       swatch("ready"), "ready",
       swatch("stopping"), "stopping",
+      swatch("sleeping"), "asleep",
       h("span", { class: "tl-mark", dataset: { kind: "stop" } }), "stopped (hover for why)",
       h("span", { class: "tl-mark", dataset: { kind: "crashed" } }), "crashed or failed",
     ),
