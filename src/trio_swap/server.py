@@ -49,12 +49,14 @@ from trio_swap.http.app import DEFAULT_MAX_BODY_BYTES, build_app
 from trio_swap.http.inference import InferenceRoutes
 from trio_swap.http.listener import HttpServer
 from trio_swap.http.peers import PeerForwarder
+from trio_swap.http.performance import register_performance_route
 from trio_swap.http.reload_route import register_reload_route
 from trio_swap.http.state import AppState
 from trio_swap.http.upstream_client import ConnectionRetirer, UpstreamClient
 from trio_swap.observe.activity import ActivityLog
 from trio_swap.observe.hooks import HookFanout
 from trio_swap.observe.metrics import Metrics
+from trio_swap.observe.performance import HardwareCollector, PerformanceMonitor
 from trio_swap.observe.record import Observer
 from trio_swap.observe.timeline import Timeline
 from trio_swap.observe.usage import Usage
@@ -186,6 +188,9 @@ async def serve(
                 router_box[0].model_stopped(model)
 
             metrics = Metrics()
+            # performance: CPU, memory and GPU samples (/api/performance, /metrics).
+            performance = PerformanceMonitor(config.performance)
+            metrics.registry.register(HardwareCollector(performance))
             # keepCache: saved slot files within cacheDiskBudget (docs/faster-swaps.md).
             cache_disk = CacheDisk(config.cache_disk_budget, hooks=metrics)
             timeline = Timeline()
@@ -263,6 +268,7 @@ async def serve(
             processes = router.processes  # live: a reload adds to it and retires from it
             router_box.append(router)
             supervisors.start_soon(cache_disk.run)
+            supervisors.start_soon(performance.run)
             metrics.watch(processes, router)
             await supervisors.start(read_ahead.run)  # before any model can start
             await supervisors.start(router.run)
@@ -312,6 +318,7 @@ async def serve(
                 cache_disk.budget = new.cache_disk_budget
                 prefetch_box[0] = new.prefetch
                 sleep_ttl_box[0] = new.sleep_ttl
+                performance.reconfigure(new.performance)
                 app.set_api_keys(new.api_keys)
 
             reloader = Reloader(
@@ -323,6 +330,7 @@ async def serve(
                 notifier=notifier,
             )
             register_reload_route(admin, reloader)
+            register_performance_route(admin, performance)
             hyper = HypercornConfig()
             hyper.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
             hyper.accesslog = None

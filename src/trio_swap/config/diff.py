@@ -50,6 +50,7 @@ SETTINGS: Final = {
     "cache_disk_budget": "cacheDiskBudget",
     "prefetch": "prefetch",
     "sleep_ttl": "sleepTTL",
+    "performance": "performance",
 }
 #: Config fields compared some other way, or not settings at all. Every Config
 #: field is in exactly one of these two tables (a test checks it), so a new

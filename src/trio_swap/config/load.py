@@ -39,6 +39,7 @@ from trio_swap.config.macros import (
     substitute_env,
 )
 from trio_swap.config.model import Config, ModelConfig, PeerConfig, build_model_names
+from trio_swap.config.performance import check_performance
 from trio_swap.config.resources import check_needs, check_resources
 from trio_swap.config.routing import ROUTING_TOP_KEYS, load_routing
 from trio_swap.config.schema import (
@@ -49,6 +50,7 @@ from trio_swap.config.schema import (
     MODEL_KEYS,
     PEER_KEYS,
     PEER_TIMEOUT_KEYS,
+    PERFORMANCE_KEYS,
     TOP_KEYS,
     RawConfig,
     RawModel,
@@ -184,6 +186,11 @@ class _Loader:
         routing_values = {key: top.pop(key) for key in ROUTING_TOP_KEYS if key in top}
         hooks = top.pop("hooks", None)
         top = self._supported(top, (), TOP_KEYS, LLAMA_SWAP_ONLY_TOP_KEYS)
+        performance = top.get("performance")
+        if isinstance(performance, dict):  # llama-swap ignores unknown keys there: warn
+            top["performance"] = self._supported(
+                performance, ("performance",), PERFORMANCE_KEYS, {}
+            )
         models_value = top.pop("models", None)
         peers_value = top.pop("peers", None)
         global_macros = read_macros(top.pop("macros", None), ("macros",), doc)
@@ -254,6 +261,7 @@ class _Loader:
             resources=resources,
             prefetch=check_prefetch(raw_settings.prefetch, doc),
             sleep_ttl=check_sleep_ttl(raw_settings.sleep_ttl, doc),
+            performance=check_performance(raw_settings.performance, doc),
             peers=peers,
             warnings=tuple(text for _, text in sorted(self.warnings, key=lambda w: w[0])),
             ports=ports,

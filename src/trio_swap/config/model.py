@@ -29,6 +29,10 @@ DEFAULT_CACHE_DISK_BUDGET: Final = 20 * 2**30
 DEFAULT_SLEEP_TTL: Final = 3600.0
 #: Seconds each sleep, wake, check or test request may take (``sleep.timeout``).
 DEFAULT_SLEEP_CALL_TIMEOUT: Final = 120.0
+#: Seconds between hardware samples (``performance.every``), and the least
+#: llama-swap accepts.
+DEFAULT_PERFORMANCE_EVERY: Final = 5.0
+MIN_PERFORMANCE_EVERY: Final = 5.0
 
 #: The literal placeholder kept in ``cmd_stop`` argv items, replaced by the PID at stop time.
 PID_PLACEHOLDER: Final = "${PID}"
@@ -251,6 +255,16 @@ class PrefetchConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 @final
+class PerformanceConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """``performance:``: sampling CPU, memory and GPUs (docs/metrics.md#hardware)."""
+
+    #: False (``disabled: true``): no sampling, ``/api/performance`` answers 503.
+    enabled: bool = True
+    #: Seconds between samples (``every``, a duration such as ``15s``).
+    every: float = DEFAULT_PERFORMANCE_EVERY
+
+
+@final
 class Config(msgspec.Struct, frozen=True, kw_only=True):
     """A whole configuration, ready to run."""
 
@@ -284,6 +298,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     prefetch: PrefetchConfig = msgspec.field(default_factory=PrefetchConfig)
     #: Seconds a model may stay asleep before it is stopped (``sleepTTL``); 0 = never.
     sleep_ttl: float = DEFAULT_SLEEP_TTL
+    #: Hardware sampling (``performance:``).
+    performance: PerformanceConfig = msgspec.field(default_factory=PerformanceConfig)
     #: Remote servers by peer id, in config order.
     peers: dict[str, PeerConfig] = msgspec.field(default_factory=dict)
     #: Computed from ``models`` and ``peers`` on construction (a value passed in is

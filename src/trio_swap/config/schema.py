@@ -112,6 +112,14 @@ class RawPrefetch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     budget: int | str | None = None
 
 
+class RawPerformance(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``performance:`` as written: hardware sampling (config/performance.py)."""
+
+    disabled: bool = False
+    #: A Go duration (``15s``, ``1m30s``) as in llama-swap, or a number of seconds.
+    every: str | float = "5s"
+
+
 class RawConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The top level of a config file, as written."""
 
@@ -143,6 +151,8 @@ class RawConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     prefetch: bool | RawPrefetch = True
     #: Seconds a model may stay asleep before it is stopped; 0 = never.
     sleep_ttl: float = msgspec.field(default=DEFAULT_SLEEP_TTL, name="sleepTTL")
+    #: Sampling CPU, memory and GPUs; None: the defaults.
+    performance: RawPerformance | None = None
 
 
 def _keys(struct: type[msgspec.Struct]) -> frozenset[str]:
@@ -157,6 +167,8 @@ MODEL_KEYS: Final = _keys(RawModel)
 PEER_KEYS: Final = _keys(RawPeer)
 #: ``peers.<id>.timeouts`` keys trio-swap reads.
 PEER_TIMEOUT_KEYS: Final = _keys(RawPeerTimeouts)
+#: ``performance`` keys trio-swap reads.
+PERFORMANCE_KEYS: Final = _keys(RawPerformance)
 
 #: llama-swap top-level keys trio-swap does not implement yet, with a hint for
 #: the warning. Remove a key from here when support lands in RawConfig.

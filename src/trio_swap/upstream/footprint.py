@@ -43,6 +43,7 @@ import importlib
 import logging
 import os
 from collections.abc import Collection, Iterator, Sequence
+from types import ModuleType
 from typing import Final, Protocol, cast, final
 
 import trio
@@ -53,6 +54,7 @@ __all__ = [
     "NvmlReader",
     "detect_gpu_reader",
     "footprint_probe",
+    "load_nvml",
     "measure_footprint",
     "process_tree",
     "system_memory",
@@ -255,6 +257,27 @@ class NvmlReader:
         return used
 
 
+def load_nvml() -> ModuleType | None:
+    """The ``pynvml`` module once ``nvmlInit`` succeeded, or None (not installed, no driver).
+
+    The one place NVML is loaded: footprints (:func:`detect_gpu_reader`) and the
+    hardware sampler (:mod:`trio_swap.observe.hardware`) both start here, so a
+    fake ``pynvml`` (``sys.modules``, or first on ``PYTHONPATH`` for a child
+    ``trio-swap serve``) stands in for both. Blocks while the driver starts.
+    """
+    try:
+        nvml = importlib.import_module("pynvml")
+    except ImportError:
+        log.debug("no GPU readings: pynvml is not installed (the 'gpu' extra)")
+        return None
+    try:
+        nvml.nvmlInit()  # reference-counted by NVML: a second init is cheap and harmless
+    except (nvml.NVMLError, OSError) as error:
+        log.debug("no GPU readings: NVML unavailable: %s", error)
+        return None
+    return nvml
+
+
 @functools.cache
 def detect_gpu_reader() -> GpuMemoryReader | None:
     """An :class:`NvmlReader`, or None when ``pynvml`` is missing or ``nvmlInit`` fails.
@@ -262,14 +285,11 @@ def detect_gpu_reader() -> GpuMemoryReader | None:
     No GPU is the common case, so this is cheap and quiet: it tries once per
     process (the answer is cached) and says why at debug level.
     """
-    try:
-        nvml = cast(_Nvml, importlib.import_module("pynvml"))
-    except ImportError:
-        log.debug("no GPU memory readings: pynvml is not installed (the 'gpu' extra)")
+    nvml = load_nvml()
+    if nvml is None:
         return None
     try:
-        nvml.nvmlInit()
-        return NvmlReader(nvml)
+        return NvmlReader(cast(_Nvml, nvml))
     except (nvml.NVMLError, OSError) as error:
         log.debug("no GPU memory readings: NVML unavailable: %s", error)
         return None
