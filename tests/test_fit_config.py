@@ -155,9 +155,50 @@ def test_check_and_plan_report_the_fit_numbers(tmp_path: Path) -> None:
         "plan", "--config", str(path), "--running", "a", "--request", "b", "--state-dir", str(state)
     )
     assert text.returncode == 0
-    assert "Fit by memory evicts a: b needs vram0 22.4 GiB with 0 B free" in text.stdout
+    assert "Fit by memory evicts a (stops): b needs vram0 22.4 GiB with 0 B free" in text.stdout
     path.write_text(GOOD.replace("  vram0: 24GB\n", ""))
     text = run(
         "plan", "--config", str(path), "--running", "a", "--request", "b", "--state-dir", str(state)
     )
     assert "b needs ram 500 MiB, slots 0 and fits beside the rest" in text.stdout
+
+
+SLEEPY = """\
+resources: {ram: 700MiB, vram0: 400MiB}
+models:
+  a:
+    cmd: server --port ${PORT}
+    sleep: vllm
+    needs: {ram: 100MiB, vram0: 300MiB}
+  b:
+    cmd: server --port ${PORT}
+    needs: {ram: 100MiB, vram0: 300MiB}
+  c:
+    cmd: server --port ${PORT}
+    needs: {ram: 690MiB, vram0: 0}
+"""
+
+
+def test_plan_says_which_victims_sleep_and_which_sleepers_stop(tmp_path: Path) -> None:
+    path = tmp_path / "sleepy.yaml"
+    path.write_text(SLEEPY)
+    state = str(tmp_path / "state")
+    common = ("--config", str(path), "--state-dir", state, "--format", "json")
+    # b needs the GPU: a sleeps (asleep it is assumed to hold 100 + 300 MiB of ram: fits).
+    planned = run("plan", *common, "--running", "a", "--request", "b")
+    assert planned.returncode == 0, planned.stderr
+    fit = json.loads(planned.stdout)["fit"]
+    assert (fit["evicts"], fit["sleeps"], fit["stops_asleep"]) == (["a"], ["a"], [])
+    # c needs most of the ram: b stops, and a, asleep, is stopped too.
+    planned = run("plan", *common, "--running", "b", "--asleep", "a", "--request", "c")
+    assert planned.returncode == 0, planned.stderr
+    plan = json.loads(planned.stdout)
+    assert plan["evict"] == ["b"]
+    assert (plan["fit"]["sleeps"], plan["fit"]["stops_asleep"]) == ([], ["a"])
+    assert plan["fit"]["free_before"]["ram"] == 700 * MiB - 100 * MiB - 400 * MiB
+    text = run("plan", "--config", str(path), "--state-dir", state, "--running", "b",
+               "--asleep", "a", "--request", "c")  # fmt: skip
+    assert "evicts b (stops), a (stops asleep)" in text.stdout
+    wrong = run("plan", *common, "--asleep", "b", "--request", "c")
+    assert wrong.returncode != 0
+    assert "is not a model with sleep:" in wrong.stderr

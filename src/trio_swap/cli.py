@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--request", required=True, metavar="MODEL", help="the requested model")
     plan.add_argument(
+        "--asleep",
+        default="",
+        metavar="A,B",
+        help="comma-separated sleep: models asleep now (fit by memory counts their host memory)",
+    )
+    plan.add_argument(
         "--state-dir",
         metavar="DIR",
         help="read what `serve` learned about the models from here (same default as serve)",
@@ -262,11 +268,17 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     running = [name.strip() for name in args.running.split(",") if name.strip()]
+    asleep = [name.strip() for name in args.asleep.split(",") if name.strip()]
     state = Path(args.state_dir) if args.state_dir else default_state_dir()
     learned = read_learned(state / STATE_FILE) if config.resources or config.routing.matrix else {}
     try:
         result, sentence = plan(
-            config, running, args.request, learned=learned, estimates=estimates(config)
+            config,
+            running,
+            args.request,
+            learned=learned,
+            estimates=estimates(config),
+            asleep=asleep,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

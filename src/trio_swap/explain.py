@@ -16,7 +16,7 @@ from trio_swap.config.model import Config
 from trio_swap.fit.ledger import FORMULA, FitLedger, Learned
 from trio_swap.policy import FitPolicy, GroupsPolicy, build_policy
 from trio_swap.policy.base import Placement, SwapPolicy
-from trio_swap.policy.fit import amount, shortage
+from trio_swap.policy.fit import FitPlan, amount, shortage
 from trio_swap.policy.matrix import MatrixPolicy
 
 __all__ = ["PlanResult", "describe", "plan"]
@@ -72,8 +72,10 @@ def plan(
     *,
     learned: Mapping[str, Learned] | None = None,
     estimates: Mapping[str, int] | None = None,
+    asleep: Sequence[str] = (),
 ) -> tuple[PlanResult, str]:
-    """What the policy does for ``request`` with ``running`` loaded: (JSON answer, sentence).
+    """What the policy does for ``request`` with ``running`` loaded and ``asleep`` asleep
+    (``sleep:`` models: fit counts their host memory): (JSON answer, sentence).
 
     Raises:
         ValueError: an unknown model name (the message says which).
@@ -88,9 +90,18 @@ def plan(
             raise ValueError(f"unknown running model {name!r} (not a model id or alias)")
         if model not in resolved:
             resolved.append(model)
+    sleepers: list[str] = []
+    for name in asleep:
+        model = config.resolve(name)
+        if model is None or config.models[model].sleep is None:
+            raise ValueError(f"asleep model {name!r} is not a model with sleep:")
+        if model in resolved:
+            raise ValueError(f"model {name!r} cannot be both running and asleep")
+        sleepers.append(model)
     ledger = FitLedger(
         config.resources, config.models, ports=config.ports, estimates=estimates, learned=learned
     )
+    ledger.set_asleep(sleepers)
     policy = build_policy(config, ledger)
     if isinstance(policy, FitPolicy):
         return _fit_plan(policy, target, resolved)
@@ -134,15 +145,20 @@ def _fit_plan(policy: FitPolicy, target: str, resolved: list[str]) -> tuple[Plan
         "free_before": chosen.free_before,
         "used_after": chosen.used_after,
         "evicts": list(chosen.fit),
+        "sleeps": list(chosen.sleep),
+        "stops_asleep": list(chosen.stop_asleep),
         "fits": chosen.fits,
         "models": models,
         "formula": FORMULA,
     }
-    if chosen.fit:
-        costs = ", ".join(f"{m} {chosen.costs[m]:.2f}s" for m in chosen.fit)
+    if chosen.fit or chosen.stop_asleep:
+        going = [*chosen.fit, *chosen.stop_asleep]
+        costs = ", ".join(f"{m} {chosen.costs[m]:.2f}s" for m in going)
+        ways = [f"{m} ({_way(m, chosen)})" for m in going]
         sentence = (
-            f"{head}Fit by memory evicts {', '.join(chosen.fit)}: {target} needs "
-            f"{shortage(chosen)}, and this is the cheapest set to reload (expected {costs})."
+            f"{head}Fit by memory evicts {', '.join(ways)}: {target} needs "
+            f"{shortage(chosen)}, and this is the cheapest set (expected {costs} of "
+            "reloading or waking)."
         )
     elif not chosen.fits and target in resolved:
         sentence = f"{head}{target} is already running: it needs no room."
@@ -150,3 +166,10 @@ def _fit_plan(policy: FitPolicy, target: str, resolved: list[str]) -> tuple[Plan
         needs = ", ".join(f"{n} {amount(n, s)}" for n, s in chosen.need.items())
         sentence = f"{head}{target} needs {needs or 'nothing declared'} and fits beside the rest."
     return PlanResult(list(chosen.evict), inner.set, inner.cost, fit), sentence
+
+
+def _way(model: str, chosen: FitPlan) -> str:
+    """How ``model`` makes room in ``chosen``."""
+    if model in chosen.stop_asleep:
+        return "stops asleep"
+    return "sleeps" if model in chosen.sleep else "stops"

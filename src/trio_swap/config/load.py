@@ -25,6 +25,7 @@ from typing import Final, final
 
 import msgspec
 
+from trio_swap.config.capabilities import check_capabilities
 from trio_swap.config.errors import ConfigError
 from trio_swap.config.files import check_files, check_prefetch
 from trio_swap.config.kvcache import check_cache_budget, check_keep_cache
@@ -233,6 +234,10 @@ class _Loader:
             if raw.sleep is not None:
                 sleep = check_sleep(model_config, raw.sleep, doc)
                 model_config = msgspec.structs.replace(model_config, sleep=sleep)
+            if raw.capabilities is not None:
+                caps, caps_warnings = check_capabilities(model_id, raw.capabilities, doc)
+                self.warnings.extend(caps_warnings)
+                model_config = msgspec.structs.replace(model_config, capabilities=caps)
             models[model_id] = model_config
         check_aliases(models, doc)
         peers = self._peers(peers_value, global_macros, models)

@@ -88,6 +88,26 @@ class SleepConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 @final
+class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
+    """``capabilities:``: what a model accepts and produces, told to clients in
+    ``/v1/models`` (config/capabilities.py). Nothing else reads it."""
+
+    #: ``in``: modalities understood, each ``text``, ``audio`` or ``image``.
+    inputs: tuple[str, ...] = ()
+    #: ``out``: modalities produced.
+    outputs: tuple[str, ...] = ()
+    #: Function calling.
+    tools: bool = False
+    #: ``/v1/rerank``.
+    reranker: bool = False
+    #: Longest context in tokens; 0: not said.
+    context: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.inputs or self.outputs or self.tools or self.reranker or self.context)
+
+
+@final
 class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     """One model: how to start its server, reach it, and when to stop it."""
 
@@ -131,6 +151,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     prefetch: bool = True
     #: Put to sleep instead of stopped (``sleep:``); None: stopped as usual.
     sleep: SleepConfig | None = None
+    #: What the model accepts and produces, for ``/v1/models`` (``capabilities:``).
+    capabilities: Capabilities = msgspec.field(default_factory=Capabilities)
 
 
 @final

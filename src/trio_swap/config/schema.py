@@ -77,6 +77,8 @@ class RawModel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     prefetch: bool = True
     #: A preset name or a mapping of calls: sleep instead of stop (config/sleep.py).
     sleep: str | dict[str, object] | None = None
+    #: ``in``, ``out``, ``tools``, ``reranker``, ``context`` (config/capabilities.py).
+    capabilities: dict[str, object] | None = None
 
 
 class RawPeerTimeouts(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -185,7 +187,6 @@ LLAMA_SWAP_ONLY_TOP_KEYS: Final[dict[str, str]] = {
 
 #: llama-swap per-model keys trio-swap does not implement yet.
 LLAMA_SWAP_ONLY_MODEL_KEYS: Final[dict[str, str]] = {
-    "capabilities": "",
     "compat": "",
     # llama-swap overwrites it with the global value, so it never did anything.
     "healthCheckTimeout": "set healthCheckTimeout at the top level",

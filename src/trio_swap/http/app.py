@@ -15,6 +15,7 @@ from werkzeug.exceptions import HTTPException
 
 from trio_swap import __version__
 from trio_swap.errors import BodyTooLarge, ModelNotFound, SwapError
+from trio_swap.http.capabilities import capability_fields, model_meta
 from trio_swap.http.errors import error_response, json_response, plain_error
 from trio_swap.http.fit_view import fit_document, fit_fields
 from trio_swap.http.logs import register_log_routes
@@ -157,15 +158,16 @@ def _model_listing(state: AppState) -> list[dict[str, object]]:
         loaded = state.processes[model.id].state.value != "stopped"
         status = {"value": "loaded" if loaded else "unloaded"}
         entry = _listing_entry(model.id, state.started_at, model.name, model.description)
+        entry.update(capability_fields(model.capabilities))
         # llama-swap publishes metadata under meta.llamaswap; keep the same place.
-        entry["meta"] = {
-            "llamaswap": {**model.metadata, "type": "model", "aliases": list(model.aliases)}
-        }
+        llamaswap = {**model.metadata, "type": "model", "aliases": list(model.aliases)}
+        entry["meta"] = model_meta(model.capabilities, llamaswap)
         entry["status"] = status
         data.append(entry)
         if state.config.include_aliases_in_list:
             for alias in model.aliases:
                 entry = _listing_entry(alias, state.started_at, model.name, model.description)
+                entry.update(capability_fields(model.capabilities))  # the same model's
                 entry["meta"] = {"llamaswap": {"type": "alias", "modelID": model.id}}
                 entry["status"] = status
                 data.append(entry)

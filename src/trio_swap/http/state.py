@@ -16,6 +16,7 @@ import httpx
 
 from trio_swap.config.files import weight_files
 from trio_swap.config.model import Config
+from trio_swap.http.capabilities import capability_row
 from trio_swap.http.fit_view import fit_fields
 from trio_swap.http.upstream_client import UpstreamClient
 from trio_swap.observe.record import Observer
@@ -81,6 +82,7 @@ def model_rows(state: AppState) -> list[dict[str, object]]:
                 "in_flight": scheduler.in_flight(model_id),
                 "queued": scheduler.queued(model_id),
                 "ttl": model.ttl,
+                "capabilities": capability_row(model.capabilities),
                 **fit_fields(state.router.ledger, model_id),
                 "files": _files(state.residency, weight_files(model)),
             }
