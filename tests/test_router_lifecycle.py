@@ -24,7 +24,7 @@ import trio.testing
 from tests.fakes import Behaviour, FakeLauncher, fake_model
 from trio_swap._sync import Reply
 from trio_swap.config.address import Upstream
-from trio_swap.config.model import ModelConfig, SchedulerConfig
+from trio_swap.config.model import HttpCall, ModelConfig, SchedulerConfig, SleepConfig
 from trio_swap.errors import (
     ModelNotFound,
     ModelStartFailed,
@@ -33,11 +33,15 @@ from trio_swap.errors import (
     ShuttingDown,
     SwapError,
 )
+from trio_swap.fit.ledger import FitLedger
 from trio_swap.observe.hooks import ProcessHooks
 from trio_swap.policy.base import SwapPolicy
 from trio_swap.policy.exclusive import OneAtATime
+from trio_swap.policy.fit import FitPolicy
 from trio_swap.reasons import StopReason
 from trio_swap.router import Admission, Router
+from trio_swap.scheduling import Phase
+from trio_swap.upstream import process as process_module
 from trio_swap.upstream.process import PROBE_INTERVAL, ModelProcess, ProcessState, _Stop
 
 #: A readiness probe runs every PROBE_INTERVAL: readiness is seen within one interval.
@@ -127,8 +131,10 @@ async def running(
     policy: SwapPolicy | None = None,
     scheduler: SchedulerConfig | None = None,
     health_check_timeout: float = 60.0,
+    resources: Mapping[str, int] | None = None,
 ) -> AsyncIterator[Box]:
-    """A router over fake models named by ``behaviours`` (in that order)."""
+    """A router over fake models named by ``behaviours`` (in that order); with
+    ``resources``, fit by memory is the policy (the models' ``needs`` declared)."""
     settings = settings or {}
     async with trio.open_nursery() as timers:  # outlives the supervisors: children can exit
         launcher = FakeLauncher(timers, dict(behaviours))
@@ -142,7 +148,11 @@ async def running(
         processes = {
             m.id: _process(m, launcher, hooks, None, health_check_timeout, box) for m in models
         }
-        router = Router(processes, policy or OneAtATime(), scheduler)
+        ledger = None
+        if resources is not None:
+            ledger = FitLedger(resources, {m.id: m for m in models})
+            policy = FitPolicy(ledger)
+        router = Router(processes, policy or OneAtATime(), scheduler, ledger=ledger)
         box.append(router)
         async with trio.open_nursery() as supervisors:
             for process in processes.values():
@@ -508,3 +518,61 @@ async def test_a_request_joining_a_load_is_told_it_waits_for_the_load(
             nursery.start_soon(want, joined)
             await until(lambda: joined == [Admission.LOADING])  # it joined that load
         assert box.launcher.what("A") == ["spawn"]
+
+
+# --- sleep: under fit by memory (the sleep and wake calls faked) ---------------------
+
+SLEEPS = SleepConfig(
+    sleep=HttpCall(method="POST", path="/sleep"), wake=(HttpCall(method="POST", path="/wake_up"),)
+)
+#: Seconds each faked sleep or wake call takes.
+SLEEP_CALL = 0.5
+
+
+@pytest.fixture
+def sleep_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, int, str]]:
+    """The sleep and wake HTTP calls replaced by timers: (virtual time, port, "sleep"/"wake")."""
+    calls: list[tuple[float, int, str]] = []
+
+    async def sleep_server(upstream: Upstream, config: SleepConfig) -> None:
+        calls.append((trio.current_time(), upstream.port, "sleep"))
+        await trio.sleep(SLEEP_CALL)
+
+    async def wake_server(upstream: Upstream, config: SleepConfig) -> None:
+        calls.append((trio.current_time(), upstream.port, "wake"))
+        await trio.sleep(SLEEP_CALL)
+
+    monkeypatch.setattr(process_module, "sleep_server", sleep_server)
+    monkeypatch.setattr(process_module, "wake_server", wake_server)
+    return calls
+
+
+def needs(ram: int, vram0: int = 0, *, sleeps: bool = False) -> dict[str, object]:
+    """A fake model's settings: declared needs, and ``sleep:`` when ``sleeps``."""
+    settings: dict[str, object] = {"needs": {"ram": ram, "vram0": vram0}}
+    if sleeps:
+        settings["sleep"] = SLEEPS
+    return settings
+
+
+async def test_a_victim_asleep_when_its_swap_ends_is_counted_for_the_queue_placed_then(
+    autojump_clock: trio.testing.MockClock, sleep_calls: list[tuple[float, int, str]]
+) -> None:
+    """Regression: the sleepers were read before the scheduler turned the swap's victim
+    cold, so the queue placed in that same step counted its host memory nowhere: C
+    started beside B and A asleep, 120 of 100 in ram. A (asleep: its 60 of GPU memory
+    assumed moved to ram) must stop for C."""
+    async with running(
+        {"A": Behaviour(), "B": Behaviour(), "C": Behaviour()},
+        settings={"A": needs(10, 60, sleeps=True), "B": needs(10, 60), "C": needs(40)},
+        resources={"ram": 100, "vram0": 100},
+    ) as box:
+        box.router.release(await box.router.acquire("A"))
+        box.request("B")  # the GPU: A sleeps (asleep, 70 + 10 of ram fits)
+        await until(lambda: box.router.scheduler.phase("B") is Phase.LOADING)
+        box.request("C")  # queued behind B's swap (it would evict A, B's victim)
+        await until(lambda: "C" in box.results and "B" in box.results)
+        assert all(isinstance(t, float) for t in (*box.results["B"], *box.results["C"]))
+        assert box.launcher.what("A") == ["spawn", "SIGTERM", "exit -15"]
+        assert box.processes["A"].state is ProcessState.STOPPED
+        assert [call for _, _, call in sleep_calls] == ["sleep"]

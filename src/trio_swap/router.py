@@ -210,6 +210,9 @@ class Router:
         self._swap_ways: dict[int, tuple[frozenset[str], tuple[str, ...]]] = {}
         #: Sleeping models a swap is stopping: they hold their memory until gone.
         self._stopping_sleepers: set[str] = set()
+        #: Models seen asleep, not since seen awake or stopped: one being stopped (an
+        #: unload, sleepTTL, a reload) holds its memory until its process is gone.
+        self._seen_asleep: set[str] = set()
         settings = settings or SchedulerConfig()
         self.scheduler = FifoScheduler(
             {name: _limits(proc.model, settings) for name, proc in processes.items()},
@@ -736,20 +739,30 @@ class Router:
         return process is not None and process.model.sleep is not None
 
     def _asleep(self) -> list[str]:
-        """Models whose process sleeps while the scheduler thinks them stopped (not being
-        woken), and sleepers a swap is stopping: what they hold is not free yet."""
+        """Models that hold their asleep need: asleep (or, asleep before, still being
+        stopped) while the scheduler does not count them awake (COLD, or STOPPING: a
+        victim or a TTL's sleeper), and sleepers a swap is stopping.
+
+        A victim counts from the moment it sleeps, though the scheduler still sees it
+        STOPPING: the step that turns it COLD places the queue at once, with the
+        sleepers read at that step's start. (Fit counts a STOPPING model as running,
+        with its whole need, so it is never counted twice.)
+        """
         scheduler = self.scheduler
         known = set(scheduler.models())
-        return [
-            name
-            for name, process in self._processes.items()
-            if name in self._stopping_sleepers
-            or (
-                process.state is ProcessState.SLEEPING
-                and name in known
-                and scheduler.phase(name) is Phase.COLD
-            )
-        ]
+        seen = self._seen_asleep
+        seen.intersection_update(self._processes)
+        asleep: list[str] = []
+        for name, process in self._processes.items():
+            if process.state is ProcessState.SLEEPING:
+                seen.add(name)
+            elif process.state is not ProcessState.STOPPING:
+                seen.discard(name)  # awake, waking, or gone
+            if name in self._stopping_sleepers or (
+                name in seen and name in known and scheduler.phase(name) in _NOT_AWAKE
+            ):
+                asleep.append(name)
+        return asleep
 
     async def _run_stops(self, stop_id: int, models: tuple[str, ...], reason: StopReason) -> None:
         async with trio.open_nursery() as nursery:
@@ -766,6 +779,8 @@ class Router:
 
 #: Stops a ``sleep:`` model answers by sleeping (an unload, a reload, shutdown stop it).
 _SLEEP_INSTEAD: Final = frozenset({StopReason.SWAP, StopReason.TTL})
+#: Phases in which the scheduler does not count a model awake (a sleeper may be asleep).
+_NOT_AWAKE: Final = frozenset({Phase.COLD, Phase.STOPPING})
 #: States in which a process is measured (STARTING: a wake; not measured, not ended).
 _MEASURED_STATES: Final = frozenset(
     {ProcessState.READY, ProcessState.SLEEPING, ProcessState.STARTING}
