@@ -8,6 +8,7 @@
        ├─ ModelProcess.run() (one per model)      one owner per model's process
        ├─ Router.run()                the one owner of routing state
        ├─ ActivityLog.run()           writes the per-request activity rows in batches
+       ├─ PerformanceMonitor.run()    hardware samples (performance:) for /api/performance
        ├─ Watchdog.run()              asks the router for ticks; it pings systemd's watchdog
        ├─ Notifier.publish_status()   STATUS= for `systemctl status` (only under systemd)
        ├─ Reloader.run()              config reloads asked for by SIGHUP and --watch-config
