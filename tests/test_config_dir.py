@@ -23,7 +23,6 @@ import trio
 
 from tests.conftest import chat, free_port, running, wait_for
 from tests.test_reload import listed, pids, trio_swap_serve
-from trio_swap.cli import main
 from trio_swap.config import Config, ConfigError
 from trio_swap.config.sources import ConfigSources, load_sources
 from trio_swap.reload import watch_config_file
@@ -370,14 +369,6 @@ def test_check_with_a_config_dir_exits_2_naming_both_files(tmp_path: Path) -> No
     assert ok.stdout.startswith(
         f"{tmp_path / 'base.yaml'} + {tmp_path / 'conf.d'}/ (1.yaml): ok (1 models"
     )
-
-
-def test_plan_reads_a_config_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    write(tmp_path / "conf.d" / "1.yaml", model("a"))
-    write(tmp_path / "conf.d" / "2.yaml", model("b"))
-    args = ["plan", "--config-dir", str(tmp_path / "conf.d"), "--running", "a", "--request", "b"]
-    assert main(args) == 0
-    assert "It evicts a" in capsys.readouterr().out
 
 
 def test_check_needs_a_config_or_a_config_dir() -> None:

@@ -9,8 +9,8 @@ may block), never two at a time. ``GET /api/performance`` lists the history;
 
 **Memory is bounded**: the history keeps the last hour, as llama-swap does:
 ``ceil(3600 / every)`` samples, so at most 720 (``every`` is at least 5 s).
-A sample is about 200 bytes plus 200 per GPU (names and UUIDs are shared), so
-720 samples of an 8-GPU machine take about 1 MiB.
+A sample is a few numbers plus about 150 bytes per GPU, so 720 samples of an
+8-GPU machine stay under 1.5 MiB.
 
 **Reloads** apply in place (:meth:`PerformanceMonitor.reconfigure`): a new
 ``every`` takes effect at once (a sample is taken, then the new interval
