@@ -9,7 +9,9 @@ temperature sensor): loaded as ``pynvml`` in-process, or first on the child's
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,6 +49,7 @@ from trio_swap.observe.performance import (
 from trio_swap.upstream.footprint import detect_gpu_reader
 
 FAKE_NVML_DIR = Path(__file__).parent / "fake_nvml"
+HARDWARE_DASHBOARD = Path(__file__).parent.parent / "docs" / "grafana-hardware.json"
 GiB = 1 << 30
 MODELS = "models:\n  m:\n    cmd: server --port ${PORT}\n"
 
@@ -400,7 +403,7 @@ class CountingProbe:
 async def test_the_sampler_task_samples_at_once_then_follows_reloads() -> None:
     probe = CountingProbe()
     # every 10 minutes: the history holds 6, the test never waits that long
-    monitor = PerformanceMonitor(PerformanceConfig(every=600.0), probe)  # type: ignore[arg-type]
+    monitor = PerformanceMonitor(PerformanceConfig(every=600.0), probe)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(monitor.run)
@@ -429,7 +432,7 @@ async def test_a_failing_sample_is_logged_and_sampling_goes_on(
                 raise RuntimeError("driver fell over")
             return super().sample()
 
-    monitor = PerformanceMonitor(PerformanceConfig(every=5.0), FailingOnce())  # type: ignore[arg-type]
+    monitor = PerformanceMonitor(PerformanceConfig(every=5.0), FailingOnce())
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(monitor.run)
@@ -616,3 +619,21 @@ async def test_serve_with_performance_disabled_and_a_reload_turning_it_on(tmp_pa
             assert (await client.get("/api/performance")).status_code == 503
             metrics = await metric_samples(client)
             assert "trio_swap_gpu_power_watts" not in metrics
+
+
+async def test_the_hardware_dashboard_uses_only_exported_metrics(tmp_path: Path) -> None:
+    dashboard = json.loads(HARDWARE_DASHBOARD.read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"\btrio_swap_[a-z_]+", expr)}
+    assert {name.split("_")[2] for name in used} == {"host", "gpu"}
+    config = tmp_path / "c.yaml"
+    config.write_text("models: {}\n")
+    with trio.fail_after(60):
+        async with serve_with_fake_nvml(config) as client:
+
+            async def exported() -> set[str] | None:
+                names = set(await metric_samples(client))
+                return names if "trio_swap_host_cpu_utilization_ratio" in names else None
+
+            names = await wait_for(exported, what="a sample with a CPU figure", timeout=30)
+    assert used <= names, f"not exported: {sorted(used - names)}"

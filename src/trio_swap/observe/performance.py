@@ -9,8 +9,8 @@ may block), never two at a time. ``GET /api/performance`` lists the history;
 
 **Memory is bounded**: the history keeps the last hour, as llama-swap does:
 ``ceil(3600 / every)`` samples, so at most 720 (``every`` is at least 5 s).
-A sample is a few numbers plus about 150 bytes per GPU, so 720 samples of an
-8-GPU machine stay under 1.5 MiB.
+A sample is about 200 bytes plus 200 per GPU (names and UUIDs are shared), so
+720 samples of an 8-GPU machine take about 1 MiB.
 
 **Reloads** apply in place (:meth:`PerformanceMonitor.reconfigure`): a new
 ``every`` takes effect at once (a sample is taken, then the new interval
@@ -24,7 +24,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Iterator
-from typing import Final, final
+from typing import Final, Protocol, final
 
 import trio
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -33,7 +33,13 @@ from prometheus_client.registry import Collector
 from trio_swap.config.model import PerformanceConfig
 from trio_swap.observe.hardware import HardwareProbe, Sample
 
-__all__ = ["HISTORY_SECONDS", "HardwareCollector", "PerformanceMonitor", "history_size"]
+__all__ = [
+    "HISTORY_SECONDS",
+    "HardwareCollector",
+    "PerformanceMonitor",
+    "SampleSource",
+    "history_size",
+]
 
 log = logging.getLogger("trio_swap.observe")
 
@@ -41,6 +47,16 @@ log = logging.getLogger("trio_swap.observe")
 HISTORY_SECONDS: Final = 3600.0
 #: Seconds from the first sample to the second: the first CPU figure comes soon.
 SECOND_SAMPLE_AFTER: Final = 1.0
+
+
+class SampleSource(Protocol):
+    """What the monitor samples: :class:`~trio_swap.observe.hardware.HardwareProbe`, or a
+    test's fake. ``sample`` runs in a worker thread, one call at a time."""
+
+    @property
+    def has_gpus(self) -> bool | None: ...
+
+    def sample(self) -> Sample: ...
 
 
 def history_size(every: float) -> int:
@@ -56,9 +72,9 @@ class PerformanceMonitor:
     checkpoints. ``probe`` is the seam: tests give one with a fake NVML.
     """
 
-    def __init__(self, config: PerformanceConfig, probe: HardwareProbe | None = None) -> None:
+    def __init__(self, config: PerformanceConfig, probe: SampleSource | None = None) -> None:
         self._config = config
-        self._probe = probe if probe is not None else HardwareProbe()
+        self._probe: SampleSource = probe if probe is not None else HardwareProbe()
         self._history: deque[Sample] = deque(maxlen=history_size(config.every))
         self._wake = trio.Event()
         #: One sample at a time, even when a cancelled one's thread still runs.
