@@ -18,12 +18,17 @@ from functools import partial
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 import trio
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import chat, free_port, running, wait_for
 from tests.test_reload import listed, pids, trio_swap_serve
-from trio_swap.config import Config, ConfigError
+from trio_swap.cli import main
+from trio_swap.config import Config, ConfigError, load_config
 from trio_swap.config.sources import ConfigSources, load_sources
 from trio_swap.reload import watch_config_file
 
@@ -139,6 +144,48 @@ def test_hidden_files_subdirectories_and_other_suffixes_are_not_read(tmp_path: P
 def test_the_source_names_every_file(tmp_path: Path) -> None:
     config = load_dir(tmp_path, {"a.yaml": model("a"), "b.yml": model("b")}, base="")
     assert config.source == f"{tmp_path / 'base.yaml'} + {tmp_path / 'conf.d'}/ (a.yaml, b.yml)"
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _has_list(value: object) -> bool:
+    if isinstance(value, list):
+        return True
+    return isinstance(value, dict) and any(_has_list(item) for item in value.values())
+
+
+@settings(max_examples=40, derandomize=True)
+@given(choices=st.data())
+def test_a_config_split_over_files_loads_as_the_whole_file(
+    tmp_path_factory: pytest.TempPathFactory, choices: st.DataObject
+) -> None:
+    """config.example.yaml cut into 1-4 files at random (a model, a top-level key
+    without lists in either file or both): the same config as the one file."""
+    whole_path = REPO / "config.example.yaml"
+    whole = yaml.safe_load(whole_path.read_text())
+    count = choices.draw(st.integers(1, 4), label="files")
+    parts: list[dict[str, object]] = [{} for _ in range(count)]
+    pick = st.integers(0, count - 1)
+    for key, value in whole.items():
+        if key == "models":
+            for model_id, entry in value.items():
+                models = parts[choices.draw(pick, label=model_id)].setdefault("models", {})
+                assert isinstance(models, dict)
+                models[model_id] = entry
+            continue
+        owners = {choices.draw(pick, label=key)}
+        if not _has_list(value) and choices.draw(st.booleans(), label=f"{key} twice"):
+            owners.add(choices.draw(pick, label=f"{key} again"))
+        for owner in owners:
+            parts[owner][key] = value
+    directory = tmp_path_factory.mktemp("split")
+    for index, part in enumerate(parts):
+        write(directory / f"{index:02}.yaml", yaml.safe_dump(part, sort_keys=False))
+    merged = load_sources(ConfigSources(None, str(directory)))
+    expected = load_config(whole_path)
+    strip = {"source": "", "warnings": ()}
+    assert msgspec.structs.replace(merged, **strip) == msgspec.structs.replace(expected, **strip)
 
 
 # --- conflicts name both files and lines ---------------------------------------------------
@@ -369,6 +416,14 @@ def test_check_with_a_config_dir_exits_2_naming_both_files(tmp_path: Path) -> No
     assert ok.stdout.startswith(
         f"{tmp_path / 'base.yaml'} + {tmp_path / 'conf.d'}/ (1.yaml): ok (1 models"
     )
+
+
+def test_plan_reads_a_config_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write(tmp_path / "conf.d" / "1.yaml", model("a"))
+    write(tmp_path / "conf.d" / "2.yaml", model("b"))
+    args = ["plan", "--config-dir", str(tmp_path / "conf.d"), "--running", "a", "--request", "b"]
+    assert main(args) == 0
+    assert "It evicts a" in capsys.readouterr().out
 
 
 def test_check_needs_a_config_or_a_config_dir() -> None:

@@ -1,4 +1,8 @@
-"""Live config reload: load the file again and apply only what changed (docs/reload.md).
+"""Live config reload: load the config again and apply only what changed (docs/reload.md).
+
+"The config" is the ``--config`` file, or with ``--config-dir`` every file of
+the directory too (:class:`~trio_swap.config.sources.ConfigSources`): each
+reload reads them all again, and the watcher looks at all of them.
 
 Three triggers end up in :meth:`Reloader.reload`: ``SIGHUP`` and
 ``--watch-config`` through :meth:`Reloader.request` (queued, coalesced, run

@@ -8,6 +8,7 @@
        ├─ ModelProcess.run() (one per model)      one owner per model's process
        ├─ Router.run()                the one owner of routing state
        ├─ ActivityLog.run()           writes the per-request activity rows in batches
+       ├─ PerformanceMonitor.run()    hardware samples (performance:) for /api/performance
        ├─ Watchdog.run()              asks the router for ticks; it pings systemd's watchdog
        ├─ Notifier.publish_status()   STATUS= for `systemctl status` (only under systemd)
        ├─ Reloader.run()              config reloads asked for by SIGHUP and --watch-config
@@ -309,12 +310,7 @@ async def serve(
                 max_body_bytes=max_body_bytes,
                 observer=observer,
             )
-            app = AccessControl(
-                routes,
-                api_keys=config.api_keys,
-                allowed_hosts=config.allowed_hosts,
-                listen_host=host,  # its name is allowed in Host (docs/security.md)
-            )
+            app = AccessControl(routes, api_keys=config.api_keys)
 
             def switch_http(new: Config) -> None:
                 """A reload's switch, in the router's step: every HTTP reader of the config."""
@@ -325,7 +321,6 @@ async def serve(
                 sleep_ttl_box[0] = new.sleep_ttl
                 performance.reconfigure(new.performance)
                 app.set_api_keys(new.api_keys)
-                app.set_allowed_hosts(new.allowed_hosts)
 
             reloader = Reloader(
                 config,

@@ -116,20 +116,12 @@ class _Merger:
                 self.adopt(item, doc, (*src, index), (*dst, index))
         return value
 
-    def _forget(self, path: KeyPath) -> None:
-        """Drop the locations of ``path`` and below (an empty value being replaced)."""
-        size = len(path)
-        for known in [p for p in self.lines if p[:size] == path]:
-            del self.lines[known]
-        for known in [p for p in self.origins if p[:size] == path]:
-            del self.origins[known]
-
     def merge(self, old: object, new: object, doc: Document, path: KeyPath) -> object:
         """``old`` (merged so far) with ``new`` (at ``path`` in ``doc``) merged in."""
         if new is None:
             return old
-        if old is None:
-            self._forget(path)
+        if old is None:  # an empty value has nothing below it: only its own place moves
+            self.lines.pop(path, None)
             return self.adopt(new, doc, path, path)
         if isinstance(old, dict) and isinstance(new, dict):
             identity = path in IDENTITY_MAPS

@@ -1,11 +1,12 @@
 // The single-page app: top bar, client-side routing between the pages, the live feed.
 //
-// Pages are /ui/models, /ui/logs, /ui/timeline, /ui/activity and /ui/playground
+// Pages are /ui/models, /ui/logs, /ui/timeline, /ui/activity, /ui/hardware and /ui/playground
 // (trio-swap answers index.html for any of them); a page's choices live in the query
 // string (/ui/logs?source=m), so links can be shared and model ids need no escaping rules.
 
 import { currentKey, forgetKey, onKeyChange } from "./api.js";
 import * as activity from "./pages/activity.js";
+import * as hardware from "./pages/hardware.js";
 import * as logs from "./pages/logs.js";
 import * as models from "./pages/models.js";
 import * as playground from "./pages/playground.js";
@@ -13,7 +14,7 @@ import * as timeline from "./pages/timeline.js";
 import { navigate, setRenderer } from "./router.js";
 import { followEvents, on, state } from "./store.js";
 
-const PAGES = { models, logs, timeline, activity, playground };
+const PAGES = { models, logs, timeline, activity, hardware, playground };
 const DEFAULT_PAGE = "models";
 
 const view = document.getElementById("view");
