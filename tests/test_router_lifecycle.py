@@ -39,7 +39,7 @@ from trio_swap.policy.base import SwapPolicy
 from trio_swap.policy.exclusive import OneAtATime
 from trio_swap.policy.fit import FitPolicy
 from trio_swap.reasons import StopReason
-from trio_swap.router import Admission, Router
+from trio_swap.router import Admission, Router, _UnloadRequested
 from trio_swap.scheduling import Phase
 from trio_swap.upstream import process as process_module
 from trio_swap.upstream.process import PROBE_INTERVAL, ModelProcess, ProcessState, _Stop
@@ -576,3 +576,71 @@ async def test_a_victim_asleep_when_its_swap_ends_is_counted_for_the_queue_place
         assert box.launcher.what("A") == ["spawn", "SIGTERM", "exit -15"]
         assert box.processes["A"].state is ProcessState.STOPPED
         assert [call for _, _, call in sleep_calls] == ["sleep"]
+
+
+async def test_a_sleeper_a_swap_stops_is_stopped_before_a_request_for_it_starts_it(
+    autojump_clock: trio.testing.MockClock, sleep_calls: list[tuple[float, int, str]]
+) -> None:
+    """X needs the ram S holds asleep (its GPU memory moved there), so X's swap stops
+    S; awake, S needs little ram, so S's request, placed in the same step, starts a
+    swap of its own. Its start must reach S's process after that stop (a cold start),
+    never before it: woken first, the stop cut its wake and the client got an error.
+    (Which swap task runs first is trio's choice, so several rounds.)"""
+    async with running(
+        {
+            "S": Behaviour(),
+            "V": Behaviour(),
+            "Z": Behaviour(ready_after=10),  # costly to reload: fit stops S asleep instead
+            "X": Behaviour(),
+        },
+        settings={
+            "S": needs(10, 30, sleeps=True),
+            "V": needs(100, 80),
+            "Z": needs(10, 30),
+            "X": needs(160),
+        },
+        resources={"ram": 200, "vram0": 100},
+    ) as box:
+        scheduler = box.router.scheduler
+        for _ in range(6):
+            box.results.clear()
+            box.router.release(await box.router.acquire("S"))
+            box.router.release(await box.router.acquire("V"))  # S sleeps for V's GPU memory
+            assert box.processes["S"].state is ProcessState.SLEEPING
+            box.request("Z")  # Z's swap stops V (the GPU)
+            await until(lambda: scheduler.phase("Z") is Phase.LOADING)
+            box.request("X")  # both queued behind Z's swap (they would evict its victim)
+            await until(lambda: scheduler.queued("X") == 1)
+            box.request("S")
+            await until(lambda: scheduler.queued("S") == 1)
+            await until(lambda: all(m in box.results for m in "ZXS"))
+            assert [type(box.results[m][0]) for m in "ZXS"] == [float] * 3, box.results
+            assert box.router.is_ready("S")
+            assert box.launcher.what("S")[-3:] == ["SIGTERM", "exit -15", "spawn"]
+            await box.router.unload()
+
+
+async def test_a_request_right_after_the_unload_of_a_sleeper_starts_it_after_its_stop(
+    autojump_clock: trio.testing.MockClock, sleep_calls: list[tuple[float, int, str]]
+) -> None:
+    """The scheduler thinks a sleeper COLD, so an unload's stop of it does not hold back
+    a request for it, as it does for a model awake: the request's start must still
+    reach the process after the stop (a cold start), never wake it for the stop to cut."""
+    async with running(
+        {"S": Behaviour(), "V": Behaviour()},
+        settings={"S": needs(10, 60, sleeps=True), "V": needs(10, 60)},
+        resources={"ram": 100, "vram0": 100},
+    ) as box:
+        for _ in range(6):
+            box.results.clear()
+            box.router.release(await box.router.acquire("S"))
+            box.router.release(await box.router.acquire("V"))  # S sleeps for V's GPU memory
+            assert box.processes["S"].state is ProcessState.SLEEPING
+            unloaded: Reply[None] = Reply()
+            box.router._send.send_nowait(_UnloadRequested(("S",), unloaded))  # this order:
+            box.request("S")  # both in the router's inbox before either is handled
+            await unloaded.wait()
+            await until(lambda: "S" in box.results)
+            assert isinstance(box.results["S"][0], float), box.results
+            assert box.launcher.what("S")[-3:] == ["SIGTERM", "exit -15", "spawn"]
+            await box.router.unload()

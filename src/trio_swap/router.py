@@ -207,9 +207,12 @@ class Router:
         #: Stop id -> sleeping models an unload stops with it (the scheduler thinks them cold).
         self._also_stop: dict[int, tuple[str, ...]] = {}
         #: Swap id -> (victims that sleep instead of stopping, sleepers it stops).
-        self._swap_ways: dict[int, tuple[frozenset[str], tuple[str, ...]]] = {}
-        #: Sleeping models a swap is stopping: they hold their memory until gone.
-        self._stopping_sleepers: set[str] = set()
+        self._swap_ways: dict[int, tuple[frozenset[str], dict[str, trio.Event]]] = {}
+        #: Sleeping model -> one event per stop of it ordered (by a swap or an unload)
+        #: and not done: the scheduler thinks it COLD, so a swap to it may start
+        #: meanwhile; that swap waits for these before it starts it. Until then the
+        #: sleeper holds its memory.
+        self._sleeper_stops: dict[str, list[trio.Event]] = {}
         #: Models seen asleep, not since seen awake or stopped: one being stopped (an
         #: unload, sleepTTL, a reload) holds its memory until its process is gone.
         self._seen_asleep: set[str] = set()
@@ -495,7 +498,7 @@ class Router:
                     else:
                         log.info("swap %d: loading %s", swap_id, target)
                     sleep, stop_asleep = self._ways_to_go(target, victims)
-                    self._swap_ways[swap_id] = (sleep, stop_asleep)
+                    self._swap_ways[swap_id] = (sleep, self._order_sleeper_stops(stop_asleep))
                     for victim in (*victims, *stop_asleep):
                         self._tell_eviction(victim, target)
                     self._swap_victims[swap_id] = victims
@@ -510,7 +513,8 @@ class Router:
                             self._swap_cancel_errors.setdefault(swap_id, ModelUnloaded(target))
                             scope.cancel(reason=f"{target}: {reason.description}")
                     extra = tuple(m for m in self._also_stop.pop(stop_id, ()) if m not in models)
-                    self._nursery.start_soon(self._run_stops, stop_id, (*models, *extra), reason)
+                    sleepers = self._order_sleeper_stops(extra)
+                    self._nursery.start_soon(self._run_stops, stop_id, models, reason, sleepers)
                 case Queued(request_id=rid, model=model, position=position):
                     log.info("request %d for %s queued at #%d", rid, model, position)
                 case Joined(request_id=rid, model=model, swap_id=swap_id):
@@ -574,16 +578,12 @@ class Router:
         """
         started = trio.current_time()
         error: SwapError | None = None
-        sleep, stop_asleep = self._swap_ways.pop(swap.swap_id, (frozenset(), ()))
-        self._stopping_sleepers.update(stop_asleep)
-        try:
-            async with trio.open_nursery() as nursery:
-                for victim in swap.victims:
-                    nursery.start_soon(self._stop_one, victim, StopReason.SWAP, victim in sleep)
-                for sleeper in stop_asleep:
-                    nursery.start_soon(self._stop_one, sleeper, StopReason.SWAP, False)
-        finally:
-            self._stopping_sleepers.difference_update(stop_asleep)
+        sleep, sleepers = self._swap_ways.pop(swap.swap_id, (frozenset(), {}))
+        async with trio.open_nursery() as nursery:
+            for victim in swap.victims:
+                nursery.start_soon(self._stop_one, victim, StopReason.SWAP, victim in sleep)
+            for sleeper, done in sleepers.items():
+                nursery.start_soon(self._stop_sleeper, sleeper, StopReason.SWAP, done)
         process = self._processes[swap.target]
         starts_before = process.start_count
         wakes_before = process.wake_count
@@ -593,6 +593,8 @@ class Router:
                 # removed, or nobody waits for it any more): its stop has already
                 # reached the process (a no-op, it was stopped), so a start sent
                 # now would run a model nobody wants, untracked. Send none.
+                for stop in list(self._sleeper_stops.get(swap.target, ())):
+                    await stop.wait()  # asleep, and another swap or an unload stops it
                 await trio.lowlevel.checkpoint_if_cancelled()
                 await process.ensure_ready()
             except ModelStartFailed as exc:
@@ -758,16 +760,48 @@ class Router:
                 seen.add(name)
             elif process.state is not ProcessState.STOPPING:
                 seen.discard(name)  # awake, waking, or gone
-            if name in self._stopping_sleepers or (
+            if name in self._sleeper_stops or (
                 name in seen and name in known and scheduler.phase(name) in _NOT_AWAKE
             ):
                 asleep.append(name)
         return asleep
 
-    async def _run_stops(self, stop_id: int, models: tuple[str, ...], reason: StopReason) -> None:
+    def _order_sleeper_stops(self, models: Sequence[str]) -> dict[str, trio.Event]:
+        """Stops of sleeping ``models`` ordered now (the router task), before the tasks
+        that send them run: a swap to one of them started from here on waits for its
+        stop, so its process gets the stop first and the start after (a cold start),
+        never a wake that the stop then cuts."""
+        events: dict[str, trio.Event] = {}
+        for model in models:
+            events[model] = trio.Event()
+            self._sleeper_stops.setdefault(model, []).append(events[model])
+        return events
+
+    async def _stop_sleeper(self, model: str, reason: StopReason, done: trio.Event) -> None:
+        """Stop a model asleep (never just left asleep); ``done`` is set once it is gone."""
+        try:
+            await self._stop_one(model, reason, may_sleep=False)
+        finally:
+            done.set()
+            stops = self._sleeper_stops.get(model, [])
+            if done in stops:
+                stops.remove(done)
+            if not stops:
+                self._sleeper_stops.pop(model, None)
+
+    async def _run_stops(
+        self,
+        stop_id: int,
+        models: tuple[str, ...],
+        reason: StopReason,
+        sleepers: Mapping[str, trio.Event],
+    ) -> None:
+        """Stop ``models``, and the ``sleepers`` an unload stops with them."""
         async with trio.open_nursery() as nursery:
             for model in models:
                 nursery.start_soon(self._stop_one, model, reason)
+            for sleeper, done in sleepers.items():
+                nursery.start_soon(self._stop_sleeper, sleeper, reason, done)
         self._send.send_nowait(_StopsDone(stop_id))
 
     async def _stop_all(self, reply: Reply[None]) -> None:
