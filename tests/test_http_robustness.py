@@ -46,6 +46,7 @@ import h2.events
 import h2.settings
 import h11
 import httpx
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -258,8 +259,13 @@ async def serving(
 
 
 def suite_config() -> Config:
-    """``m``: a plain model; ``renamed``: its body is rewritten (``useModelName``)."""
-    return make_config(responder_model("m"), responder_model("renamed", use_model_name="real"))
+    """``m``: a plain model; ``renamed``: its body is rewritten (``useModelName``).
+
+    Every ``Host`` is answered (``allowedHosts: ["*"]``), so the cases here may send
+    ``Host: x``; the Host allowlist has its own tests (test_dns_rebinding.py).
+    """
+    models = (responder_model("m"), responder_model("renamed", use_model_name="real"))
+    return msgspec.structs.replace(make_config(*models), allowed_hosts=("*",))
 
 
 @dataclass

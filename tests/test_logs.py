@@ -351,7 +351,7 @@ async def test_blocked_follower_does_not_slow_the_model(monkeypatch: pytest.Monk
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         with sock, trio.fail_after(120):
             await sock.connect((url.host, url.port))
-            await sock.send(b"GET /logs/stream/m HTTP/1.1\r\nHost: trio-swap\r\n\r\n")
+            await sock.send(b"GET /logs/stream/m HTTP/1.1\r\nHost: localhost\r\n\r\n")
             await wait_for_subscribers(h, 1)
             for _ in range(3):
                 await post_chat(h, "m")  # starts m (the bulk output), then plain requests

@@ -279,7 +279,7 @@ async def test_shutdown_does_not_wait_for_idle_keep_alive_connections() -> None:
             port = int(server.url.rsplit(":", 1)[1])
             idle = []
             requests = [
-                b"GET " + path + b" HTTP/1.1\r\nHost: t\r\n\r\n"
+                b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n\r\n"
                 for path in (b"/health", b"/api/models", b"/v1/models", b"/no-such-route")
             ]
             # model-routed: answered, streamed, and refused (their disconnect watcher
@@ -287,7 +287,7 @@ async def test_shutdown_does_not_wait_for_idle_keep_alive_connections() -> None:
             for body in (chat("A"), chat("A", stream=True), chat("nope")):
                 payload = json.dumps(body).encode()
                 requests.append(
-                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\n"
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                     % (len(payload), payload)
                 )

@@ -306,7 +306,7 @@ async def test_a_client_that_does_not_read_costs_the_models_nothing(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         with sock, trio.fail_after(120):
             await sock.connect((url.host, url.port))
-            await sock.send(b"GET /api/events HTTP/1.1\r\nHost: trio-swap\r\n\r\n")
+            await sock.send(b"GET /api/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
             await wait_for_subscribers(h, 2)  # the proxy log and m's
             for _ in range(3):
                 response = await h.client.post("/v1/chat/completions", json=chat("m"))

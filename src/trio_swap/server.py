@@ -310,7 +310,12 @@ async def serve(
                 max_body_bytes=max_body_bytes,
                 observer=observer,
             )
-            app = AccessControl(routes, api_keys=config.api_keys)
+            app = AccessControl(
+                routes,
+                api_keys=config.api_keys,
+                allowed_hosts=config.allowed_hosts,
+                listen_host=host,  # its name is allowed in Host (docs/security.md)
+            )
 
             def switch_http(new: Config) -> None:
                 """A reload's switch, in the router's step: every HTTP reader of the config."""
@@ -321,6 +326,7 @@ async def serve(
                 sleep_ttl_box[0] = new.sleep_ttl
                 performance.reconfigure(new.performance)
                 app.set_api_keys(new.api_keys)
+                app.set_allowed_hosts(new.allowed_hosts)
 
             reloader = Reloader(
                 config,

@@ -41,6 +41,7 @@ SETTINGS: Final = {
     "log_to_stdout": "logToStdout",
     "preload": "hooks",
     "api_keys": "apiKeys",
+    "allowed_hosts": "allowedHosts",
     "include_aliases_in_list": "includeAliasesInList",
     "peers": "peers",
     "metrics_max_in_memory": "metricsMaxInMemory",

@@ -28,6 +28,7 @@ import msgspec
 from trio_swap.config.capabilities import check_capabilities
 from trio_swap.config.errors import ConfigError
 from trio_swap.config.files import check_files, check_prefetch
+from trio_swap.config.keys import check_allowed_hosts, scope_api_keys
 from trio_swap.config.kvcache import check_cache_budget, check_keep_cache
 from trio_swap.config.macros import (
     ExpansionBudget,
@@ -245,6 +246,8 @@ class _Loader:
             expand_globals(routing_values, global_macros, doc, budget), models, doc
         )
         self.warnings.extend(routing_warnings)
+        api_keys, key_warnings = scope_api_keys(settings.api_keys, models, peers, doc)
+        self.warnings.extend(key_warnings)
         preload = _preload(
             expand_globals({"hooks": hooks}, global_macros, doc, budget)["hooks"], models, doc
         )
@@ -257,7 +260,8 @@ class _Loader:
             log_to_stdout=settings.log_to_stdout,
             routing=routing,
             preload=preload,
-            api_keys=settings.api_keys,
+            api_keys=api_keys,
+            allowed_hosts=check_allowed_hosts(raw_settings.allowed_hosts, doc),
             include_aliases_in_list=settings.include_aliases_in_list,
             cache_disk_budget=check_cache_budget(raw_settings.cache_disk_budget, doc),
             metrics_max_in_memory=in_memory,

@@ -219,6 +219,25 @@ def build_peer_names(
 
 
 @final
+class ScopedKey(msgspec.Struct, frozen=True, kw_only=True):
+    """An ``apiKeys`` entry written as a mapping: a key limited to what it may touch.
+
+    A plain string entry stays a ``str`` in :attr:`Config.api_keys` (full access);
+    docs/security.md has the rules, :mod:`trio_swap.config.keys` the matching.
+    """
+
+    key: str
+    #: Shown in the activity log instead of the key (``apiKeys[<i>]`` when not written).
+    name: str
+    #: Local model ids (aliases resolved) and fnmatch globs over ids; ``*``: every one.
+    models: tuple[str, ...] = ()
+    #: Peer ids whose models it may use; ``*``: every peer.
+    peers: tuple[str, ...] = ()
+    #: May call the admin routes (``/logs``, ``/api/...``, unload, reload).
+    admin: bool = False
+
+
+@final
 class GroupConfig(msgspec.Struct, frozen=True, kw_only=True):
     """One swap group (llama-swap's ``groups``): how its members treat other models."""
 
@@ -303,7 +322,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     #: Models loaded at startup, in order, through the normal scheduling path.
     preload: tuple[str, ...] = ()
     #: Keys accepted as Bearer / x-api-key / basic-auth password; empty = no auth.
-    api_keys: tuple[str, ...] = ()
+    #: A plain string opens everything; a :class:`ScopedKey` only its scope.
+    api_keys: tuple[str | ScopedKey, ...] = ()
+    #: ``allowedHosts``: ``Host`` names served beside the loopback names, IP
+    #: literals and the listen host (normalised: lower case, no trailing dot;
+    #: ``*.example.com`` suffix patterns; ``*`` turns the check off).
+    allowed_hosts: tuple[str, ...] = ()
     #: List every alias as its own /v1/models entry.
     include_aliases_in_list: bool = False
     #: Bytes of saved KV cache files (``cacheDiskBudget``); the least recently used go first.

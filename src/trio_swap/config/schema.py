@@ -122,6 +122,19 @@ class RawPerformance(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     every: str | float = "5s"
 
 
+class RawApiKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """An ``apiKeys`` entry written as a mapping: a scoped key (docs/security.md)."""
+
+    key: str
+    #: Unset: ``apiKeys[<index>]``.
+    name: str | None = None
+    #: Model ids, aliases or globs over ids; unset: none.
+    models: list[str] = msgspec.field(default_factory=list)
+    #: Peer ids (or ``*``); unset: none.
+    peers: list[str] = msgspec.field(default_factory=list)
+    admin: bool = False
+
+
 class RawConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The top level of a config file, as written."""
 
@@ -136,7 +149,10 @@ class RawConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_level: str = msgspec.field(default="info", name="logLevel")
     log_to_stdout: str = msgspec.field(default="proxy", name="logToStdout")
     send_loading_state: bool = msgspec.field(default=False, name="sendLoadingState")
-    api_keys: list[str] = msgspec.field(default_factory=list, name="apiKeys")
+    #: A plain string opens everything; a mapping is a scoped key.
+    api_keys: list[str | RawApiKey] = msgspec.field(default_factory=list, name="apiKeys")
+    #: ``Host`` names served beside the built-in ones (the DNS rebinding check).
+    allowed_hosts: list[str] = msgspec.field(default_factory=list, name="allowedHosts")
     include_aliases_in_list: bool = msgspec.field(default=False, name="includeAliasesInList")
     #: A size: saved KV cache files (``keepCache``) kept on disk, all models together.
     cache_disk_budget: int | str = msgspec.field(

@@ -19,14 +19,23 @@ import msgspec
 
 from trio_swap.config.address import Upstream
 from trio_swap.config.command import split_command
+from trio_swap.config.keys import check_api_keys
 from trio_swap.config.model import (
     DEFAULT_CONCURRENCY_LIMIT,
     DEFAULT_UNLOAD_TIMEOUT,
     FilterConfig,
     ModelConfig,
     PeerConfig,
+    ScopedKey,
 )
-from trio_swap.config.schema import INHERIT_TTL, RawConfig, RawFilters, RawModel, RawPeer
+from trio_swap.config.schema import (
+    INHERIT_TTL,
+    RawApiKey,
+    RawConfig,
+    RawFilters,
+    RawModel,
+    RawPeer,
+)
 from trio_swap.config.yamlsource import Document, KeyPath, type_name
 
 LOG_LEVELS: Final = ("debug", "info", "warn", "error")
@@ -53,7 +62,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str
     log_to_stdout: str
     send_loading_state: bool
-    api_keys: tuple[str, ...]
+    api_keys: tuple[str | ScopedKey, ...]
     include_aliases_in_list: bool
 
 
@@ -277,13 +286,9 @@ def check_model(model_id: str, raw: RawModel, settings: Settings, doc: Document)
     )
 
 
-def _api_keys(keys: list[str], doc: Document) -> tuple[str, ...]:
-    for index, key in enumerate(keys):
-        if not key.strip():
-            raise doc.error(("apiKeys", index), "an API key must not be empty")
-        if any(c.isspace() for c in key):
-            raise doc.error(("apiKeys", index), "an API key cannot contain spaces")
-    return tuple(keys)
+def _api_keys(keys: list[str | RawApiKey], doc: Document) -> tuple[str | ScopedKey, ...]:
+    """Plain keys and scoped ones (their model and peer names are resolved later)."""
+    return check_api_keys(keys, doc)
 
 
 def _filters(

@@ -1,4 +1,5 @@
-"""Access control (``apiKeys``), CORS, and the websocket refusal: the outermost ASGI middleware.
+"""Access control (``Host``, ``apiKeys``), CORS, and the websocket refusal: the outermost
+ASGI middleware.
 
 ::
 
@@ -10,6 +11,9 @@ through):
 * A ``Host`` that is not a host name (an empty label, one over 63
   characters: what IDNA cannot encode) gets 400. Quart's routing failed on
   it with a 500 and a traceback.
+* A ``Host`` naming anything but loopback, an IP address, this machine, the
+  listen host or an ``allowedHosts`` entry gets 403, on every path: that is
+  what a DNS rebinding page sends (:mod:`trio_swap.http.hosts`).
 * A websocket upgrade is refused before its handshake completes, whatever
   the path: trio-swap serves no websocket endpoint (streams are Server-Sent
   Events), and Quart's error handlers, written for HTTP requests, failed on a
@@ -26,6 +30,11 @@ through):
   error body the client's SDK reads (:func:`~trio_swap.errors.error_style`),
   after the request body is drained so the connection stays usable. The key
   headers are passed on (and so upstream) unchanged.
+* The matching key's :class:`~trio_swap.config.keys.Grant` goes into the
+  request's ASGI scope (:data:`~trio_swap.config.keys.GRANT_SCOPE`). A scoped
+  key without ``admin: true`` gets 403 here on everything but the inference
+  routes and the model list; which models those may reach is checked once the
+  model is known (:mod:`trio_swap.http.grants`).
 * ``GET``/``HEAD /ui...``, the web UI's static files, need no key either: the
   page must load to ask for one. Its data comes from ``/api``, which needs it.
 * A request that carries ``Origin`` to a model route or ``/v1/models`` gets
@@ -46,8 +55,11 @@ digests (the configured ones once, here), and the presented digest is
 compared with *every* configured digest through :func:`hmac.compare_digest`,
 without stopping at a match.
 
-The common request (no keys configured, no ``Origin``) costs one scan of the
-header list and allocates nothing.
+The common request (no keys configured, no ``Origin``, the same ``Host`` as
+the last request) costs one scan of the header list and two bytes
+comparisons, and allocates nothing. A reload swaps the keys and the host
+allowlist with one assignment each (:meth:`AccessControl.set_api_keys`,
+:meth:`AccessControl.set_allowed_hosts`).
 """
 
 from __future__ import annotations
@@ -57,7 +69,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, final
+from typing import Final, cast, final
 
 import msgspec
 from hypercorn.typing import (
@@ -69,10 +81,25 @@ from hypercorn.typing import (
     WebsocketScope,
 )
 
+from trio_swap.config.keys import GRANT_SCOPE, Grant
+from trio_swap.config.model import ScopedKey
 from trio_swap.errors import BadRequest, Forbidden, SwapError, Unauthorized, error_style
-from trio_swap.http.routes import JSON_PATHS, MULTIPART_PATHS, QUERY_PATHS, VERSIONLESS_PATHS
+from trio_swap.http.hosts import HostPolicy, host_name
+from trio_swap.http.routes import (
+    JSON_PATHS,
+    MULTIPART_PATHS,
+    PASSTHROUGH_PREFIX,
+    QUERY_PATHS,
+    VERSIONLESS_PATHS,
+)
 
-__all__ = ["CORS_ALLOW_METHODS", "DEFAULT_ALLOW_HEADERS", "AccessControl"]
+__all__ = [
+    "CORS_ALLOW_METHODS",
+    "DEFAULT_ALLOW_HEADERS",
+    "AccessControl",
+    "HostNotAllowed",
+    "NotAdmin",
+]
 
 AsgiApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 
@@ -90,6 +117,9 @@ _CROSS_SITE_PATHS: Final = (
     | _OPEN_PATHS
     | {"/v1/models", "/models"}
 )
+#: What a scoped key without ``admin: true`` may call (besides ``/upstream/``): the
+#: inference routes and the model list. Which models it reaches is checked later.
+_KEY_PATHS: Final = _CROSS_SITE_PATHS
 #: Methods that may read ``/`` without a key.
 _OPEN_ROOT_METHODS: Final = frozenset({"GET", "HEAD"})
 
@@ -117,24 +147,62 @@ BAD_HOST: Final = "invalid Host header: not a host name (a label is empty or too
 NO_WEBSOCKETS: Final = (
     "trio-swap serves no websocket endpoint: use HTTP (streams are Server-Sent Events)"
 )
+#: Longest part of a refused ``Host`` repeated in the 403's message.
+_HOST_SHOWN: Final = 100
+
+#: One configured key: the SHA-256 of the key (equal lengths, so the comparison
+#: leaks nothing) and what it may do.
+_Key = tuple[bytes, Grant]
+
+
+class HostNotAllowed(Forbidden):
+    """403: the ``Host`` header names a host trio-swap does not answer (DNS rebinding)."""
+
+    code = "host_not_allowed"
+
+
+class NotAdmin(Forbidden):
+    """403: a scoped key without ``admin: true`` on an admin route."""
+
+    code = "admin_key_required"
 
 
 @final
 class AccessControl:
-    """ASGI middleware: CORS for every request, and ``apiKeys`` when any are configured."""
+    """ASGI middleware: the Host check and CORS for every request, and ``apiKeys`` when
+    any are configured.
 
-    def __init__(self, app: AsgiApp, *, api_keys: Sequence[str] = ()) -> None:
+    ``allowed_hosts`` is the config's ``allowedHosts``; ``listen_host`` the host
+    trio-swap listens on (allowed when it is a name); ``machine_name`` this
+    machine's host name (None: :func:`socket.gethostname`; tests pass one).
+    """
+
+    def __init__(
+        self,
+        app: AsgiApp,
+        *,
+        api_keys: Sequence[str | ScopedKey] = (),
+        allowed_hosts: Sequence[str] = (),
+        listen_host: str | None = None,
+        machine_name: str | None = None,
+    ) -> None:
         self._app = app
-        #: SHA-256 of each configured key: equal lengths, so the comparison leaks nothing.
-        self._digests: tuple[bytes, ...] = tuple(
-            hashlib.sha256(key.encode()).digest() for key in api_keys
-        )
+        self._keys = _key_table(api_keys)
+        self._listen_host = listen_host
+        self._machine_name = machine_name
+        self._hosts = HostPolicy(allowed_hosts, listen_host=listen_host, machine_name=machine_name)
         #: The last ``Host`` found valid: a client sends the same one every time.
         self._good_host = b""
 
-    def set_api_keys(self, api_keys: Sequence[str]) -> None:
+    def set_api_keys(self, api_keys: Sequence[str | ScopedKey]) -> None:
         """A reload: the next request is checked against these keys (one assignment)."""
-        self._digests = tuple(hashlib.sha256(key.encode()).digest() for key in api_keys)
+        self._keys = _key_table(api_keys)
+
+    def set_allowed_hosts(self, allowed_hosts: Sequence[str]) -> None:
+        """A reload: the next request's ``Host`` is checked against this list (one assignment)."""
+        self._hosts = HostPolicy(
+            allowed_hosts, listen_host=self._listen_host, machine_name=self._machine_name
+        )
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -149,9 +217,7 @@ class AccessControl:
     async def _http(
         self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
-        if scope["method"] == "OPTIONS":
-            await _preflight(scope, send)
-            return
+        hosts = self._hosts
         authorization: bytes | None = None
         x_api_key: bytes | None = None
         has_origin = cross_site = False
@@ -166,54 +232,92 @@ class AccessControl:
                 has_origin = True
             elif name == b"sec-fetch-site":
                 cross_site = value in _OTHER_ORIGIN
-            elif name == b"host" and value != self._good_host:
-                if _bad_host(value):
-                    await _send_refusal(send, scope, receive, BadRequest(BAD_HOST))
+            elif name == b"host":
+                if value != self._good_host:
+                    if _bad_host(value):
+                        await _send_refusal(send, scope, receive, BadRequest(BAD_HOST))
+                        return
+                    self._good_host = value  # the next request from this client skips it
+                if not hosts.allows(value):
+                    await _send_refusal(send, scope, receive, _host_refused(value))
                     return
-                self._good_host = value  # the next request from this client skips the check
+        if scope["method"] == "OPTIONS":
+            await _preflight(scope, send)
+            return
         if has_origin or cross_site:
             if scope["path"] in _CROSS_SITE_PATHS:
                 send = _with_cors(send)
             elif cross_site and not _is_page(scope):
                 await _send_refusal(send, scope, receive, _forbidden(scope))
                 return
-        if not self._digests:
+        keys = self._keys
+        if not keys:
             await self._app(scope, receive, send)
             return
         if not _is_open(scope):
-            denied = self._deny(authorization, x_api_key)
-            if denied is not None:
-                keep_alive = await _drain(receive)
+            grant, denied = _authenticate(keys, authorization, x_api_key)
+            if grant is None:
+                keep_alive = await _drain(scope, receive)
                 await _send_unauthorized(send, denied, scope["path"], keep_alive=keep_alive)
                 return
+            if not grant.admin and not _is_key_path(scope["path"]):
+                await _send_refusal(send, scope, receive, _not_admin(scope, grant))
+                return
+            scope = cast(HTTPScope, {**scope, GRANT_SCOPE: grant})
         await self._app(scope, receive, send)
 
     async def _websocket(self, scope: WebsocketScope, send: ASGISendCallable) -> None:
-        """Refuse the upgrade: 401 when a key is required and not valid, else 400."""
-        if self._digests and scope["path"] not in _OPEN_PATHS:
-            authorization: bytes | None = None
-            x_api_key: bytes | None = None
-            for name, value in scope["headers"]:
-                if name == b"authorization" and authorization is None:
-                    authorization = value
-                elif name == b"x-api-key" and x_api_key is None:
-                    x_api_key = value
-            denied = self._deny(authorization, x_api_key)
-            if denied is not None:
+        """Refuse the upgrade: 403 for a foreign Host, 401 when a key is required and
+        not valid, else 400."""
+        authorization: bytes | None = None
+        x_api_key: bytes | None = None
+        hosts = self._hosts
+        for name, value in scope["headers"]:
+            if name == b"authorization" and authorization is None:
+                authorization = value
+            elif name == b"x-api-key" and x_api_key is None:
+                x_api_key = value
+            elif name == b"host" and not hosts.allows(value):
+                await _refuse_websocket(scope, send, _host_refused(value))
+                return
+        keys = self._keys
+        if keys and scope["path"] not in _OPEN_PATHS:
+            grant, denied = _authenticate(keys, authorization, x_api_key)
+            if grant is None:
                 await _refuse_websocket(scope, send, Unauthorized(denied))
                 return
         await _refuse_websocket(scope, send, BadRequest(NO_WEBSOCKETS))
 
-    def _deny(self, authorization: bytes | None, x_api_key: bytes | None) -> str | None:
-        """Why this request may not pass (the 401 message), or None when its key is valid."""
-        key = _presented_key(authorization, x_api_key)
-        if key is None:
-            return NO_KEY
-        presented = hashlib.sha256(key).digest()
-        matched = False
-        for digest in self._digests:  # every key, no early exit
-            matched |= hmac.compare_digest(digest, presented)
-        return None if matched else BAD_KEY
+
+def _key_table(api_keys: Sequence[str | ScopedKey]) -> tuple[_Key, ...]:
+    return tuple(
+        (hashlib.sha256((k if isinstance(k, str) else k.key).encode()).digest(), Grant.of(k, i))
+        for i, k in enumerate(api_keys)
+    )
+
+
+def _authenticate(
+    keys: tuple[_Key, ...], authorization: bytes | None, x_api_key: bytes | None
+) -> tuple[Grant | None, str]:
+    """The presented key's grant, or None and why not (the 401 message).
+
+    Every configured digest is compared, whatever matched (no early exit); the
+    loader refuses a key listed twice, so at most one matches.
+    """
+    key = _presented_key(authorization, x_api_key)
+    if key is None:
+        return None, NO_KEY
+    presented = hashlib.sha256(key).digest()
+    granted: Grant | None = None
+    for digest, grant in keys:
+        if hmac.compare_digest(digest, presented):
+            granted = grant
+    return granted, BAD_KEY
+
+
+def _is_key_path(path: str) -> bool:
+    """Inference and the model list: what a key without ``admin: true`` may call."""
+    return path in _KEY_PATHS or path.startswith(PASSTHROUGH_PREFIX)
 
 
 def _is_open(scope: HTTPScope) -> bool:
@@ -302,14 +406,22 @@ def _with_cors(send: ASGISendCallable) -> ASGISendCallable:
     return send_with_cors
 
 
-async def _drain(receive: ASGIReceiveCallable) -> bool:
+async def _drain(scope: HTTPScope, receive: ASGIReceiveCallable) -> bool:
     """Read and drop a refused request's body; False when the connection must close.
 
     A response sent before the request body is read makes hypercorn close the
     connection without saying so, and the client's next request on it fails.
     Up to :data:`_DRAIN_LIMIT` is read (as Go's net/http does), beyond that the
-    401 says ``Connection: close``.
+    refusal says ``Connection: close``. Nothing is read when the request says
+    its body is larger, or waits for ``100 Continue`` before sending it (the
+    first read would invite the body; a client that never sends it would hold
+    the refusal).
     """
+    for name, value in scope["headers"]:
+        if name == b"expect" and value.lower() == b"100-continue":
+            return False
+        if name == b"content-length" and (not value.isdigit() or int(value) > _DRAIN_LIMIT):
+            return False
     size = 0
     while True:
         message = await receive()
@@ -330,6 +442,24 @@ def _error_response(error: SwapError, path: str) -> tuple[list[tuple[bytes, byte
         *((name.lower().encode(), value.encode()) for name, value in error.headers().items()),
     ]
     return headers, body
+
+
+def _host_refused(value: bytes) -> HostNotAllowed:
+    shown = host_name(value) or value.decode("latin-1")
+    if len(shown) > _HOST_SHOWN:
+        shown = shown[:_HOST_SHOWN] + "..."
+    return HostNotAllowed(
+        f"Host {shown!r} is not allowed: trio-swap answers localhost, IP addresses, this "
+        "machine's name and the names in allowedHosts (DNS rebinding protection, "
+        "docs/security.md)"
+    )
+
+
+def _not_admin(scope: HTTPScope, grant: Grant) -> NotAdmin:
+    return NotAdmin(
+        f"the API key {grant.name!r} may not call {scope['path'][:_HOST_SHOWN]}: "
+        "it is for inference and /v1/models only (admin: true opens the admin routes)"
+    )
 
 
 def _forbidden(scope: HTTPScope) -> Forbidden:
@@ -357,7 +487,7 @@ async def _send_refusal(
     send: ASGISendCallable, scope: HTTPScope, receive: ASGIReceiveCallable, error: SwapError
 ) -> None:
     """``error`` as the answer, the request body read first so the connection stays usable."""
-    keep_alive = await _drain(receive)
+    keep_alive = await _drain(scope, receive)
     headers, body = _error_response(error, scope["path"])
     if not keep_alive:
         headers.append((b"connection", b"close"))

@@ -18,6 +18,7 @@ from trio_swap.errors import BodyTooLarge, ModelNotFound, SwapError
 from trio_swap.http.capabilities import capability_fields, model_meta
 from trio_swap.http.errors import error_response, json_response, plain_error
 from trio_swap.http.fit_view import fit_document, fit_fields
+from trio_swap.http.grants import visible
 from trio_swap.http.logs import register_log_routes
 from trio_swap.http.observe import register_observe_routes
 from trio_swap.http.state import AppState, model_rows
@@ -85,7 +86,8 @@ def build_app(
     @app.get("/v1/models")
     @app.get("/models")
     async def list_models() -> Response:
-        return json_response({"object": "list", "data": _model_listing(state)})
+        data = visible(request.scope, _model_listing(state))  # a scoped key: its models
+        return json_response({"object": "list", "data": data})
 
     @app.get("/running")
     async def running() -> Response:

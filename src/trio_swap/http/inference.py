@@ -50,6 +50,7 @@ from trio_swap.errors import (
     UpstreamFailed,
     error_style,
 )
+from trio_swap.http.grants import target_refusal
 from trio_swap.http.loading import CHAT_COMPLETIONS, LoadingProgress
 from trio_swap.http.peers import PeerForwarder
 from trio_swap.http.quart_shim import shield_last_send
@@ -174,6 +175,16 @@ class InferenceRoutes:
         except SwapError as error:
             await _send_error(send, error, scope)
             return
+        if isinstance(resolved, Outbound):  # a scoped API key: only models in its scope
+            refused = target_refusal(scope, resolved.target, resolved.requested)
+            if refused is not None:
+                target = resolved.target  # the activity log shows what was refused
+                if isinstance(target, PeerModel):
+                    record.routed(target.name, target.peer)
+                else:
+                    record.routed(target.id, None)
+                await _send_error(send, refused, scope)
+                return
         match resolved:
             case Redirect():
                 await _send_redirect(send, resolved)

@@ -64,6 +64,9 @@ class ActivityRow(msgspec.Struct, kw_only=True):
     prompt_per_second: float | None = None
     tokens_per_second: float | None = None
     error: str | None = None
+    #: The ``name`` of the API key the request came with (never the key); None: no
+    #: ``apiKeys``, or a request refused before its key was known.
+    key_name: str | None = None
 
 
 class ActivityPage(msgspec.Struct):
@@ -91,10 +94,14 @@ CREATE TABLE IF NOT EXISTS activity (
     cached_tokens INTEGER,
     prompt_per_second REAL,
     tokens_per_second REAL,
-    error TEXT
+    error TEXT,
+    key_name TEXT
 );
 CREATE INDEX IF NOT EXISTS activity_model ON activity (model, id);
 """
+#: Columns added after the first release, with their SQL type: a file written by an
+#: older trio-swap gets them on open (its rows read them as NULL).
+_ADDED_COLUMNS: Final = {"key_name": "TEXT"}
 _INSERT: Final = (
     f"INSERT INTO activity ({', '.join(_COLUMNS[1:])}) "
     f"VALUES ({', '.join('?' * (len(_COLUMNS) - 1))})"
@@ -217,6 +224,11 @@ class ActivityLog:
                 db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
             found = {row[1] for row in db.execute("PRAGMA table_info(activity)")}
+            if found >= set(_COLUMNS) - _ADDED_COLUMNS.keys():  # trio-swap's, maybe older
+                for column, kind in _ADDED_COLUMNS.items():
+                    if column not in found:
+                        db.execute(f"ALTER TABLE activity ADD COLUMN {column} {kind}")
+                        found.add(column)
         except sqlite3.Error as exc:
             raise OSError(f"cannot open the activity database {self.path}: {exc}") from exc
         missing = set(_COLUMNS) - found

@@ -20,6 +20,7 @@ from typing import Final, final
 
 from hypercorn.typing import ASGISendCallable, ASGISendEvent, HTTPScope
 
+from trio_swap.config.keys import grant_of
 from trio_swap.config.model import PeerConfig
 from trio_swap.observe import usage as parse
 from trio_swap.observe.activity import ActivityLog, ActivityRow
@@ -54,6 +55,7 @@ class RequestRecord:
         "granted",
         "kept",
         "kept_bytes",
+        "key_name",
         "method",
         "mode",
         "model",
@@ -75,6 +77,9 @@ class RequestRecord:
         self.endpoint = PASSTHROUGH_ENDPOINT if self.path.startswith("/upstream/") else self.path
         #: The model id, ``peer/model``, or "" until the request is routed.
         self.model = ""
+        grant = grant_of(scope)
+        #: The API key's name (``apiKeys``), never the key; None without keys.
+        self.key_name = grant.name if grant is not None else None
         self.status = CLIENT_GONE
         self.mode = _OFF
         self.kept: list[bytes] = []
@@ -215,6 +220,7 @@ class Observer:
                     tokens_per_second=None if speed is None else round(speed, 3),
                     # An error body, or an error event in a stream (a 200 that broke).
                     error=usage.error if usage and (record.status >= 400 or stream) else None,
+                    key_name=record.key_name,
                 )
             )
 
