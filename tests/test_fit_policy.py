@@ -460,6 +460,22 @@ def test_a_sleeper_is_stopped_when_its_host_memory_is_needed() -> None:
     assert FitPolicy(ledger).plan("a", []).stop_asleep == ()
 
 
+def test_a_ttl_may_put_a_model_to_sleep_only_where_it_fits_asleep() -> None:
+    ledger = FitLedger(
+        {"ram": 100, "vram0": 100},
+        {"a": sleeper("a", ram=10, vram0=60), "b": model("b", ram=20), "c": sleeper("c", ram=30)},
+    )
+    # Asleep a holds 70 of ram (its GPU memory assumed moved there until measured).
+    assert ledger.fits_asleep("a", ["b"], [])  # 70 + 20
+    assert not ledger.fits_asleep("a", ["b"], ["c"])  # 70 + 20 + 30 asleep
+    ledger.measured("a", {"ram": 5, "vram0": 0}, asleep=True)  # measured: 6 with the margin
+    assert ledger.fits_asleep("a", ["b"], ["c"])
+    # A resource its sleep does not grow never stops it (an overcommit is not its doing).
+    crowded = FitLedger({"ram": 10}, {"a": sleeper("a", ram=50), "b": model("b", ram=50)})
+    crowded.measured("a", {"ram": 1}, asleep=True)
+    assert crowded.fits_asleep("a", ["b"], [])
+
+
 ACTIONS = ("keep", "sleep", "stop")
 
 

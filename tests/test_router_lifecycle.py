@@ -644,3 +644,30 @@ async def test_a_request_right_after_the_unload_of_a_sleeper_starts_it_after_its
             assert isinstance(box.results["S"][0], float), box.results
             assert box.launcher.what("S")[-3:] == ["SIGTERM", "exit -15", "spawn"]
             await box.router.unload()
+
+
+@pytest.mark.parametrize(
+    ("ram_of_b", "then"), [(20, ProcessState.SLEEPING), (50, ProcessState.STOPPED)]
+)
+async def test_a_ttl_under_fit_puts_a_model_to_sleep_only_where_it_fits_asleep(
+    autojump_clock: trio.testing.MockClock,
+    sleep_calls: list[tuple[float, int, str]],
+    ram_of_b: int,
+    then: ProcessState,
+) -> None:
+    """Asleep, A holds its 60 of GPU memory in ram (assumed so until measured), 70 in
+    all: beside B's 20 that fits in 100 and A sleeps; beside B's 50 it would not (a
+    TTL never overcommits what fit counts), so A stops."""
+    async with running(
+        {"A": Behaviour(), "B": Behaviour()},
+        settings={"A": {**needs(10, 60, sleeps=True), "ttl": 60.0}, "B": needs(ram_of_b)},
+        resources={"ram": 100, "vram0": 100},
+    ) as box:
+        box.router.release(await box.router.acquire("A"))
+        box.router.release(await box.router.acquire("B"))  # beside A: 60 of 100 in ram
+        await until(lambda: box.router.scheduler.phase("A") is Phase.COLD)  # its TTL ran out
+        await until(
+            lambda: box.processes["A"].state in (ProcessState.SLEEPING, ProcessState.STOPPED)
+        )
+        assert box.processes["A"].state is then
+        assert box.hooks.stops == ([] if then is ProcessState.SLEEPING else [("A", StopReason.TTL)])

@@ -377,6 +377,7 @@ class Router:
                         event = await self._receive.receive()
                     now = trio.current_time()
                     if event is None:
+                        self._observe(now)
                         self._apply(self.scheduler.on_tick(now))
                     else:
                         self._apply(self._dispatch(event, now))
@@ -394,11 +395,15 @@ class Router:
             if isinstance(reply, Reply):
                 reply.fail(ShuttingDown())
 
-    def _dispatch(self, event: _Event, now: float) -> list[Decision]:
-        scheduler = self.scheduler
+    def _observe(self, now: float) -> None:
+        """The ledger's clock and sleepers, before the scheduler asks the policy anything."""
         if self.ledger is not None:
             self.ledger.tick(now)
             self.ledger.set_asleep(self._asleep())
+
+    def _dispatch(self, event: _Event, now: float) -> list[Decision]:
+        scheduler = self.scheduler
+        self._observe(now)
         match event:
             case _RequestArrived(request_id=rid, model=model, reply=reply, on_wait=on_wait):
                 self._waiting[rid] = reply
@@ -514,7 +519,10 @@ class Router:
                             scope.cancel(reason=f"{target}: {reason.description}")
                     extra = tuple(m for m in self._also_stop.pop(stop_id, ()) if m not in models)
                     sleepers = self._order_sleeper_stops(extra)
-                    self._nursery.start_soon(self._run_stops, stop_id, models, reason, sleepers)
+                    awake = self._too_big_asleep(models) if reason is StopReason.TTL else ()
+                    self._nursery.start_soon(
+                        self._run_stops, stop_id, models, reason, sleepers, frozenset(awake)
+                    )
                 case Queued(request_id=rid, model=model, position=position):
                     log.info("request %d for %s queued at #%d", rid, model, position)
                 case Joined(request_id=rid, model=model, swap_id=swap_id):
@@ -789,17 +797,42 @@ class Router:
             if not stops:
                 self._sleeper_stops.pop(model, None)
 
+    def _too_big_asleep(self, models: Sequence[str]) -> list[str]:
+        """Of ``models`` (a TTL's), the ``sleep:`` ones that do not fit asleep beside the
+        rest under fit by memory: they stop instead (fit counts a sleeper's host memory;
+        a TTL must not overcommit it). The others of the batch count as asleep."""
+        ledger = self.ledger
+        if ledger is None or not ledger.resources:
+            return []
+        running = self.scheduler.running()
+        awake = [m for m in running if m not in models]
+        asleep = [m for m in self._asleep() if m not in running]
+        asleep += [m for m in models if self._can_sleep(m)]
+        too_big: list[str] = []
+        for model in models:
+            if model not in asleep:
+                continue  # no sleep: (it stops anyway)
+            others = [m for m in asleep if m != model]
+            if not ledger.fits_asleep(model, awake, others):
+                too_big.append(model)
+                asleep.remove(model)
+        if too_big:
+            log.info("ttl: %s would not fit asleep (fit by memory): stopped", ", ".join(too_big))
+        return too_big
+
     async def _run_stops(
         self,
         stop_id: int,
         models: tuple[str, ...],
         reason: StopReason,
         sleepers: Mapping[str, trio.Event],
+        no_sleep: AbstractSet[str] = frozenset(),
     ) -> None:
-        """Stop ``models``, and the ``sleepers`` an unload stops with them."""
+        """Stop ``models`` (those of ``no_sleep`` even if they could sleep instead), and
+        the ``sleepers`` an unload stops with them."""
         async with trio.open_nursery() as nursery:
             for model in models:
-                nursery.start_soon(self._stop_one, model, reason)
+                nursery.start_soon(self._stop_one, model, reason, model not in no_sleep)
             for sleeper, done in sleepers.items():
                 nursery.start_soon(self._stop_sleeper, sleeper, reason, done)
         self._send.send_nowait(_StopsDone(stop_id))

@@ -439,6 +439,19 @@ class FitLedger:
             needs[name] = min(size, capacity)
         return needs
 
+    def fits_asleep(self, model: str, awake: Iterable[str], asleep: Iterable[str]) -> bool:
+        """Whether ``model``, awake now, may fall asleep beside ``awake`` (at their needs)
+        and ``asleep`` (at their asleep needs): on every resource its sleep takes more
+        of (``ram``, where vLLM's level 1 moves the weights) the total stays within
+        capacity. A TTL asks (it has no victims to choose: it stops the model instead)."""
+        mine, now = self.asleep_need(model), self.need(model)
+        held = [self.need(m) for m in awake] + [self.asleep_need(m) for m in asleep]
+        return all(
+            mine.get(name, 0) <= now.get(name, 0)
+            or sum(h.get(name, 0) for h in held) + mine.get(name, 0) <= capacity
+            for name, capacity in self.resources.items()
+        )
+
     def _load_or_default(self, model: str) -> float:
         seconds = self.load_seconds(model)
         return DEFAULT_LOAD_SECONDS if seconds is None else seconds
