@@ -194,6 +194,7 @@ LLAMA_SWAP_ONLY_TOP_KEYS: Final[dict[str, str]] = {
     "captureBuffer": "",
     "logRequests": "",
     "logTimeFormat": "",
+    "performance": "",
     "profiles": "",
     "selectors": "",
     "ui": "",
