@@ -194,7 +194,6 @@ LLAMA_SWAP_ONLY_TOP_KEYS: Final[dict[str, str]] = {
     "captureBuffer": "",
     "logRequests": "",
     "logTimeFormat": "",
-    "performance": "",
     "profiles": "",
     "selectors": "",
     "ui": "",
