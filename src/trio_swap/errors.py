@@ -14,6 +14,7 @@
     ├── ModelStartFailed           503  the model's server did not become ready (quotes its log)
     ├── ModelUnloaded              503  an unload stopped the model this request waited for
     ├── QueueFull                  503  the scheduler's maxQueue is reached (Retry-After)
+    ├── NoSelectorTarget           503  every target of a selector is being stopped
     └── ShuttingDown               503  trio-swap is stopping
 
 Raise the most specific class; the HTTP layer turns it into
@@ -37,6 +38,7 @@ __all__ = [
     "ModelPinned",
     "ModelStartFailed",
     "ModelUnloaded",
+    "NoSelectorTarget",
     "PeerFailed",
     "QueueFull",
     "RateLimited",
@@ -256,6 +258,19 @@ class ModelUnloaded(SwapError):
     def __init__(self, model: str) -> None:
         super().__init__(f"model {model!r} was unloaded while this request waited for it")
         self.model = model
+
+
+class NoSelectorTarget(SwapError):
+    status = 503
+    error_type = "server_error"
+    code = "no_selector_target"
+
+    def __init__(self, selector: str) -> None:
+        super().__init__(f"selector {selector!r} has no target to send to right now; try again")
+        self.selector = selector
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class ShuttingDown(SwapError):

@@ -51,7 +51,9 @@ from trio_swap.http.inference import InferenceRoutes
 from trio_swap.http.listener import HttpServer
 from trio_swap.http.peers import PeerForwarder
 from trio_swap.http.performance import register_performance_route
+from trio_swap.http.profiles import make_selection
 from trio_swap.http.reload_route import register_reload_route
+from trio_swap.http.selection import Selection
 from trio_swap.http.state import AppState
 from trio_swap.http.upstream_client import ConnectionRetirer, UpstreamClient
 from trio_swap.observe.activity import ActivityLog
@@ -107,6 +109,8 @@ class RunningServer:
         self.logs = logs
         #: sd_notify to systemd (a no-op outside systemd); reloads call reloading()/ready().
         self.notifier = notifier if notifier is not None else Notifier(None)
+        #: Profiles and selectors at run time (the active profile, spillover reservations).
+        self.selection: Selection | None = None
 
     @property
     def url(self) -> str:
@@ -300,6 +304,7 @@ async def serve(
                 timeline=timeline,
                 residency=residency,
             )
+            state.selection = make_selection(state)  # profiles and selectors
             admin = build_app(state, max_body_bytes=max_body_bytes, logs=logs)
             routes = InferenceRoutes(
                 admin,
@@ -309,6 +314,7 @@ async def serve(
                 peers=peers,
                 max_body_bytes=max_body_bytes,
                 observer=observer,
+                selection=state.selection,
             )
             app = AccessControl(
                 routes,
@@ -371,6 +377,7 @@ async def serve(
                     notifier=notifier,
                     reloader=reloader,
                 )
+                server.selection = state.selection
                 await supervisors.start(reloader.run)
                 if watch_config:
                     assert config_path is not None

@@ -52,6 +52,8 @@ SETTINGS: Final = {
     "prefetch": "prefetch",
     "sleep_ttl": "sleepTTL",
     "performance": "performance",
+    "selectors": "selectors",
+    "profiles": "profiles",
 }
 #: Config fields compared some other way, or not settings at all. Every Config
 #: field is in exactly one of these two tables (a test checks it), so a new

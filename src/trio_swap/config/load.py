@@ -58,6 +58,7 @@ from trio_swap.config.schema import (
     RawModel,
     RawPeer,
 )
+from trio_swap.config.selectors import check_profiles, check_selectors
 from trio_swap.config.sleep import check_sleep, check_sleep_ttl
 from trio_swap.config.store import check_store
 from trio_swap.config.validate import (
@@ -251,7 +252,7 @@ class _Loader:
         preload = _preload(
             expand_globals({"hooks": hooks}, global_macros, doc, budget)["hooks"], models, doc
         )
-        return Config(
+        config = Config(
             source=doc.source,
             models=models,
             health_check_timeout=settings.health_check_timeout,
@@ -272,8 +273,17 @@ class _Loader:
             sleep_ttl=check_sleep_ttl(raw_settings.sleep_ttl, doc),
             performance=check_performance(raw_settings.performance, doc),
             peers=peers,
-            warnings=tuple(text for _, text in sorted(self.warnings, key=lambda w: w[0])),
             ports=ports,
+        )
+        # Selectors and profiles name models, aliases and peer models: checked last.
+        selectors, selector_warnings = check_selectors(raw_settings.selectors, config, doc)
+        profiles, profile_warnings = check_profiles(raw_settings.profiles, config, selectors, doc)
+        self.warnings.extend([*selector_warnings, *profile_warnings])
+        return msgspec.structs.replace(
+            config,
+            selectors=selectors,
+            profiles=profiles,
+            warnings=tuple(text for _, text in sorted(self.warnings, key=lambda w: w[0])),
         )
 
     def _models(self, value: object) -> dict[str, dict[str, object]]:

@@ -306,6 +306,33 @@ class PerformanceConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 @final
+class SelectorConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """``selectors.<id>``: a model name that picks one of its targets per request."""
+
+    id: str
+    #: ``warm`` | ``pin`` | ``spillover`` (docs/selectors.md).
+    strategy: str
+    #: Model ids, aliases or peer model names, as written (at least one).
+    targets: tuple[str, ...]
+    #: ``settings.spillover``: requests in flight on a target before the next is used.
+    spillover: int = 1
+    name: str = ""
+    description: str = ""
+    unlisted: bool = False
+    metadata: dict[str, object] = msgspec.field(default_factory=dict)
+
+
+@final
+class ProfileConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """``profiles.<name>``: pins applied to requested names while the profile is active."""
+
+    name: str
+    description: str = ""
+    #: Requested name -> target (a model, alias, peer model or selector); "" turns it off.
+    pins: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+@final
 class Config(msgspec.Struct, frozen=True, kw_only=True):
     """A whole configuration, ready to run."""
 
@@ -348,6 +375,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     performance: PerformanceConfig = msgspec.field(default_factory=PerformanceConfig)
     #: Remote servers by peer id, in config order.
     peers: dict[str, PeerConfig] = msgspec.field(default_factory=dict)
+    #: Virtual model names by id (``selectors:``), in config order.
+    selectors: dict[str, SelectorConfig] = msgspec.field(default_factory=dict)
+    #: Profiles by name (``profiles:``); none is active at start or after a reload.
+    profiles: dict[str, ProfileConfig] = msgspec.field(default_factory=dict)
     #: Computed from ``models`` and ``peers`` on construction (a value passed in is
     #: replaced): every name that routes to a peer -> (peer id, peer's model name).
     peer_names: dict[str, tuple[str, str]] = msgspec.field(default_factory=dict)

@@ -165,6 +165,9 @@ class RawConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     store: RawStore | None = None
     #: Resource name -> size: what the box has for models (fit by memory).
     resources: dict[str, int | str] = msgspec.field(default_factory=dict)
+    #: Checked in config/selectors.py, where the models and peers are known.
+    selectors: object = None
+    profiles: object = None
     #: ``false`` turns every read-ahead off; a mapping sets the idle prefetch budget.
     prefetch: bool | RawPrefetch = True
     #: Seconds a model may stay asleep before it is stopped; 0 = never.
@@ -194,8 +197,6 @@ LLAMA_SWAP_ONLY_TOP_KEYS: Final[dict[str, str]] = {
     "captureBuffer": "",
     "logRequests": "",
     "logTimeFormat": "",
-    "profiles": "",
-    "selectors": "",
     "ui": "",
     "upstream": "",
 }

@@ -21,6 +21,7 @@ from trio_swap.http.fit_view import fit_document, fit_fields
 from trio_swap.http.grants import visible
 from trio_swap.http.logs import register_log_routes
 from trio_swap.http.observe import register_observe_routes
+from trio_swap.http.profiles import listing_entries, register_profile_routes
 from trio_swap.http.state import AppState, model_rows
 from trio_swap.http.ui import register_ui_routes
 from trio_swap.upstream.logs import LogBook
@@ -145,6 +146,7 @@ def build_app(
         register_log_routes(app, logs, lambda name: state.config.resolve(name))
     if state.observer is not None:
         register_observe_routes(app, state.observer, state)
+    register_profile_routes(app, state)  # /api/profiles, /api/profiles/active
     register_ui_routes(app, state, logs)  # /, /ui, /api/events, /api/models/load
 
     return app
@@ -179,6 +181,7 @@ def _model_listing(state: AppState) -> list[dict[str, object]]:
             entry["meta"] = {"llamaswap": {"type": "peer", "peerID": peer.id}}
             entry["status"] = {"value": "unloaded"}  # another machine swaps it
             data.append(entry)
+    data.extend(listing_entries(state, state.started_at))  # selectors, the profile's pins
     data.sort(key=lambda entry: str(entry["id"]))
     return data
 

@@ -19,15 +19,26 @@ from trio_swap.errors import BadRequest
 __all__ = ["needs_rewrite", "rewrite_json"]
 
 
-def needs_rewrite(filters: FilterConfig, rename: str | None, requested: str) -> bool:
-    """Whether :func:`rewrite_json` would change anything (cheap; no decoding)."""
-    if rename is not None and rename != requested:
+def needs_rewrite(
+    filters: FilterConfig, rename: str | None, requested: str, sent: str | None = None
+) -> bool:
+    """Whether :func:`rewrite_json` would change anything (cheap; no decoding).
+
+    ``sent`` is the name in the body when a profile or selector replaced it
+    (``requested`` is then the replacement); None: the body says ``requested``.
+    """
+    if rename is not None and rename != (requested if sent is None else sent):
         return True
     return bool(filters.strip_params or filters.set_params) or requested in filters.set_params_by_id
 
 
 def rewrite_json(
-    body: bytes, *, filters: FilterConfig, rename: str | None, requested: str
+    body: bytes,
+    *,
+    filters: FilterConfig,
+    rename: str | None,
+    requested: str,
+    sent: str | None = None,
 ) -> bytes:
     """The body with the rewrites applied; top-level key order is kept, new keys go last.
 
@@ -35,7 +46,7 @@ def rewrite_json(
         BadRequest: the body is not a JSON object (callers have decoded its
             ``model`` already, so this only happens for odd bodies like arrays).
     """
-    if not needs_rewrite(filters, rename, requested):
+    if not needs_rewrite(filters, rename, requested, sent):
         return body
     try:
         payload = msgspec.json.decode(body)

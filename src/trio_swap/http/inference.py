@@ -63,6 +63,7 @@ from trio_swap.http.relay import (
 )
 from trio_swap.http.resolve import LocalModel, Outbound, PeerModel, Redirect, resolve
 from trio_swap.http.routes import Route, WrongMethod, classify
+from trio_swap.http.selection import Selection
 from trio_swap.http.upstream_client import UpstreamClient, UpstreamResponse
 from trio_swap.observe.record import Observer, RequestRecord
 from trio_swap.router import Lease, Router
@@ -94,8 +95,11 @@ class InferenceRoutes:
         peers: PeerForwarder | None = None,
         max_body_bytes: int,
         observer: Observer | None = None,
+        selection: Selection | None = None,
     ) -> None:
         self._fallback = fallback
+        #: Profiles and selectors (none: names are looked up as the client sent them).
+        self._selection = selection
         #: Metrics and the activity log (none of either when not given).
         self._observer = observer if observer is not None else Observer()
         self._peers = peers
@@ -125,6 +129,8 @@ class InferenceRoutes:
             mid for mid, m in config.models.items() if m.send_loading_state
         )
         self._config = config
+        if self._selection is not None:
+            self._selection.switch(config)  # no profile is active after a reload
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -159,6 +165,7 @@ class InferenceRoutes:
         send: ASGISendCallable,
         record: RequestRecord,
     ) -> None:
+        selection = self._selection
         try:
             body = await self._read_body(scope, receive)
             resolved = resolve(
@@ -169,12 +176,29 @@ class InferenceRoutes:
                 query=scope["query_string"],
                 headers=scope["headers"],
                 body=body,
+                choose=selection.choose if selection is not None else None,
             )
         except _ClientGone:
             return
         except SwapError as error:
             await _send_error(send, error, scope)
             return
+        choice = resolved.choice if isinstance(resolved, Outbound) else None
+        try:
+            await self._dispatch(resolved, scope, receive, send, record)
+        finally:
+            if choice is not None and selection is not None:
+                selection.release(choice)  # a spillover reservation ends with the request
+
+    async def _dispatch(
+        self,
+        resolved: Outbound | Redirect,
+        scope: HTTPScope,
+        receive: ASGIReceiveCallable,
+        send: ASGISendCallable,
+        record: RequestRecord,
+    ) -> None:
+        """Send a resolved request where it goes (a scoped key may refuse it first)."""
         if isinstance(resolved, Outbound):  # a scoped API key: only models in its scope
             refused = target_refusal(scope, resolved.target, resolved.requested)
             if refused is not None:

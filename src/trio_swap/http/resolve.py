@@ -8,10 +8,13 @@ whole body) and the config in effect, and returns an :class:`Outbound`, or a
 1. find the model name where the route keeps it: the JSON body's ``model``
    (msgspec decodes only ``model`` and ``stream`` and skips the rest), a
    multipart form field, the query string, or the ``/upstream/`` path;
-2. look it up (:func:`lookup`): a local model id or alias wins over a peer
+2. let the active profile and the selectors say which name it really is
+   (``choose``, :mod:`trio_swap.http.selection`; not for ``/upstream/``), then
+   look it up (:func:`lookup`): a local model id or alias wins over a peer
    model of the same name; anything else is a 404;
-3. rewrite only what ``useModelName``, ``filters`` or a peer's own model name
-   ask for; otherwise the body goes on byte for byte (the same object).
+3. rewrite only what ``useModelName``, ``filters``, a peer's own model name or
+   a profile's or selector's choice ask for; otherwise the body goes on byte
+   for byte (the same object).
 
 Everything it raises is a :class:`~trio_swap.errors.SwapError` the handler
 sends as the endpoint's error body.
@@ -19,7 +22,7 @@ sends as the endpoint's error body.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final, final
 from urllib.parse import parse_qsl, urlencode
 
@@ -31,6 +34,7 @@ from trio_swap.http.filters import rewrite_json
 from trio_swap.http.multipart import boundary_of, find_field
 from trio_swap.http.passthrough import split_passthrough
 from trio_swap.http.routes import ModelSource, Route
+from trio_swap.http.selection import Choice
 
 __all__ = [
     "Body",
@@ -93,6 +97,8 @@ class Outbound(msgspec.Struct, frozen=True, kw_only=True):
     query: bytes
     #: The client asked for a stream (only read to decide on loading progress).
     stream: bool = False
+    #: What a profile or selector made of the client's name (None: not consulted).
+    choice: Choice | None = None
 
 
 @final
@@ -113,6 +119,8 @@ class _Envelope(msgspec.Struct):
 
 
 _decode_envelope: Final = msgspec.json.Decoder(_Envelope).decode
+#: Maps a requested name to the one to look up (profiles, selectors).
+Chooser = Callable[[str], Choice]
 #: ``stream`` values that do not ask for a stream.
 _NOT_STREAMING: Final = (None, False, 0, "", "false")
 
@@ -126,6 +134,7 @@ def resolve(
     query: bytes,
     headers: Iterable[tuple[bytes, bytes]],
     body: bytes,
+    choose: Chooser | None = None,
 ) -> Outbound | Redirect:
     """Where the request goes and what it carries there (see the module docstring).
 
@@ -139,11 +148,11 @@ def resolve(
     match route.source:
         case ModelSource.JSON:
             path = raw_path if route.upstream_path is None else route.upstream_path.encode()
-            return _resolve_json(config, body, path, query)
+            return _resolve_json(config, body, path, query, choose)
         case ModelSource.MULTIPART:
-            return _resolve_multipart(config, headers, body, raw_path, query)
+            return _resolve_multipart(config, headers, body, raw_path, query, choose)
         case ModelSource.QUERY:
-            return _resolve_query(config, body, raw_path, query)
+            return _resolve_query(config, body, raw_path, query, choose)
         case ModelSource.PATH:
             return _resolve_passthrough(config, method, body, raw_path, query)
 
@@ -175,7 +184,21 @@ def lookup(config: Config, requested: str) -> Lookup:
     )
 
 
-def _resolve_json(config: Config, body: bytes, path: bytes, query: bytes) -> Outbound:
+def _chosen(config: Config, requested: str, choose: Chooser | None) -> tuple[Choice, Lookup]:
+    """The name after profiles and selectors, and what it resolves to; a name they
+    changed goes upstream in place of the client's (unless a rename already does)."""
+    choice = choose(requested) if choose is not None else Choice(requested)
+    if not choice.name:  # the active profile turns this name off
+        raise ModelNotFound(requested)
+    found = lookup(config, choice.name)
+    if choice.name != requested and found.rename is None:
+        found = Lookup(target=found.target, rename=choice.name, filters=found.filters)
+    return choice, found
+
+
+def _resolve_json(
+    config: Config, body: bytes, path: bytes, query: bytes, choose: Chooser | None
+) -> Outbound:
     try:
         envelope = _decode_envelope(body)
     except msgspec.ValidationError as exc:
@@ -184,17 +207,24 @@ def _resolve_json(config: Config, body: bytes, path: bytes, query: bytes) -> Out
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
     except RecursionError as exc:  # msgspec recurses into the fields it skips
         raise BadRequest("request body is nested too deeply") from exc
-    requested = envelope.model
-    if not requested:
+    if not envelope.model:
         raise BadRequest("the request body has no 'model' field")
-    found = lookup(config, requested)
+    choice, found = _chosen(config, envelope.model, choose)
+    requested = choice.name
     return Outbound(
         target=found.target,
         requested=requested,
-        body=rewrite_json(body, filters=found.filters, rename=found.rename, requested=requested),
+        body=rewrite_json(
+            body,
+            filters=found.filters,
+            rename=found.rename,
+            requested=requested,
+            sent=envelope.model if envelope.model != requested else None,
+        ),
         path=path,
         query=query,
         stream=envelope.stream not in _NOT_STREAMING,
+        choice=choice if choose is not None else None,
     )
 
 
@@ -204,29 +234,44 @@ def _resolve_multipart(
     body: bytes,
     path: bytes,
     query: bytes,
+    choose: Chooser | None,
 ) -> Outbound:
     content_type = next((value for name, value in headers if name == b"content-type"), b"")
     boundary = boundary_of(content_type.decode("latin-1"))
     field = find_field(body, boundary, "model")
     if field is None or not field.value:
         raise BadRequest("the multipart form has no 'model' field")
-    found = lookup(config, field.value)
+    choice, found = _chosen(config, field.value, choose)
     outgoing: Body = body if found.rename is None else field.replaced(body, found.rename)
     return Outbound(
-        target=found.target, requested=field.value, body=outgoing, path=path, query=query
+        target=found.target,
+        requested=choice.name,
+        body=outgoing,
+        path=path,
+        query=query,
+        choice=choice if choose is not None else None,
     )
 
 
-def _resolve_query(config: Config, body: bytes, path: bytes, query: bytes) -> Outbound:
+def _resolve_query(
+    config: Config, body: bytes, path: bytes, query: bytes, choose: Chooser | None
+) -> Outbound:
     params = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
     requested = next((value for name, value in params if name == "model"), "")
     if not requested:
         raise BadRequest("this endpoint needs the model in the query string: ?model=<name>")
-    found = lookup(config, requested)
+    choice, found = _chosen(config, requested, choose)
     if found.rename is not None:
         rename = found.rename
         query = urlencode([(name, rename if name == "model" else v) for name, v in params]).encode()
-    return Outbound(target=found.target, requested=requested, body=body, path=path, query=query)
+    return Outbound(
+        target=found.target,
+        requested=choice.name,
+        body=body,
+        path=path,
+        query=query,
+        choice=choice if choose is not None else None,
+    )
 
 
 def _resolve_passthrough(

@@ -18,6 +18,7 @@ from trio_swap.config.files import weight_files
 from trio_swap.config.model import Config
 from trio_swap.http.capabilities import capability_row
 from trio_swap.http.fit_view import fit_fields
+from trio_swap.http.selection import Selection
 from trio_swap.http.upstream_client import UpstreamClient
 from trio_swap.observe.record import Observer
 from trio_swap.observe.timeline import Timeline
@@ -57,6 +58,8 @@ class AppState:
         self.timeline = timeline
         #: Size and page-cache residency of the model files (the rows' ``files``).
         self.residency = residency
+        #: Profiles and selectors at run time (the server sets it; None: neither applies).
+        self.selection: Selection | None = None
         self.started_at = int(time.time())
 
 

@@ -196,7 +196,9 @@ async def _feed(state: AppState, logs: LogBook | None) -> AsyncGenerator[bytes, 
        skipped; the last state always arrives);
     4. ``activity``: each new row of the activity log (``GET /api/activity``
        rows), oldest first, looked for every :data:`ACTIVITY_POLL_INTERVAL`
-       seconds; none when trio-swap keeps no activity log.
+       seconds; none when trio-swap keeps no activity log;
+    5. ``profile`` ``{"active": name or null}``: the active profile changed
+       (the snapshot carries it as ``profile``), looked for with the rows.
 
     The logs are followed live from the moment the history is read (no line
     lost or repeated). The stream ends when trio-swap shuts down (the log
@@ -251,9 +253,17 @@ def _log_sources(logs: LogBook | None) -> dict[str, LogRing]:
 
 
 def _snapshot(state: AppState, rows: list[dict[str, object]]) -> bytes:
-    return _event(
-        "snapshot", {"models": rows, "swaps": state.router.swap_count, "version": __version__}
-    )
+    body = {
+        "models": rows,
+        "swaps": state.router.swap_count,
+        "version": __version__,
+        "profile": _active_profile(state),
+    }
+    return _event("snapshot", body)
+
+
+def _active_profile(state: AppState) -> str | None:
+    return state.selection.active if state.selection is not None else None
 
 
 async def _pump_log(
@@ -277,6 +287,7 @@ async def _watch_models(
 ) -> None:
     with send:
         last = {str(row["id"]): row for row in rows}
+        profile = _active_profile(state)
         while True:
             await trio.sleep(POLL_INTERVAL)
             current = {str(row["id"]): row for row in model_rows(state)}
@@ -287,6 +298,9 @@ async def _watch_models(
             if changed:
                 await send.send(b"".join(_event("model", row) for row in changed))
             last = current
+            if _active_profile(state) != profile:
+                profile = _active_profile(state)
+                await send.send(_event("profile", {"active": profile}))
 
 
 async def _newest_activity_id(activity: ActivityLog) -> int:
