@@ -671,3 +671,35 @@ async def test_a_ttl_under_fit_puts_a_model_to_sleep_only_where_it_fits_asleep(
         )
         assert box.processes["A"].state is then
         assert box.hooks.stops == ([] if then is ProcessState.SLEEPING else [("A", StopReason.TTL)])
+
+
+async def test_the_plan_behind_a_swap_decides_its_victims_way_not_a_later_what_if(
+    autojump_clock: trio.testing.MockClock, sleep_calls: list[tuple[float, int, str]]
+) -> None:
+    """In the step X's swap starts (V to sleep), placing T's queued request asks fit,
+    for the starvation bound, what X would need with V already STOPPING (stop V: it
+    costs nothing). That what-if was read as the plan behind X's swap: V stopped."""
+    async with running(
+        {"V": Behaviour(), "T": Behaviour(), "X": Behaviour()},
+        settings={"V": needs(10, 40, sleeps=True), "T": needs(10, 40), "X": needs(10, 40)},
+        resources={"ram": 1000, "vram0": 100},
+        scheduler=SchedulerConfig(min_resident=100, max_wait=30),
+    ) as box:
+        scheduler = box.router.scheduler
+        v_done = trio.Event()
+        box.request("V", hold=v_done)  # busy until v_done
+        await trio.sleep_until(200)
+        box.router.release(await box.router.acquire("T"))  # beside V; protected until ~301
+        await trio.sleep_until(210)
+        box.request("X")  # V is busy: fit picks T, which minResident keeps: queued
+        await trio.sleep_until(250)
+        box.request("T")  # X waited 40s > maxWait and needs T gone: queued behind it
+        await until(lambda: scheduler.queued("T") == 1)
+        await trio.sleep_until(260)
+        box.request("X")  # a second X request, queued
+        await trio.sleep_until(295)
+        v_done.set()  # V idle: X's swap puts it to sleep (a wake costs a tenth of a load)
+        await until(lambda: len(box.results.get("X", [])) == 2 and len(box.results["T"]) == 1)
+        assert box.processes["V"].state is ProcessState.SLEEPING
+        assert box.launcher.what("V") == ["spawn"]
+        assert [call for _, _, call in sleep_calls] == ["sleep"]

@@ -217,6 +217,7 @@ class Router:
         #: unload, sleepTTL, a reload) holds its memory until its process is gone.
         self._seen_asleep: set[str] = set()
         settings = settings or SchedulerConfig()
+        self._adopt(policy)
         self.scheduler = FifoScheduler(
             {name: _limits(proc.model, settings) for name, proc in processes.items()},
             policy,
@@ -555,6 +556,7 @@ class Router:
             else:  # queued before any ensure_ready this step decides: the order holds
                 process.reconfigure(model, health_check_timeout=timeout)
         self._policy = event.policy
+        self._adopt(event.policy)
         try:
             event.prepare()
         except Exception:  # the caller's bug must not end the router (and the server)
@@ -743,6 +745,19 @@ class Router:
             return frozenset(), ()
         stop_asleep = tuple(m for m in plan.stop_asleep if m in self._processes)
         return frozenset(plan.sleep), stop_asleep
+
+    def _adopt(self, policy: SwapPolicy) -> None:
+        """Fit's plans for a target whose swap is under way are what-ifs (see
+        :attr:`FitPolicy.swapping`): the plan behind the swap stays the latest."""
+        if isinstance(policy, FitPolicy):
+            policy.swapping = self._loading
+
+    def _loading(self, model: str) -> bool:
+        """A swap to ``model`` is under way (the scheduler's view)."""
+        try:
+            return self.scheduler.phase(model) is Phase.LOADING
+        except KeyError:  # not (or no longer) a model of the scheduler's
+            return False
 
     def _can_sleep(self, model: str) -> bool:
         process = self._processes.get(model)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final, NamedTuple, final
 
 import msgspec
@@ -105,6 +105,11 @@ class FitPolicy:
         #: valid while the ledger's version and clock are unchanged.
         self._cache: dict[tuple[str, tuple[str, ...], Placement], FitPlan] = {}
         self._cache_key: tuple[int, float] = (-1, 0.0)
+        #: Whether a swap to this target is under way (the router sets it). A plan asked
+        #: for such a target is a what-if (the scheduler's starvation check asks what it
+        #: would need, its victims already stopping), not the plan behind that swap:
+        #: it does not replace :meth:`latest`, which the router reads as it starts it.
+        self.swapping: Callable[[str], bool] = lambda target: False
 
     def evictions(
         self, target: str, running: Sequence[str], context: Placement = NO_CONTEXT
@@ -120,7 +125,8 @@ class FitPolicy:
         cached = self._cache.get(key)
         if cached is None:
             cached = self._cache[key] = self._plan(target, running, context)
-        self._latest[target] = cached
+        if not self.swapping(target):
+            self._latest[target] = cached
         return cached
 
     def latest(self, target: str) -> FitPlan | None:
