@@ -14,6 +14,7 @@ import pytest
 
 from trio_swap.config import ConfigError, load_config
 from trio_swap.config.sizes import SizeError, format_size, parse_size
+from trio_swap.explain import plan
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -202,3 +203,33 @@ def test_plan_says_which_victims_sleep_and_which_sleepers_stop(tmp_path: Path) -
     wrong = run("plan", *common, "--asleep", "b", "--request", "c")
     assert wrong.returncode != 0
     assert "is not a model with sleep:" in wrong.stderr
+
+
+GROUPED = """\
+resources: {{ram: {ram}, vram0: 100}}
+groups:
+  solo: {{swap: true, exclusive: true, members: [a, b]}}
+models:
+  a:
+    cmd: server a --port ${{PORT}}
+    needs: {{ram: 50, vram0: 60}}
+    sleep: vllm
+  b:
+    cmd: server b --port ${{PORT}}
+    needs: {{ram: 40, vram0: 60}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("ram", "way"), [(200, "a sleeps"), (100, "a stops (it would not fit asleep)")]
+)
+def test_plan_names_the_way_of_the_groups_victims_with_sleep(
+    tmp_path: Path, ram: int, way: str
+) -> None:
+    """Asleep a holds 50 + 60 of ram: beside b's 40 that fits in 200, not in 100; the
+    answer said only that b fits, as if the group's victim always slept."""
+    path = tmp_path / "grouped.yaml"
+    path.write_text(GROUPED.format(ram=ram))
+    result, sentence = plan(load_config(path), ["a"], "b")
+    assert result.evict == ["a"]
+    assert f"By memory, {way}. b needs" in sentence

@@ -128,6 +128,14 @@ def _fit_plan(policy: FitPolicy, target: str, resolved: list[str]) -> tuple[Plan
     if policy.inner is not None:
         inner, sentence = _inner_plan(policy.inner, target, resolved)
         head = sentence + " "
+        # The inner policy's victims with sleep: sleep, unless they would not fit asleep.
+        ways = [
+            f"{m} sleeps" if m in chosen.sleep else f"{m} stops (it would not fit asleep)"
+            for m in chosen.inner
+            if ledger.can_sleep(m)
+        ]
+        if ways:
+            head += f"By memory, {', '.join(ways)}. "
     else:
         inner, head = PlanResult([], None, None), ""
     models = {
