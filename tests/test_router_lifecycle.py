@@ -703,3 +703,29 @@ async def test_the_plan_behind_a_swap_decides_its_victims_way_not_a_later_what_i
         assert box.processes["V"].state is ProcessState.SLEEPING
         assert box.launcher.what("V") == ["spawn"]
         assert [call for _, _, call in sleep_calls] == ["sleep"]
+
+
+async def test_a_start_out_of_host_memory_beside_sleepers_is_retried_after_stopping_them(
+    autojump_clock: trio.testing.MockClock, sleep_calls: list[tuple[float, int, str]]
+) -> None:
+    """Only S was resident, asleep (holding 70 of ram by fit's count), when T ran out of
+    host memory: fit learns T needs more than was free beside S, stops S and loads T
+    once more. The sleepers were not counted as resident: no retry, no learning."""
+    async with running(
+        {
+            "S": Behaviour(),
+            "V": Behaviour(),
+            "T": Behaviour(ready_after=5, crash_after=1, lines=("std::bad_alloc",)),
+        },
+        settings={"S": needs(10, 60, sleeps=True), "V": needs(10, 60), "T": needs(20)},
+        resources={"ram": 100, "vram0": 100},
+    ) as box:
+        box.router.release(await box.router.acquire("S"))
+        box.router.release(await box.router.acquire("V"))  # S sleeps for V's GPU memory
+        await box.router.unload(["V"])
+        assert box.processes["S"].state is ProcessState.SLEEPING
+        with pytest.raises(ModelStartFailed, match="bad_alloc"):  # it always runs out
+            await box.router.acquire("T")
+        assert box.launcher.what("T") == ["spawn", "exit 1", "spawn", "exit 1"]
+        (stopped,) = box.launcher.when("S", "exit -15")
+        assert box.launcher.when("T", "exit 1")[0] < stopped <= box.launcher.when("T", "spawn")[1]

@@ -639,16 +639,18 @@ class Router:
         exhausted = exhausted_resources(error.log_tail, error.reason, ledger.resources)
         if exhausted is None:
             return False
-        # The swap's victims were gone before the start: only the others were resident.
+        # The swap's victims were gone before the start (or asleep: the sleepers read at
+        # this step's start); only the others were resident.
         resident = [m for m in self.scheduler.running() if m != model and m not in victims]
-        if not ledger.out_of_memory(model, resident, exhausted):
+        asleep = [m for m in ledger.asleep() if m != model and m not in resident]
+        if not ledger.out_of_memory(model, resident, exhausted, asleep):
             return False
         log.warning(
             "model %s ran out of memory (%s) beside %s: its need is raised; loading it again "
             "after evicting more",
             model,
             ", ".join(exhausted),
-            ", ".join(resident),
+            ", ".join([*resident, *(f"{m} (asleep)" for m in asleep)]),
         )
         return True
 

@@ -329,18 +329,24 @@ class FitLedger:
         self._footprint.pop(model, None)
 
     def out_of_memory(
-        self, model: str, resident: Iterable[str], resources: Iterable[str] | None = None
+        self,
+        model: str,
+        resident: Iterable[str],
+        resources: Iterable[str] | None = None,
+        asleep: Iterable[str] = (),
     ) -> bool:
-        """A start of ``model`` ran out of memory beside ``resident``: raise its floor.
+        """A start of ``model`` ran out of memory beside ``resident`` (awake) and
+        ``asleep`` (sleeping models, at their asleep needs): raise its floor.
 
         The new floor makes it not fit beside what was resident, so the next
-        placement evicts more. ``resources`` names the exhausted ones (None:
-        all). False when nothing changes (nothing else was resident: evicting
-        more cannot help).
+        placement evicts more (stopping sleepers too). ``resources`` names the
+        exhausted ones (None: all). False when nothing changes (nothing else was
+        resident: evicting more cannot help).
         """
         learned = self._learned.get(model)
         others = [m for m in resident if m != model and m in self._learned]
-        if learned is None or not others or not self.resources:
+        sleepers = [m for m in asleep if m != model and m not in others and m in self._learned]
+        if learned is None or not (others or sleepers) or not self.resources:
             return False
         names = list(self.resources) if resources is None else list(resources)
         changed = False
@@ -349,6 +355,7 @@ class FitLedger:
             if capacity is None:
                 continue
             held = sum(self.need(other).get(name, 0) for other in others)
+            held += sum(self.asleep_need(other).get(name, 0) for other in sleepers)
             if held == 0:
                 continue  # the others hold none of it: it cannot be what ran out
             floor = min(capacity, capacity - held + 1)
