@@ -20,6 +20,8 @@ export const state = {
   connection: "connecting",
   /** Lines by source: "proxy", "upstream" (every model, prefixed "[id] ") and each model id. */
   logs: new Map(),
+  /** The active profile's name, or null (docs/selectors.md). */
+  profile: null,
 };
 
 const listeners = new Map();
@@ -71,8 +73,10 @@ function handle({ event, data }) {
       state.models = new Map(payload.models.map((row) => [row.id, row]));
       state.version = payload.version;
       state.swaps = payload.swaps;
+      state.profile = payload.profile ?? null;
       state.logs = new Map();
       emit("models", state.models);
+      emit("profile", state.profile);
       emit("logs-reset");
       break;
     case "model":
@@ -84,6 +88,10 @@ function handle({ event, data }) {
       break;
     case "activity":
       emit("activity", payload);
+      break;
+    case "profile":
+      state.profile = payload.active;
+      emit("profile", state.profile);
       break;
     default:
       break; // newer servers may send more

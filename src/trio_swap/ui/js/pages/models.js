@@ -4,6 +4,7 @@
 import { api } from "../api.js";
 import { bytes, clear, h, seconds } from "../dom.js";
 import { memoryPanel } from "../memory.js";
+import { profileSwitcher } from "../profiles.js";
 import { modelPath, on, state } from "../store.js";
 
 export const title = "Models";
@@ -44,8 +45,17 @@ export function mount(root) {
   const table = h("table", { id: "models" }, head, body);
   const empty = h("div", { class: "empty" }, "Waiting for trio-swap…");
   const memory = memoryPanel();
+  const profiles = profileSwitcher((message) => showError(message));
   root.append(
-    h("div", { class: "page-head" }, h("h1", {}, "Models"), summary, h("span", { class: "spacer" }), unloadAll),
+    h(
+      "div",
+      { class: "page-head" },
+      h("h1", {}, "Models"),
+      summary,
+      h("span", { class: "spacer" }),
+      profiles.element,
+      unloadAll,
+    ),
     banner,
     h("div", { class: "panel" }, table, empty),
     memory.element,
@@ -166,6 +176,6 @@ export function mount(root) {
   }
 
   renderAll();
-  const stops = [on("models", renderAll), on("model", renderOne), memory.stop];
+  const stops = [on("models", renderAll), on("model", renderOne), memory.stop, profiles.stop];
   return () => stops.forEach((stop) => stop());
 }
