@@ -42,6 +42,7 @@ from trio_swap.reasons import StopReason
 from trio_swap.router import Admission, Router, _UnloadRequested
 from trio_swap.scheduling import Phase
 from trio_swap.upstream import process as process_module
+from trio_swap.upstream.footprint import FootprintProbe
 from trio_swap.upstream.process import PROBE_INTERVAL, ModelProcess, ProcessState, _Stop
 
 #: A readiness probe runs every PROBE_INTERVAL: readiness is seen within one interval.
@@ -132,6 +133,7 @@ async def running(
     scheduler: SchedulerConfig | None = None,
     health_check_timeout: float = 60.0,
     resources: Mapping[str, int] | None = None,
+    footprint: FootprintProbe | None = None,
 ) -> AsyncIterator[Box]:
     """A router over fake models named by ``behaviours`` (in that order); with
     ``resources``, fit by memory is the policy (the models' ``needs`` declared)."""
@@ -152,7 +154,14 @@ async def running(
         if resources is not None:
             ledger = FitLedger(resources, {m.id: m for m in models})
             policy = FitPolicy(ledger)
-        router = Router(processes, policy or OneAtATime(), scheduler, ledger=ledger)
+        router = Router(
+            processes,
+            policy or OneAtATime(),
+            scheduler,
+            ledger=ledger,
+            footprint=footprint,
+            measure_every=1.0,
+        )
         box.append(router)
         async with trio.open_nursery() as supervisors:
             for process in processes.values():
@@ -729,3 +738,41 @@ async def test_a_start_out_of_host_memory_beside_sleepers_is_retried_after_stopp
         assert box.launcher.what("T") == ["spawn", "exit 1", "spawn", "exit 1"]
         (stopped,) = box.launcher.when("S", "exit -15")
         assert box.launcher.when("T", "exit 1")[0] < stopped <= box.launcher.when("T", "spawn")[1]
+
+
+async def test_a_model_is_not_measured_awake_while_its_sleep_call_runs(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's level 1 copies the weights to host memory during the sleep call, while the
+    process is still READY: measured then as awake, its ram need took the weights in for
+    good (an overrun of its declared 10). Asleep it is measured as asleep."""
+    moving = trio.Event()
+    moved = trio.Event()
+
+    async def sleep_server(upstream: Upstream, config: SleepConfig) -> None:
+        moving.set()
+        await trio.sleep(20)  # measured every second meanwhile
+        moved.set()
+
+    monkeypatch.setattr(process_module, "sleep_server", sleep_server)
+
+    async def footprint(pid: int) -> dict[str, int]:
+        await trio.lowlevel.checkpoint()
+        if moved.is_set():
+            return {"ram": 300, "vram0": 0}  # asleep: the weights in host memory
+        return {"ram": 500 if moving.is_set() else 5, "vram0": 50}
+
+    async with running(
+        {"A": Behaviour(), "V": Behaviour()},
+        settings={"A": needs(10, 60, sleeps=True), "V": needs(10, 60)},
+        resources={"ram": 1000, "vram0": 100},
+        footprint=footprint,
+    ) as box:
+        ledger = box.router.ledger
+        assert ledger is not None
+        box.router.release(await box.router.acquire("A"))
+        await trio.sleep(5)
+        box.router.release(await box.router.acquire("V"))  # A sleeps for V's GPU memory
+        await until(lambda: ledger.asleep_need("A")["ram"] == 330)  # measured asleep, +10 %
+        assert ledger.peak("A") == {"ram": 5, "vram0": 50}
+        assert ledger.need("A") == {"ram": 10, "vram0": 60}  # as declared

@@ -204,6 +204,9 @@ class Router:
         self._swap_victims: dict[int, tuple[str, ...]] = {}
         #: PIDs a measuring task watches (one task per process).
         self._measuring: set[int] = set()
+        #: Models whose sleep call runs: still READY, but what they hold is neither their
+        #: awake nor their asleep footprint (vLLM copies the weights to host memory).
+        self._falling_asleep: set[str] = set()
         #: Stop id -> sleeping models an unload stops with it (the scheduler thinks them cold).
         self._also_stop: dict[int, tuple[str, ...]] = {}
         #: Swap id -> (victims that sleep instead of stopping, sleepers it stops).
@@ -694,6 +697,8 @@ class Router:
         """Report one measurement of ``pid``; False when the process is going."""
         assert self._footprint is not None
         state = process.state
+        if model in self._falling_asleep or state not in _MEASURABLE:
+            return True  # mid-sleep, or going: not a footprint of either kind
         try:
             footprint = await self._footprint(pid)
         except OSError as exc:  # /proc vanished under us: the process is going
@@ -701,7 +706,8 @@ class Router:
             return False
         if process.pid != pid:
             return False  # a measurement of a process that is gone means nothing
-        if process.state is state:  # else it fell asleep or woke meanwhile: which is it?
+        # Else it fell asleep, woke or began its sleep call meanwhile: which is it?
+        if process.state is state and model not in self._falling_asleep:
             asleep = state is ProcessState.SLEEPING
             self._send.send_nowait(_Measured(model, footprint, started_with, asleep))
         return True
@@ -714,12 +720,15 @@ class Router:
             return
         if process.state is ProcessState.SLEEPING and reason in _SLEEP_INSTEAD and may_sleep:
             return  # asleep already (a TTL's sleep before this swap chose it): stays so
-        if (
-            reason in _SLEEP_INSTEAD
-            and may_sleep
-            and process.model.sleep is not None
-            and await process.sleep(reason=reason)
-        ):
+        if reason in _SLEEP_INSTEAD and may_sleep and process.model.sleep is not None:
+            self._falling_asleep.add(model)
+            try:
+                slept = await process.sleep(reason=reason)
+            finally:
+                self._falling_asleep.discard(model)
+        else:
+            slept = False
+        if slept:
             # Asleep: it holds no accelerator memory and wakes for its next request.
             # Measured now, so the next placement counts what it holds asleep.
             pid = process.pid
@@ -869,6 +878,8 @@ _NOT_AWAKE: Final = frozenset({Phase.COLD, Phase.STOPPING})
 _MEASURED_STATES: Final = frozenset(
     {ProcessState.READY, ProcessState.SLEEPING, ProcessState.STARTING}
 )
+#: States whose footprint means something: awake (READY) or asleep (SLEEPING).
+_MEASURABLE: Final = frozenset({ProcessState.READY, ProcessState.SLEEPING})
 
 
 def _admission(request_id: int, decisions: Sequence[Decision]) -> Admission | None:
