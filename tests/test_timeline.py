@@ -418,3 +418,21 @@ def test_a_sleep_is_a_sleeping_band_an_eviction_once_and_a_wake_opens_a_ready_ba
     counts = timeline.counts()
     assert counts.evictions == 2  # the two sleeps; the stop of the sleeper is not another
     assert counts.loads == 1  # a wake is not a load
+
+
+def test_an_eviction_told_of_a_model_that_stays_asleep_is_not_pinned_on_a_later_stop(
+    clock: Clock, timeline: Timeline
+) -> None:
+    """A swap may name a victim that is asleep already (it stays so: no band opens);
+    its wake must drop that eviction, or the next stop says the old swap caused it."""
+    timeline.starting("m")
+    timeline.ready("m", 1.0)
+    clock.at(T0 + 2)
+    timeline.slept("m", StopReason.TTL)
+    clock.at(T0 + 3)
+    timeline.evicted("m", by="big", why="big needs the GPU")  # asleep already: stays so
+    clock.at(T0 + 5)
+    timeline.woke("m", 0.5)
+    clock.at(T0 + 9)
+    timeline.stopping("m", StopReason.TTL)
+    assert bands(timeline, "m")[-1] == band("stopping", 9, None, "ttl")

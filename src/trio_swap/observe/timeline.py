@@ -183,6 +183,9 @@ class Timeline(ProcessHooks):
 
     def woke(self, model: str, seconds: float) -> None:
         self.ready(model, seconds)
+        # An eviction told while it slept named a victim that stayed asleep: no
+        # stopping or sleeping band took it, and none will now.
+        self._lane(model, self._clock()).pending = None
 
     def _open(self, model: str, state: BandState, reason: StopReason) -> None:
         """Close the open band; open a ``state`` band carrying the pending eviction."""
