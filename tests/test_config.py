@@ -568,7 +568,6 @@ def test_warnings_for_unsupported_and_unknown_keys(tmp_path: Path) -> None:
     )
     source = str(tmp_path / "config.yaml")
     assert config.warnings == (
-        f"{source}:5: captureBuffer: not supported yet by trio-swap; ignored",
         f"{source}:9: models.qwen.timeouts: not supported yet by trio-swap; ignored",
         f"{source}:11: models.qwen.tll: unknown key (did you mean 'ttl'?); ignored",
         f"{source}:12: models.qwen.healthCheckTimeout: not supported yet by trio-swap; "

@@ -57,6 +57,7 @@ from trio_swap.http.selection import Selection
 from trio_swap.http.state import AppState
 from trio_swap.http.upstream_client import ConnectionRetirer, UpstreamClient
 from trio_swap.observe.activity import ActivityLog
+from trio_swap.observe.captures import CaptureStore
 from trio_swap.observe.hooks import HookFanout
 from trio_swap.observe.metrics import Metrics
 from trio_swap.observe.performance import HardwareCollector, PerformanceMonitor
@@ -292,7 +293,9 @@ async def serve(
                 if process is not None and usage.cached_tokens is not None:
                     process.response_seen(usage.cached_tokens)
 
-            observer = Observer(metrics, activity, on_usage=restore_feedback)
+            captures = CaptureStore(config.capture_buffer)  # captureBuffer; 0: off
+            activity.captures = captures  # the rows' has_capture
+            observer = Observer(metrics, activity, on_usage=restore_feedback, captures=captures)
             supervisors.start_soon(upstream_client.run)  # expired idle connections closed
             peers = PeerForwarder() if config.peers else None
             state = AppState(
@@ -331,6 +334,7 @@ async def serve(
                 prefetch_box[0] = new.prefetch
                 sleep_ttl_box[0] = new.sleep_ttl
                 performance.reconfigure(new.performance)
+                captures.resize(new.capture_buffer)
                 app.set_api_keys(new.api_keys)
                 app.set_allowed_hosts(new.allowed_hosts)
 

@@ -47,6 +47,7 @@ SETTINGS: Final = {
     "metrics_max_in_memory": "metricsMaxInMemory",
     "store_path": "store",
     "store_max_rows": "store",
+    "capture_buffer": "captureBuffer",
     "resources": "resources",
     "cache_disk_budget": "cacheDiskBudget",
     "prefetch": "prefetch",

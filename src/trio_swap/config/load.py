@@ -26,6 +26,7 @@ from typing import Final, final
 import msgspec
 
 from trio_swap.config.capabilities import check_capabilities
+from trio_swap.config.captures import check_capture_buffer
 from trio_swap.config.errors import ConfigError
 from trio_swap.config.files import check_files, check_prefetch
 from trio_swap.config.keys import check_allowed_hosts, scope_api_keys
@@ -268,6 +269,7 @@ class _Loader:
             metrics_max_in_memory=in_memory,
             store_path=store_path,
             store_max_rows=store_rows,
+            capture_buffer=check_capture_buffer(raw_settings.capture_buffer, doc),
             resources=resources,
             prefetch=check_prefetch(raw_settings.prefetch, doc),
             sleep_ttl=check_sleep_ttl(raw_settings.sleep_ttl, doc),

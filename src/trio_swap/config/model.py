@@ -23,6 +23,8 @@ DEFAULT_START_PORT: Final = 5800
 DEFAULT_PEER_CONNECT_TIMEOUT: Final = 30.0
 #: Rows the in-memory activity log keeps (llama-swap's default).
 DEFAULT_METRICS_MAX_IN_MEMORY: Final = 1000
+#: MB (of 1024 * 1024 bytes) for request captures (``captureBuffer``; llama-swap's code's default).
+DEFAULT_CAPTURE_BUFFER_MB: Final = 5
 #: Bytes of saved KV cache files (``keepCache``) kept on disk, all models together.
 DEFAULT_CACHE_DISK_BUDGET: Final = 20 * 2**30
 #: Seconds a model may stay asleep (``sleep:``) before it is stopped (``sleepTTL``).
@@ -365,6 +367,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     store_path: str | None = None
     #: Rows the activity file keeps (``store.maxRows``); 0 keeps them all.
     store_max_rows: int = 0
+    #: Bytes of memory for request captures (``captureBuffer`` in MB); 0: captures off.
+    capture_buffer: int = DEFAULT_CAPTURE_BUFFER_MB * 1024 * 1024
     #: What the box has for models, bytes per resource (``resources:``); empty: no fit.
     resources: dict[str, int] = msgspec.field(default_factory=dict)
     #: Reading model files ahead into the page cache (``prefetch:``).

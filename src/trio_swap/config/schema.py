@@ -16,6 +16,7 @@ import msgspec
 
 from trio_swap.config.model import (
     DEFAULT_CACHE_DISK_BUDGET,
+    DEFAULT_CAPTURE_BUFFER_MB,
     DEFAULT_HEALTH_CHECK_TIMEOUT,
     DEFAULT_METRICS_MAX_IN_MEMORY,
     DEFAULT_PEER_CONNECT_TIMEOUT,
@@ -163,6 +164,8 @@ class RawConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         default=DEFAULT_METRICS_MAX_IN_MEMORY, name="metricsMaxInMemory"
     )
     store: RawStore | None = None
+    #: MB of memory for request captures; 0 turns them off.
+    capture_buffer: int = msgspec.field(default=DEFAULT_CAPTURE_BUFFER_MB, name="captureBuffer")
     #: Resource name -> size: what the box has for models (fit by memory).
     resources: dict[str, int | str] = msgspec.field(default_factory=dict)
     #: Checked in config/selectors.py, where the models and peers are known.
@@ -194,7 +197,6 @@ PERFORMANCE_KEYS: Final = _keys(RawPerformance)
 #: llama-swap top-level keys trio-swap does not implement yet, with a hint for
 #: the warning. Remove a key from here when support lands in RawConfig.
 LLAMA_SWAP_ONLY_TOP_KEYS: Final[dict[str, str]] = {
-    "captureBuffer": "",
     "logRequests": "",
     "logTimeFormat": "",
     "ui": "",

@@ -168,6 +168,7 @@ class InferenceRoutes:
         selection = self._selection
         try:
             body = await self._read_body(scope, receive)
+            record.request_body(body, scope["headers"])  # for its capture, if any
             resolved = resolve(
                 self._config,
                 route,

@@ -1,5 +1,6 @@
-"""``GET /metrics`` (Prometheus text format), ``GET /api/activity`` (the request log)
-and ``GET /api/timeline`` (what each model's process did over the last hour)."""
+"""``GET /metrics`` (Prometheus text format), ``GET /api/activity`` (the request log),
+``GET /api/captures/<id>`` (a request's capture) and ``GET /api/timeline`` (what
+each model's process did over the last hour)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Final
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from trio_swap.errors import BadRequest
+from trio_swap.errors import BadRequest, SwapError
 from trio_swap.http.errors import json_response
 from trio_swap.http.state import AppState
 from trio_swap.observe.metrics import CONTENT_TYPE
@@ -22,6 +23,8 @@ DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 1000
 #: What SQLite stores as INTEGER.
 _INT64: Final = range(-(2**63), 2**63)
+#: Most digits of a capture id (an activity row id: SQLite's 64-bit integer).
+_ID_DIGITS: Final = 19
 #: A plain decimal number (Python's float() also takes "nan", "inf", "1_0" and spaces).
 _NUMBER: Final = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d{1,3})?", re.ASCII)
 
@@ -63,6 +66,39 @@ def register_observe_routes(app: QuartTrio, observer: Observer, state: AppState)
             names = request.args.getlist("model")
             models = [state.config.resolve(name) or name for name in names]
             return json_response(await activity.page(limit=limit, before=before, models=models))
+
+    captures = observer.captures
+    if captures is not None:
+
+        @app.get("/api/captures")
+        async def capture_buffer() -> Response:
+            """The buffer: its limit, the bytes it holds, how many captures, the id range."""
+            return json_response(captures.stats())
+
+        @app.get("/api/captures/<capture_id>")
+        async def capture(capture_id: str) -> Response:
+            """One request's capture (llama-swap's shape plus trio-swap's fields)."""
+            valid = capture_id.isascii() and capture_id.isdigit() and len(capture_id) <= _ID_DIGITS
+            if not valid or int(capture_id) <= 0:
+                shown = capture_id[:40]
+                raise BadRequest(f"a capture id is a positive integer (got {shown!r})")
+            found = captures.get(int(capture_id))
+            if found is None:
+                raise CaptureNotFound(int(capture_id))
+            return json_response(found.to_json())
+
+
+class CaptureNotFound(SwapError):
+    """No capture with this id: never captured (off, full, not a recorded request), or evicted."""
+
+    status = 404
+    error_type = "invalid_request_error"
+    code = "capture_not_found"
+
+    def __init__(self, capture_id: int) -> None:
+        super().__init__(
+            f"no capture {capture_id}: never captured, or evicted from the captureBuffer"
+        )
 
 
 def _int_arg(name: str) -> int | None:

@@ -10,6 +10,12 @@ is written in a worker thread, because a commit may wait for the disk.
 Retention deletes the oldest rows after each batch, by id, so it costs one
 index range: ``metricsMaxInMemory`` rows in memory, ``store.maxRows`` in a
 file (0 keeps everything, as llama-swap does).
+
+:meth:`ActivityLog.add` gives each row its id at once (not when SQLite writes
+it), so a request's capture (:mod:`trio_swap.observe.captures`) can be filed
+under its row's id before the row is written; a file's ids continue after the
+highest it ever gave (``sqlite_sequence``). ``has_capture`` is not stored: it
+is whether the capture store still holds the row's capture when the row is read.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
+from operator import attrgetter
 from typing import Final, TypeVar, final
 
 import msgspec
@@ -67,6 +74,9 @@ class ActivityRow(msgspec.Struct, kw_only=True):
     #: The ``name`` of the API key the request came with (never the key); None: no
     #: ``apiKeys``, or a request refused before its key was known.
     key_name: str | None = None
+    #: Whether ``GET /api/captures/<id>`` has this request (not stored: captures
+    #: live in memory, and the oldest are evicted).
+    has_capture: bool = False
 
 
 class ActivityPage(msgspec.Struct):
@@ -76,7 +86,12 @@ class ActivityPage(msgspec.Struct):
     next: int | None
 
 
-_COLUMNS: Final = tuple(field.name for field in msgspec.structs.fields(ActivityRow))
+#: Fields computed when a row is read, not stored.
+_NOT_STORED: Final = frozenset({"has_capture"})
+_COLUMNS: Final = tuple(
+    field.name for field in msgspec.structs.fields(ActivityRow) if field.name not in _NOT_STORED
+)
+_VALUES: Final = attrgetter(*_COLUMNS)
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS activity (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -103,8 +118,7 @@ CREATE INDEX IF NOT EXISTS activity_model ON activity (model, id);
 #: older trio-swap gets them on open (its rows read them as NULL).
 _ADDED_COLUMNS: Final = {"key_name": "TEXT"}
 _INSERT: Final = (
-    f"INSERT INTO activity ({', '.join(_COLUMNS[1:])}) "
-    f"VALUES ({', '.join('?' * (len(_COLUMNS) - 1))})"
+    f"INSERT INTO activity ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 )
 _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM activity"
 
@@ -113,10 +127,20 @@ _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM activity"
 class ActivityLog:
     """The store and its writer task. ``path`` None: an in-memory database."""
 
-    def __init__(self, path: str | None = None, *, max_rows: int = DEFAULT_MAX_ROWS) -> None:
+    def __init__(
+        self,
+        path: str | None = None,
+        *,
+        max_rows: int = DEFAULT_MAX_ROWS,
+        captures: Container[int] | None = None,
+    ) -> None:
         self.path = path
         #: Rows kept; 0 keeps every row.
         self.max_rows = max_rows
+        #: The ids that have a capture (``has_capture``); None: none has.
+        self.captures = captures
+        #: The id the next row gets (set past a file's ids when it is opened).
+        self._next_id = 1
         self._db: sqlite3.Connection | None = None
         self._pending: list[ActivityRow] = []
         self._has_rows = trio.Event()
@@ -126,12 +150,16 @@ class ActivityLog:
 
     # -- for the request path (never blocks) --------------------------------------------
 
-    def add(self, row: ActivityRow) -> None:
-        """Queue a row; the writer task stores it within :data:`FLUSH_SECONDS`."""
+    def add(self, row: ActivityRow) -> int:
+        """Give the row its id and queue it; the writer task stores it within
+        :data:`FLUSH_SECONDS`. Returns the id."""
+        row.id = self._next_id
+        self._next_id += 1
         self._pending.append(row)
         self._has_rows.set()
         if len(self._pending) >= BATCH_ROWS:
             self._batch_full.set()
+        return row.id
 
     # -- the writer task ----------------------------------------------------------------
 
@@ -202,6 +230,10 @@ class ActivityLog:
         rows = await self._call(lambda: self._select(limit + 1, before, models))
         more = len(rows) > limit
         rows = rows[:limit]
+        captures = self.captures
+        if captures is not None:
+            for row in rows:
+                row.has_capture = row.id in captures
         return ActivityPage(data=rows, next=rows[-1].id if more else None)
 
     # -- database work (on the trio thread, or a worker thread for a file) ---------------
@@ -239,6 +271,21 @@ class ActivityLog:
                 f"(no column {', '.join(sorted(missing))})"
             )
         self._db = db
+        self._continue_ids(db)
+
+    def _continue_ids(self, db: sqlite3.Connection) -> None:
+        """Ids go on after the highest the file ever gave (rows added before: renumbered)."""
+        try:  # AUTOINCREMENT's record: ids of deleted rows are never given again
+            seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'activity'").fetchone()
+        except sqlite3.Error:
+            seq = None
+        (top,) = db.execute("SELECT max(id) FROM activity").fetchone()
+        given = max(seq[0] if seq else 0, top or 0)
+        if given >= self._next_id - len(self._pending):
+            self._next_id = given + 1
+            for row in self._pending:
+                row.id = self._next_id
+                self._next_id += 1
 
     def _close(self) -> None:
         if self._db is not None:
@@ -249,7 +296,7 @@ class ActivityLog:
         db = self._db
         assert db is not None
         with db:  # one transaction
-            db.executemany(_INSERT, [msgspec.structs.astuple(row)[1:] for row in rows])
+            db.executemany(_INSERT, [_VALUES(row) for row in rows])
             if self.max_rows > 0:
                 (last,) = db.execute("SELECT max(id) FROM activity").fetchone()
                 db.execute("DELETE FROM activity WHERE id <= ?", (last - self.max_rows,))

@@ -8,6 +8,11 @@ Per body chunk the record does O(1) work: an SSE stream keeps only its last
 is kept whole only while it stays under :data:`~.usage.MAX_JSON_BYTES`, and
 anything else is not kept. :meth:`Observer.finish` parses what was kept once,
 then updates the metrics and queues the activity row.
+
+With captures on (``captureBuffer``), the record also feeds a
+:class:`~trio_swap.observe.captures.CaptureDraft` with the request body and
+every response message; the draft counts and bounds its own bytes, and is
+filed under the activity row's id when the row is queued.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from trio_swap.config.keys import grant_of
 from trio_swap.config.model import PeerConfig
 from trio_swap.observe import usage as parse
 from trio_swap.observe.activity import ActivityLog, ActivityRow
+from trio_swap.observe.captures import CaptureDraft, CaptureStore
 from trio_swap.observe.metrics import Metrics
 
 __all__ = ["Observer", "RequestRecord"]
@@ -51,6 +57,7 @@ class RequestRecord:
         "_send",
         "answered",
         "arrived",
+        "capture",
         "endpoint",
         "granted",
         "kept",
@@ -65,8 +72,12 @@ class RequestRecord:
         "tail",
     )
 
-    def __init__(self, scope: HTTPScope, send: ASGISendCallable) -> None:
+    def __init__(
+        self, scope: HTTPScope, send: ASGISendCallable, capture: CaptureDraft | None = None
+    ) -> None:
         self._send = send
+        #: The request's capture in progress; None: captures are off (or full).
+        self.capture = capture
         self.started = time.time()
         self.arrived = time.monotonic()
         #: Monotonic times of the lease and of the upstream's response head.
@@ -96,9 +107,17 @@ class RequestRecord:
     def upstream_answered(self) -> None:
         self.answered = time.monotonic()
 
+    def request_body(self, body: bytes, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        """The client's whole request body, as read (for the capture)."""
+        if self.capture is not None:
+            content_type = next((v for k, v in headers if k == b"content-type"), b"")
+            self.capture.request_body(body, content_type)
+
     async def send(self, message: ASGISendEvent) -> None:
         """The ASGI ``send`` the handler uses: notes the status and keeps body bytes."""
         if message["type"] == "http.response.body":
+            if self.capture is not None:
+                self.capture.response_body(message.get("body", b""))
             if self.mode:
                 chunk = message.get("body", b"")
                 if self.mode == _SSE:
@@ -113,6 +132,8 @@ class RequestRecord:
         elif message["type"] == "http.response.start":
             self.status = message["status"]
             self.mode = _mode(message["headers"])
+            if self.capture is not None:
+                self.capture.response_start(self.status, message["headers"])
         await self._send(message)
 
     def usage(self) -> parse.Usage | None:
@@ -159,14 +180,19 @@ class Observer:
         metrics: Metrics | None = None,
         activity: ActivityLog | None = None,
         on_usage: Callable[[str, parse.Usage], None] | None = None,
+        captures: CaptureStore | None = None,
     ) -> None:
         self.metrics = metrics
         self.activity = activity
+        #: Request captures, filed by activity row id (so only with an activity log).
+        self.captures = captures if activity is not None else None
         #: Told the usage of each 2xx answer (keepCache reads ``cache_n`` from it).
         self.on_usage = on_usage
 
     def begin(self, scope: HTTPScope, send: ASGISendCallable) -> RequestRecord:
-        return RequestRecord(scope, send)
+        captures = self.captures
+        draft = captures.begin(scope) if captures is not None and captures.enabled else None
+        return RequestRecord(scope, send, draft)
 
     def finish(self, record: RequestRecord) -> None:
         """The handler returned (however it ended): count and log the request.
@@ -178,6 +204,9 @@ class Observer:
             self._account(record)
         except Exception:
             log.exception("accounting of %s %s failed", record.method, record.path)
+        finally:
+            if record.capture is not None:
+                record.capture.discard()  # not filed under a row: its bytes go back
 
     def _account(self, record: RequestRecord) -> None:
         ended = time.monotonic()
@@ -202,7 +231,7 @@ class Observer:
         if self.on_usage is not None and usage is not None and 200 <= record.status < 300:
             self.on_usage(record.model, usage)
         if self.activity is not None:
-            self.activity.add(
+            row_id = self.activity.add(
                 ActivityRow(
                     time=record.started,
                     model=record.model,
@@ -223,6 +252,8 @@ class Observer:
                     key_name=record.key_name,
                 )
             )
+            if record.capture is not None:
+                record.capture.finish(row_id)
 
 
 def _ms(seconds: float) -> float:
