@@ -1,8 +1,10 @@
 // Activity: recent model-routed requests, newest first (GET /api/activity), with
-// new ones added live from the event feed's `activity` events.
+// new ones added live from the event feed's `activity` events. A row that has a
+// capture (`has_capture`, captureBuffer) opens it below the table: the request's
+// and the response's headers and bodies (GET /api/captures/<id>).
 
 import { apiJson, ApiError } from "../api.js";
-import { h, millis, number, when } from "../dom.js";
+import { bytes, h, millis, number, when } from "../dom.js";
 import { on } from "../store.js";
 
 export const title = "Activity";
@@ -25,7 +27,10 @@ function statusCell(row) {
   );
 }
 
-function rowElement(row) {
+function rowElement(row, open) {
+  const capture = row.has_capture
+    ? h("button", { type: "button", class: "link", title: "the request and response as captured", onclick: () => open(row.id) }, "view")
+    : h("span", { class: "muted", title: "not captured, or evicted from the captureBuffer" }, "–");
   return h(
     "tr",
     { dataset: { id: row.id, model: row.model } },
@@ -37,7 +42,73 @@ function rowElement(row) {
     h("td", { class: "num", title: "queueing and loading before the request was forwarded" }, millis(row.wait_ms)),
     h("td", { class: "num" }, tokens(row)),
     h("td", { class: "num", dataset: { field: "tokens_per_second" } }, number(row.tokens_per_second, 1)),
+    h("td", { class: "actions", dataset: { field: "capture" } }, capture),
   );
+}
+
+// --- the capture panel ------------------------------------------------------------
+
+function decodeBody(base64) {
+  const raw = atob(base64);
+  const data = new Uint8Array(raw.length);
+  for (let i = 0; i < raw.length; i++) data[i] = raw.charCodeAt(i);
+  return new TextDecoder("utf-8", { fatal: false }).decode(data);
+}
+
+/** A body as text (JSON pretty-printed when whole), or a note saying why it is not. */
+function bodyView(capture, side, headers) {
+  const size = capture[`${side}_body_size`];
+  const kept = capture[`${side}_body_kept`];
+  const omitted = capture[`${side}_body_omitted`];
+  const notes = [];
+  if (omitted) {
+    const why = omitted === "binary" ? "binary body" : "compressed body";
+    return h("p", { class: "muted capture-note", dataset: { field: `${side}_body` } }, `${why}, ${bytes(size)}: not kept`);
+  }
+  if (size === 0) return h("p", { class: "muted capture-note", dataset: { field: `${side}_body` } }, "(empty body)");
+  let text = decodeBody(capture[`${side}_body`]);
+  if (capture[`${side}_body_truncated`]) {
+    notes.push(h("p", { class: "muted capture-note" }, `the first ${bytes(kept)} of ${bytes(size)}: the capture buffer was full`));
+  } else if ((headers["content-type"] || "").includes("json")) {
+    try {
+      text = JSON.stringify(JSON.parse(text), null, 2);
+    } catch {
+      // not valid JSON after all: shown as sent
+    }
+  }
+  return [...notes, h("pre", { class: "capture-body", dataset: { field: `${side}_body` } }, text)];
+}
+
+function headerTable(headers, field) {
+  const names = Object.keys(headers);
+  if (names.length === 0) return h("p", { class: "muted capture-note" }, "(none)");
+  return h(
+    "table",
+    { class: "capture-headers", dataset: { field } },
+    h("tbody", {}, names.map((name) => h("tr", {}, h("td", { class: "mono" }, name), h("td", { class: "mono wrap" }, headers[name])))),
+  );
+}
+
+function captureView(capture, close) {
+  const query = capture.req_query ? `?${capture.req_query}` : "";
+  const status = capture.resp_status ?? "no response (the client left)";
+  return [
+    h(
+      "div",
+      { class: "panel-head" },
+      h("h2", {}, `Capture #${capture.id}`),
+      h("span", { class: "mono" }, `${capture.method} ${capture.req_path}${query} → ${status}`),
+      h("span", { class: "muted small" }, `${bytes(capture.bytes)} of the capture buffer`),
+      h("span", { class: "spacer" }),
+      h("button", { type: "button", class: "link", onclick: close }, "close"),
+    ),
+    h(
+      "div",
+      { class: "capture-sides" },
+      h("section", { dataset: { side: "request" } }, h("h3", {}, "Request headers"), headerTable(capture.req_headers, "req_headers"), h("h3", {}, "Request body"), bodyView(capture, "req", capture.req_headers)),
+      h("section", { dataset: { side: "response" } }, h("h3", {}, "Response headers"), headerTable(capture.resp_headers, "resp_headers"), h("h3", {}, "Response body"), bodyView(capture, "resp", capture.resp_headers)),
+    ),
+  ];
 }
 
 export function mount(root) {
@@ -46,6 +117,7 @@ export function mount(root) {
   const empty = h("div", { class: "empty" }, "Loading…");
   const older = h("button", { type: "button", hidden: true, onclick: () => load(next) }, "Older requests");
   const newest = h("button", { type: "button", hidden: true, onclick: () => load(null) }, "Newest");
+  const capturePanel = h("div", { class: "panel capture", id: "capture", hidden: true, "aria-live": "polite" });
   let next = null;
   /** Live rows are added only while the newest page is shown. */
   let onFirstPage = true;
@@ -74,6 +146,7 @@ export function mount(root) {
             h("th", { class: "num" }, "Wait"),
             h("th", { class: "num", title: "prompt → generated" }, "Tokens"),
             h("th", { class: "num" }, "Tokens/s"),
+            h("th", { class: "actions", title: "the request and response, as captured (captureBuffer)" }, "Capture"),
           ),
         ),
         body,
@@ -81,7 +154,30 @@ export function mount(root) {
       empty,
     ),
     h("div", { class: "page-foot" }, newest, older),
+    capturePanel,
   );
+
+  function closeCapture() {
+    capturePanel.hidden = true;
+    capturePanel.replaceChildren();
+  }
+
+  async function openCapture(id) {
+    banner.hidden = true;
+    try {
+      const capture = await apiJson(`/api/captures/${id}`);
+      capturePanel.replaceChildren(...captureView(capture, closeCapture));
+      capturePanel.hidden = false;
+      capturePanel.scrollIntoView({ block: "nearest" });
+    } catch (error) {
+      closeCapture();
+      banner.hidden = false;
+      banner.textContent =
+        error instanceof ApiError && error.status === 404
+          ? `Request ${id} is no longer captured (evicted from the captureBuffer).`
+          : `Could not read capture ${id}: ${error.message}`;
+    }
+  }
 
   async function load(before) {
     banner.hidden = true;
@@ -91,7 +187,7 @@ export function mount(root) {
       const page = await apiJson(`/api/activity?${query}`);
       onFirstPage = before == null;
       shown.clear();
-      body.replaceChildren(...page.data.map((row) => (shown.add(row.id), rowElement(row))));
+      body.replaceChildren(...page.data.map((row) => (shown.add(row.id), rowElement(row, openCapture))));
       next = page.next ?? null;
       older.hidden = next === null;
       newest.hidden = onFirstPage;
@@ -110,7 +206,7 @@ export function mount(root) {
   function add(row) {
     if (!onFirstPage || shown.has(row.id)) return;
     shown.add(row.id);
-    body.prepend(rowElement(row));
+    body.prepend(rowElement(row, openCapture));
     while (body.childElementCount > PAGE_ROWS) body.lastElementChild.remove();
     empty.hidden = true;
   }
