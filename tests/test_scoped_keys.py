@@ -19,13 +19,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 import trio
 
 from tests.conftest import chat, make_config, responder_model, running, sse_data
 from trio_swap.config import ConfigError, load_config_text
 from trio_swap.config.keys import Grant
-from trio_swap.config.model import Config, PeerConfig, ScopedKey
+from trio_swap.config.model import Config, PeerConfig, ScopedKey, SelectorConfig
 from trio_swap.http import access
 from trio_swap.observe.activity import ActivityLog, ActivityRow
 
@@ -123,6 +124,18 @@ def test_a_malformed_key_entry_is_a_located_error(entry: str, key_path: str, mes
     error = caught.value
     assert (error.source, error.key_path, error.line) == ("c.yaml", key_path, 3), error
     assert message in error.message, error.message
+
+
+def test_a_selector_in_models_is_an_error_that_says_to_list_its_targets() -> None:
+    text = (
+        "apiKeys:\n  - {key: k, models: [fast]}\n"
+        + MODELS
+        + "selectors:\n  fast:\n    strategy: pin\n    targets: [small]\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config_text(text, "c.yaml")
+    assert (caught.value.key_path, caught.value.line) == ("apiKeys[0].models[0]", 2)
+    assert "'fast' is a selector: list the models it may choose" in caught.value.message
 
 
 def test_two_mappings_with_one_name_are_an_error() -> None:
@@ -526,3 +539,33 @@ async def test_a_reload_changes_what_a_key_may_do(tmp_path: Path) -> None:
             assert (await reload(h))["settings"] == ["apiKeys"]
             response = await h.client.post("/v1/chat/completions", json=chat("b"), headers=key)
             assert response.status_code == 200, response.text
+
+
+async def test_selectors_are_checked_on_the_target_they_choose() -> None:
+    """A selector resolves first; the key must be allowed the target it picks, and
+    /v1/models lists a selector only when every target is in the key's scope."""
+    config = msgspec.structs.replace(
+        front_door("http://127.0.0.1:9"),
+        selectors={
+            "fast": SelectorConfig(id="fast", strategy="pin", targets=("small",)),
+            "pin-big": SelectorConfig(id="pin-big", strategy="pin", targets=("large",)),
+            "either": SelectorConfig(id="either", strategy="warm", targets=("small", "big")),
+        },
+    )
+    with trio.fail_after(60):
+        async with running(config) as h:
+            listed = await h.client.get("/v1/models", headers=headers_of("ci"))
+            assert [m["id"] for m in listed.json()["data"]] == ["fast", "small"]
+            listed = await h.client.get("/v1/models", headers=headers_of("glob"))
+            assert [m["id"] for m in listed.json()["data"]] == ["big", "pin-big"]
+            response = await h.client.post(
+                "/v1/chat/completions", json=chat("fast"), headers=headers_of("ci")
+            )
+            assert response.status_code == 200, response.text
+            response = await h.client.post(
+                "/v1/chat/completions", json=chat("pin-big"), headers=headers_of("ci")
+            )
+            assert response.status_code == 403, response.text
+            message = response.json()["error"]["message"]
+            assert "may not use model 'large', which selector 'pin-big' chose," in message
+            assert h.server.processes["big"].start_count == 0

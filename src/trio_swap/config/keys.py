@@ -225,12 +225,17 @@ def scope_api_keys(
     models: Mapping[str, ModelConfig],
     peers: Mapping[str, PeerConfig],
     doc: Document,
+    *,
+    selectors: object = None,
 ) -> tuple[tuple[str | ScopedKey, ...], list[tuple[int, str]]]:
     """Resolve each scoped key's names against the models and peers; (keys, warnings).
 
     A ``models`` entry that is a model id or an alias becomes the model's id;
     any other entry with ``*``, ``?`` or ``[`` is a glob over model ids (a
     warning when it matches none: it may be meant for a model added later).
+    ``selectors`` is the raw ``selectors:`` value, only read for its ids: a
+    selector is allowed through its targets, so naming one is an error that
+    says so.
 
     Raises:
         ConfigError: a ``models`` entry that names no model (and is no glob),
@@ -255,6 +260,12 @@ def scope_api_keys(
                 ids[name] = None
                 if name != ALL and not any(fnmatchcase(m, name) for m in models):
                     warnings.append(doc.warning(where, f"the glob {name!r} matches no model id"))
+            elif isinstance(selectors, dict) and name in selectors:
+                raise doc.error(
+                    where,
+                    f"{name!r} is a selector: list the models it may choose (a request "
+                    "for a selector is checked on the model it chooses)",
+                )
             elif name in peer_names:
                 raise doc.error(
                     where,

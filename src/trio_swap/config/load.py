@@ -248,7 +248,9 @@ class _Loader:
             expand_globals(routing_values, global_macros, doc, budget), models, doc
         )
         self.warnings.extend(routing_warnings)
-        api_keys, key_warnings = scope_api_keys(settings.api_keys, models, peers, doc)
+        api_keys, key_warnings = scope_api_keys(
+            settings.api_keys, models, peers, doc, selectors=raw_settings.selectors
+        )
         self.warnings.extend(key_warnings)
         preload = _preload(
             expand_globals({"hooks": hooks}, global_macros, doc, budget)["hooks"], models, doc

@@ -87,7 +87,8 @@ def build_app(
     @app.get("/v1/models")
     @app.get("/models")
     async def list_models() -> Response:
-        data = visible(request.scope, _model_listing(state))  # a scoped key: its models
+        # a scoped key: only what it may use
+        data = visible(request.scope, _model_listing(state), state.config)
         return json_response({"object": "list", "data": data})
 
     @app.get("/running")

@@ -201,7 +201,8 @@ class InferenceRoutes:
     ) -> None:
         """Send a resolved request where it goes (a scoped key may refuse it first)."""
         if isinstance(resolved, Outbound):  # a scoped API key: only models in its scope
-            refused = target_refusal(scope, resolved.target, resolved.requested)
+            chooser = resolved.choice.selector if resolved.choice is not None else None
+            refused = target_refusal(scope, resolved.target, resolved.requested, chooser)
             if refused is not None:
                 target = resolved.target  # the activity log shows what was refused
                 if isinstance(target, PeerModel):
