@@ -27,6 +27,7 @@ import msgspec
 
 from trio_swap.config.capabilities import check_capabilities
 from trio_swap.config.captures import check_capture_buffer
+from trio_swap.config.compat import apply_comfyui, check_compat
 from trio_swap.config.errors import ConfigError
 from trio_swap.config.files import check_files, check_prefetch
 from trio_swap.config.keys import check_allowed_hosts, scope_api_keys
@@ -241,7 +242,11 @@ class _Loader:
                 caps, caps_warnings = check_capabilities(model_id, raw.capabilities, doc)
                 self.warnings.extend(caps_warnings)
                 model_config = msgspec.structs.replace(model_config, capabilities=caps)
-            models[model_id] = model_config
+            if raw.compat is not None:
+                compat, compat_warnings = check_compat(model_id, raw.compat, doc)
+                self.warnings.extend(compat_warnings)
+                model_config = msgspec.structs.replace(model_config, compat=compat)
+            models[model_id] = apply_comfyui(model_config)
         check_aliases(models, doc)
         peers = self._peers(peers_value, global_macros, models)
         routing, routing_warnings = load_routing(

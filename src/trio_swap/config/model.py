@@ -110,6 +110,14 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
 
 
 @final
+class Compat(msgspec.Struct, frozen=True, kw_only=True):
+    """``compat:``: llama-swap's compatibility switches (config/compat.py)."""
+
+    #: Websocket upgrades never load the model nor hold it: 409 unless it is ready.
+    ignore_websockets: bool = False
+
+
+@final
 class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     """One model: how to start its server, reach it, and when to stop it."""
 
@@ -155,6 +163,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     sleep: SleepConfig | None = None
     #: What the model accepts and produces, for ``/v1/models`` (``capabilities:``).
     capabilities: Capabilities = msgspec.field(default_factory=Capabilities)
+    #: llama-swap's ``compat:`` switches (``ignoreWebsockets``).
+    compat: Compat = msgspec.field(default_factory=Compat)
 
 
 @final

@@ -80,6 +80,8 @@ class RawModel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     sleep: str | dict[str, object] | None = None
     #: ``in``, ``out``, ``tools``, ``reranker``, ``context`` (config/capabilities.py).
     capabilities: dict[str, object] | None = None
+    #: ``ignoreWebsockets`` (config/compat.py).
+    compat: dict[str, object] | None = None
 
 
 class RawPeerTimeouts(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -205,7 +207,6 @@ LLAMA_SWAP_ONLY_TOP_KEYS: Final[dict[str, str]] = {
 
 #: llama-swap per-model keys trio-swap does not implement yet.
 LLAMA_SWAP_ONLY_MODEL_KEYS: Final[dict[str, str]] = {
-    "compat": "",
     # llama-swap overwrites it with the global value, so it never did anything.
     "healthCheckTimeout": "set healthCheckTimeout at the top level",
     "timeouts": "",

@@ -14,12 +14,16 @@ through):
 * A ``Host`` naming anything but loopback, an IP address, this machine, the
   listen host or an ``allowedHosts`` entry gets 403, on every path: that is
   what a DNS rebinding page sends (:mod:`trio_swap.http.hosts`).
-* A websocket upgrade is refused before its handshake completes, whatever
-  the path: trio-swap serves no websocket endpoint (streams are Server-Sent
-  Events), and Quart's error handlers, written for HTTP requests, failed on a
-  websocket with a 500. The refusal is a 400 with a JSON error body (a 401
-  first when a key is required and missing), or a close with code 1008 where
-  the server cannot send a response body.
+* A websocket upgrade passes the same ``Host`` and key checks. One to a
+  model route or ``/upstream/<model>/...`` then goes on to the websocket proxy
+  (:mod:`trio_swap.http.websocket`), unless another origin's page opened it
+  to ``/upstream/`` (``Sec-Fetch-Site``, or an ``Origin`` naming another host
+  than ``Host``: browsers let any page open a websocket anywhere): 403, as
+  for HTTP. Any other path is refused before its handshake completes (Quart's
+  error handlers, written for HTTP requests, failed on a websocket with a
+  500). A refusal is an HTTP answer with a JSON error body (400 for a path
+  that takes no websocket), or a close with code 1008 where the server cannot
+  send a response body.
 
 * ``OPTIONS`` (any path) is a CORS preflight: answered here with 204 and the
   CORS headers, never authenticated, never passed on.
@@ -92,6 +96,7 @@ from trio_swap.http.routes import (
     QUERY_PATHS,
     VERSIONLESS_PATHS,
 )
+from trio_swap.http.websocket_paths import is_websocket_route
 
 __all__ = [
     "CORS_ALLOW_METHODS",
@@ -145,7 +150,8 @@ NO_KEY: Final = "no API key: send Authorization: Bearer <key> or x-api-key"
 BAD_KEY: Final = "invalid API key"
 BAD_HOST: Final = "invalid Host header: not a host name (a label is empty or too long)"
 NO_WEBSOCKETS: Final = (
-    "trio-swap serves no websocket endpoint: use HTTP (streams are Server-Sent Events)"
+    "trio-swap takes websockets only on model routes and /upstream/<model>/...: "
+    "use HTTP here (streams are Server-Sent Events)"
 )
 #: Longest part of a refused ``Host`` repeated in the 403's message.
 _HOST_SHOWN: Final = 100
@@ -210,7 +216,7 @@ class AccessControl:
         if scope["type"] == "http":
             await self._http(scope, receive, send)
         elif scope["type"] == "websocket":
-            await self._websocket(scope, send)
+            await self._websocket(scope, receive, send)
         else:  # lifespan
             await self._app(scope, receive, send)
 
@@ -266,27 +272,49 @@ class AccessControl:
             scope = cast(HTTPScope, {**scope, GRANT_SCOPE: grant})
         await self._app(scope, receive, send)
 
-    async def _websocket(self, scope: WebsocketScope, send: ASGISendCallable) -> None:
-        """Refuse the upgrade: 403 for a foreign Host, 401 when a key is required and
-        not valid, else 400."""
+    async def _websocket(
+        self, scope: WebsocketScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        """403 for a foreign Host, 401 when a key is required and not valid, 400 for a
+        path that takes no websocket, 403 another origin's to ``/upstream/``; else on to
+        the websocket proxy."""
         authorization: bytes | None = None
         x_api_key: bytes | None = None
+        host: bytes | None = None
+        origin: bytes | None = None
+        cross_site = False
         hosts = self._hosts
         for name, value in scope["headers"]:
             if name == b"authorization" and authorization is None:
                 authorization = value
             elif name == b"x-api-key" and x_api_key is None:
                 x_api_key = value
-            elif name == b"host" and not hosts.allows(value):
-                await _refuse_websocket(scope, send, _host_refused(value))
-                return
+            elif name == b"origin":
+                origin = value
+            elif name == b"sec-fetch-site":
+                cross_site = value in _OTHER_ORIGIN
+            elif name == b"host":
+                if not hosts.allows(value):
+                    await _refuse_websocket(scope, send, _host_refused(value))
+                    return
+                host = value
         keys = self._keys
+        grant: Grant | None = None
         if keys and scope["path"] not in _OPEN_PATHS:
             grant, denied = _authenticate(keys, authorization, x_api_key)
             if grant is None:
                 await _refuse_websocket(scope, send, Unauthorized(denied))
                 return
-        await _refuse_websocket(scope, send, BadRequest(NO_WEBSOCKETS))
+        path = scope["path"]
+        if not is_websocket_route(path):
+            await _refuse_websocket(scope, send, BadRequest(NO_WEBSOCKETS))
+            return
+        if (cross_site or _other_origin(origin, host)) and path not in _CROSS_SITE_PATHS:
+            await _refuse_websocket(scope, send, _forbidden_websocket(path))
+            return
+        if grant is not None:
+            scope = cast(WebsocketScope, {**scope, GRANT_SCOPE: grant})
+        await self._app(scope, receive, send)
 
 
 def _key_table(api_keys: Sequence[str | ScopedKey]) -> tuple[_Key, ...]:
@@ -467,6 +495,25 @@ def _forbidden(scope: HTTPScope) -> Forbidden:
         f"{scope['path']} cannot be called from another origin's page "
         "(Sec-Fetch-Site: cross-site or same-site); only model routes and /v1/models can"
     )
+
+
+def _forbidden_websocket(path: str) -> Forbidden:
+    return Forbidden(
+        f"a websocket to {path[:_HOST_SHOWN]} cannot be opened from another origin's page "
+        "(Sec-Fetch-Site, or an Origin naming another host than Host)"
+    )
+
+
+def _other_origin(origin: bytes | None, host: bytes | None) -> bool:
+    """Whether ``Origin`` names another host and port than ``Host`` (a page elsewhere).
+
+    A browser always sends ``Origin`` on a websocket handshake, which no CORS check
+    guards; other clients usually send none.
+    """
+    if origin is None or origin == b"null":
+        return origin is not None
+    _, _, authority = origin.partition(b"://")
+    return host is None or authority.lower() != host.lower()
 
 
 def _bad_host(value: bytes) -> bool:

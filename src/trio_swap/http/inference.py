@@ -65,6 +65,7 @@ from trio_swap.http.resolve import LocalModel, Outbound, PeerModel, Redirect, re
 from trio_swap.http.routes import Route, WrongMethod, classify
 from trio_swap.http.selection import Selection
 from trio_swap.http.upstream_client import UpstreamClient, UpstreamResponse
+from trio_swap.http.websocket import WebsocketProxy
 from trio_swap.observe.record import Observer, RequestRecord
 from trio_swap.router import Lease, Router
 
@@ -107,6 +108,8 @@ class InferenceRoutes:
         self._router = router
         self._client = client
         self._max_body_bytes = max_body_bytes
+        #: Websockets on the model routes and /upstream/ (the access middleware lets no other in).
+        self._websockets = WebsocketProxy(router)
         #: Models whose streaming chat clients get loading progress (``sendLoadingState``).
         self._loading_state = frozenset(
             mid for mid, m in config.models.items() if m.send_loading_state
@@ -135,6 +138,11 @@ class InferenceRoutes:
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
+        if scope["type"] == "websocket":
+            await self._websockets(
+                scope, receive, send, config=self._config, selection=self._selection
+            )
+            return
         if scope["type"] != "http":
             await self._fallback(scope, receive, send)
             return

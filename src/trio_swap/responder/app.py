@@ -28,6 +28,8 @@ Routes (anything else is a 404, a known path with the wrong method a 405):
     ANY  /echo/...              {"method", "path", "query", "body"} as received
     GET  /debug/requests        the last 100 requests as received (not /debug/*)
     GET  /debug/pid             {"pid": ...}
+    GET  /debug/websockets      {"accepted", "open", "last_close"} of /ws/echo sockets
+    WS   /ws/echo               websocket echo (responder/websocket.py)
     POST /sleep, /wake_up, ...  with --sleep-api vllm|sglang: vLLM's or SGLang's sleep
                                 mode (responder/sleep.py)
 
@@ -91,6 +93,7 @@ from trio_swap.responder.payloads import (
 )
 from trio_swap.responder.sleep import SleepApi
 from trio_swap.responder.slots import SlotFaults, SlotTable, prompt_tokens
+from trio_swap.responder.websocket import WebsocketCounts, serve_websocket
 
 __all__ = ["RequestRecord", "ResponderApp", "log"]
 
@@ -137,6 +140,7 @@ _KNOWN_PATHS: Final = frozenset(
         "/sdapi/v1/loras",
         "/debug/requests",
         "/debug/pid",
+        "/debug/websockets",
     }
 )
 _RERANK_PATHS: Final = frozenset({"/v1/rerank", "/v1/reranking", "/rerank", "/reranking"})
@@ -283,6 +287,8 @@ class ResponderApp:
         # Invariant: before this trio time /health answers 503 "loading".
         self._ready_at = trio.current_time() + options.load_delay
         self._requests: collections.deque[RequestRecord] = collections.deque(maxlen=_HISTORY)
+        #: The /ws/echo sockets, for /debug/websockets.
+        self._websockets = WebsocketCounts()
         self._ids = itertools.count(1)
         faults = SlotFaults(
             save_delay=options.slot_save_delay,
@@ -328,9 +334,13 @@ class ResponderApp:
     ) -> None:
         if scope["type"] == "http":
             await self._handle_http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            log(f"websocket {scope['path']}")
+            await serve_websocket(
+                scope, receive, send, counts=self._websockets, loaded=self.loaded()
+            )
         elif scope["type"] == "lifespan":
             await _handle_lifespan(receive, send)
-        # Websockets: returning without accepting makes hypercorn refuse them.
 
     async def _handle_http(
         self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -379,6 +389,8 @@ class ResponderApp:
                 await exchange.respond(200, _encode([r.as_json() for r in self._requests]))
             case "GET", "/debug/pid":
                 await exchange.respond(200, b'{"pid":%d}' % os.getpid())
+            case "GET", "/debug/websockets":
+                await exchange.respond(200, self._websockets.as_json())
             case _, sleep_path if self._sleep is not None and self._sleep.owns(sleep_path):
                 answer = self._sleep.handle(method, path, query, exchange.body)
                 await exchange.respond(*await answer)
