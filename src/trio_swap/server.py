@@ -10,6 +10,7 @@
        ├─ ActivityLog.run()           writes the per-request activity rows in batches
        ├─ PerformanceMonitor.run()    hardware samples (performance:) for /api/performance
        ├─ Watchdog.run()              asks the router for ticks; it pings systemd's watchdog
+       │                              (and /livez reads when the router last handled one)
        ├─ Notifier.publish_status()   STATUS= for `systemctl status` (only under systemd)
        ├─ Reloader.run()              config reloads asked for by SIGHUP and --watch-config
        ├─ watch_config_file()         --watch-config: polls the file, asks for reloads
@@ -51,6 +52,7 @@ from trio_swap.http.inference import InferenceRoutes
 from trio_swap.http.listener import HttpServer
 from trio_swap.http.peers import PeerForwarder
 from trio_swap.http.performance import register_performance_route
+from trio_swap.http.probes import DEFAULT_LIVENESS_TIMEOUT, Probes, register_probe_routes
 from trio_swap.http.profiles import make_selection
 from trio_swap.http.reload_route import register_reload_route
 from trio_swap.http.selection import Selection
@@ -161,6 +163,7 @@ async def serve(
     h2c: bool = False,
     state_dir: str | os.PathLike[str] | None = None,
     footprint: FootprintProbe | None = None,
+    liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run trio-swap until SIGTERM/SIGINT (or :meth:`RunningServer.stop`).
@@ -172,7 +175,9 @@ async def serve(
     HTTP/2 (off by default: docs/security.md). ``state_dir``: where what was
     learned about the models (memory, load times) is kept across restarts; None
     keeps it in memory only. ``footprint``: how a running model's memory is
-    measured (a fake in tests; /proc and NVML by default).
+    measured (a fake in tests; /proc and NVML by default). ``liveness_timeout``:
+    how long the router may leave a tick unanswered before ``/livez`` answers
+    503 (systemd's ``WatchdogSec`` wins when set).
 
     Shutdown has a hard deadline: requests get ``shutdown_timeout`` to finish,
     then every connection still open is cut, whatever its client does
@@ -253,7 +258,8 @@ async def serve(
                 supervisors.start_soon(process.run)
                 return process
 
-            watchdog = Watchdog(notifier)
+            # Ticks even outside systemd: /livez reads when the router last handled one.
+            watchdog = Watchdog(notifier, interval=liveness_timeout / 2)
             state_file = Path(state_dir) / STATE_FILE if state_dir is not None else None
             ledger = FitLedger(
                 config.resources,
@@ -358,6 +364,8 @@ async def serve(
             http = HttpServer(app, hyper, h2c=h2c)  # HTTP/1.1 only unless asked (docs/security.md)
 
             shutdown = trio.Event()
+            probes = Probes(watchdog, shutdown)  # /livez, /readyz
+            register_probe_routes(admin, probes)
 
             async def begin_shutdown() -> None:
                 """hypercorn's trigger: stop admitting first, then let it drain."""
@@ -390,6 +398,7 @@ async def serve(
                     stop_now = partial(_stop_now, http, supervisors.cancel_scope)
                     await supervisors.start(_watch_signals, server, stop_now)
                 # Listening, and SIGTERM now means a graceful stop: tell systemd.
+                probes.started()
                 notifier.ready(_status_line(server))
                 supervisors.start_soon(notifier.publish_status, partial(_status_line, server))
                 if config.preload:

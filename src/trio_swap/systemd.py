@@ -151,23 +151,36 @@ class Watchdog:
     :meth:`run` asks the router for a tick every interval; the router calls
     :meth:`on_tick` when it handles that tick, and only then does the ping go
     out. At most one tick is in flight, so a router that was stuck for a while
-    does not flush a burst of stale pings when it recovers.
+    does not flush a burst of stale pings when it recovers. The same ticks are
+    the liveness probe's signal (:mod:`trio_swap.http.probes`): one heartbeat.
     """
 
-    def __init__(self, notifier: Notifier) -> None:
+    def __init__(self, notifier: Notifier, *, interval: float | None = None) -> None:
+        """``interval``: ask for ticks this often even without systemd's watchdog, for the
+        liveness probe (``/livez`` reads :attr:`last_handled`); systemd's interval wins."""
         self._notifier = notifier
         self._pending = False
         #: Intervals in a row the router has left its tick unanswered (0 when healthy).
         self.missed = 0
+        #: Seconds between ticks (half of ``WatchdogSec``), or None: no ticks at all.
+        self.interval = notifier.watchdog_interval or interval
+        #: ``trio.current_time()`` when the router last handled a tick (None: not yet).
+        self.last_handled: float | None = None
+
+    @property
+    def bound(self) -> float | None:
+        """How long a tick may wait before the router counts as wedged: ``WatchdogSec``."""
+        return None if self.interval is None else 2 * self.interval
 
     def on_tick(self) -> None:
         """Runs in the router task, between two events."""
         self._pending = False
+        self.last_handled = trio.current_time()
         self._notifier.watchdog()
 
     async def run(self, tick: Callable[[], None]) -> None:
         """Forever: ask for a tick (``tick`` puts it in the router's channel), wait an interval."""
-        interval = self._notifier.watchdog_interval
+        interval = self.interval
         if interval is None:
             return
         while True:
@@ -182,7 +195,7 @@ class Watchdog:
                 if self.missed == 1:
                     log.warning(
                         "router has not handled an event for %gs: no watchdog ping; "
-                        "systemd restarts trio-swap if this lasts WatchdogSec (%gs)",
+                        "it counts as wedged (systemd's watchdog, /livez) after %gs",
                         interval,
                         interval * 2,
                     )

@@ -28,7 +28,8 @@ through):
 * ``OPTIONS`` (any path) is a CORS preflight: answered here with 204 and the
   CORS headers, never authenticated, never passed on.
 * With ``apiKeys`` set, every other request needs a key, except ``/health``,
-  ``/wol-health`` and ``GET``/``HEAD /``. The key is the password of
+  ``/wol-health``, the orchestrator probes ``/livez`` and ``/readyz``, and
+  ``GET``/``HEAD /``. The key is the password of
   ``Authorization: Basic``, else the token of ``Authorization: Bearer``, else
   ``x-api-key`` (llama-swap's order). A missing or wrong key gets 401 with the
   error body the client's SDK reads (:func:`~trio_swap.errors.error_style`),
@@ -109,7 +110,7 @@ __all__ = [
 AsgiApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 
 #: Paths anyone may read, whatever the method (health probes).
-_OPEN_PATHS: Final = frozenset({"/health", "/wol-health"})
+_OPEN_PATHS: Final = frozenset({"/health", "/wol-health", "/livez", "/readyz"})
 #: ``Sec-Fetch-Site`` values of a request another origin's page made (another
 #: port of the same host is ``same-site``: a different origin all the same).
 _OTHER_ORIGIN: Final = (b"cross-site", b"same-site")
