@@ -568,10 +568,9 @@ def test_warnings_for_unsupported_and_unknown_keys(tmp_path: Path) -> None:
     )
     source = str(tmp_path / "config.yaml")
     assert config.warnings == (
-        f"{source}:9: models.qwen.timeouts: not supported yet by trio-swap; ignored",
         f"{source}:11: models.qwen.tll: unknown key (did you mean 'ttl'?); ignored",
-        f"{source}:12: models.qwen.healthCheckTimeout: not supported yet by trio-swap; "
-        "ignored (set healthCheckTimeout at the top level)",
+        f"{source}:12: models.qwen.healthCheckTimeout: has no effect, as in llama-swap "
+        "(it uses the top-level healthCheckTimeout); set it there",
         f"{source}:13: models.qwen.cmdstop: unknown key (did you mean 'cmdStop'?); ignored",
         f"{source}:14: logToStdot: unknown key (did you mean 'logToStdout'?); ignored",
     )

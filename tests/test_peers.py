@@ -165,9 +165,6 @@ def test_peer_warnings(tmp_path: Path) -> None:
     )
     source = str(tmp_path / "config.yaml")
     assert config.warnings == (
-        f"{source}:6: peers.gpu2.timeouts.keepalive: not supported yet by trio-swap; ignored",
-        f"{source}:7: peers.gpu2.timeouts.tlsHandshake: not supported yet by trio-swap; "
-        "ignored (it is part of 'connect')",
         f"{source}:9: peers.gpu2.modles: unknown key (did you mean 'models'?); ignored",
         f"{source}:13: peers.gpu2.filters.setParamsByID.other: not a name of this peer's "
         "models ('gpu2/<model>' or a bare model it lists), so it never applies; ignored",

@@ -290,12 +290,15 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setup_logging(level: str, log_to_stdout: str) -> None:
+def _setup_logging(level: str, log_to_stdout: str, time_format: str = "") -> None:
+    from trio_swap.upstream.proxy_log import LayoutFormatter
+
     levels = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING}
     levels["error"] = logging.ERROR
     stream = sys.stdout if log_to_stdout in ("proxy", "both") else sys.stderr
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%H:%M:%S"))
+    # logTimeFormat: a Go layout for the timestamp; else the time of day.
+    handler.setFormatter(LayoutFormatter(time_format, "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(levels.get(level, logging.INFO) if log_to_stdout != "none" else logging.WARNING)
@@ -329,7 +332,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    _setup_logging(config.log_level, config.log_to_stdout)
+    _setup_logging(config.log_level, config.log_to_stdout, config.log_time_format)
     host, port = args.listen
 
     async def run() -> None:

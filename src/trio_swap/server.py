@@ -64,6 +64,7 @@ from trio_swap.observe.hooks import HookFanout
 from trio_swap.observe.metrics import Metrics
 from trio_swap.observe.performance import HardwareCollector, PerformanceMonitor
 from trio_swap.observe.record import Observer
+from trio_swap.observe.session import header_names
 from trio_swap.observe.timeline import Timeline
 from trio_swap.observe.usage import Usage
 from trio_swap.policy import build_policy
@@ -186,7 +187,7 @@ async def serve(
     if watch_config and config_path is None:
         raise ValueError("watch_config needs config_path")
     logs = LogBook()
-    proxy_log = ProxyLogCapture(logs.proxy, config.log_level)
+    proxy_log = ProxyLogCapture(logs.proxy, config.log_level, time_format=config.log_time_format)
     guard = OrphanGuard.start()
     notifier = Notifier.from_environment()
     try:
@@ -302,6 +303,8 @@ async def serve(
             captures = CaptureStore(config.capture_buffer)  # captureBuffer; 0: off
             activity.captures = captures  # the rows' has_capture
             observer = Observer(metrics, activity, on_usage=restore_feedback, captures=captures)
+            observer.session_headers = header_names(config.session_id_headers)
+            observer.log_requests = config.log_requests
             supervisors.start_soon(upstream_client.run)  # expired idle connections closed
             peers = PeerForwarder() if config.peers else None
             state = AppState(
@@ -340,6 +343,8 @@ async def serve(
                 prefetch_box[0] = new.prefetch
                 sleep_ttl_box[0] = new.sleep_ttl
                 performance.reconfigure(new.performance)
+                observer.session_headers = header_names(new.session_id_headers)
+                observer.log_requests = new.log_requests
                 captures.resize(new.capture_buffer)
                 app.set_api_keys(new.api_keys)
                 app.set_allowed_hosts(new.allowed_hosts)

@@ -39,6 +39,10 @@ SETTINGS: Final = {
     "start_port": "startPort",
     "log_level": "logLevel",
     "log_to_stdout": "logToStdout",
+    "log_time_format": "logTimeFormat",
+    "log_requests": "logRequests",
+    "session_id_headers": "ui",
+    "ignore_paths": "upstream",
     "preload": "hooks",
     "api_keys": "apiKeys",
     "allowed_hosts": "allowedHosts",
@@ -66,6 +70,7 @@ COMPARED_ELSEWHERE: Final = frozenset(
 NOT_RELOADED: Final = {
     "logLevel": "logLevel is applied when trio-swap starts; restart it to change the level",
     "logToStdout": "logToStdout is applied when trio-swap starts; restart it to change it",
+    "logTimeFormat": "logTimeFormat is applied when trio-swap starts; restart it to change it",
     "hooks": "hooks.on_startup.preload runs when trio-swap starts, not on a reload",
     "metricsMaxInMemory": "metricsMaxInMemory is applied when trio-swap starts",
     "store": "store (the activity log file) is opened when trio-swap starts",

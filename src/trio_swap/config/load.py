@@ -30,8 +30,10 @@ from trio_swap.config.captures import check_capture_buffer
 from trio_swap.config.compat import apply_comfyui, check_compat
 from trio_swap.config.errors import ConfigError
 from trio_swap.config.files import check_files, check_prefetch
+from trio_swap.config.ignore_paths import check_ignore_paths
 from trio_swap.config.keys import check_allowed_hosts, scope_api_keys
 from trio_swap.config.kvcache import check_cache_budget, check_keep_cache
+from trio_swap.config.logtime import check_log_time_format
 from trio_swap.config.macros import (
     ExpansionBudget,
     MacroList,
@@ -61,8 +63,10 @@ from trio_swap.config.schema import (
     RawPeer,
 )
 from trio_swap.config.selectors import check_profiles, check_selectors
+from trio_swap.config.session_ids import check_session_id_headers
 from trio_swap.config.sleep import check_sleep, check_sleep_ttl
 from trio_swap.config.store import check_store
+from trio_swap.config.timeouts import check_timeouts
 from trio_swap.config.validate import (
     NOT_PRINTABLE,
     check_aliases,
@@ -204,6 +208,8 @@ class _Loader:
         settings = check_settings(raw_settings, doc)
         in_memory, store_path, store_rows = check_store(raw_settings, doc)
         resources = check_resources(raw_settings.resources, doc)
+        log_time_format, time_warnings = check_log_time_format(raw_settings.log_time_format, doc)
+        self.warnings.extend(time_warnings)
 
         expanded: dict[str, dict[str, object]] = {}
         for model_id, value in self._models(models_value).items():
@@ -238,6 +244,11 @@ class _Loader:
             if raw.sleep is not None:
                 sleep = check_sleep(model_config, raw.sleep, doc)
                 model_config = msgspec.structs.replace(model_config, sleep=sleep)
+            if raw.timeouts is not None:
+                timeouts = check_timeouts(raw.timeouts, ("models", model_id, "timeouts"), doc)
+                model_config = msgspec.structs.replace(model_config, timeouts=timeouts)
+            if raw.health_check_timeout is not None:
+                self.warnings.append(_per_model_health_check(model_id, doc))
             if raw.capabilities is not None:
                 caps, caps_warnings = check_capabilities(model_id, raw.capabilities, doc)
                 self.warnings.extend(caps_warnings)
@@ -267,6 +278,10 @@ class _Loader:
             start_port=settings.start_port,
             log_level=settings.log_level,
             log_to_stdout=settings.log_to_stdout,
+            log_time_format=log_time_format,
+            log_requests=raw_settings.log_requests,
+            session_id_headers=check_session_id_headers(raw_settings.ui, doc),
+            ignore_paths=check_ignore_paths(raw_settings.upstream, doc),
             routing=routing,
             preload=preload,
             api_keys=api_keys,
@@ -417,6 +432,14 @@ def _preload(value: object, models: dict[str, ModelConfig], doc: Document) -> tu
             raise doc.error(where, f"unknown model {name!r} (not an id or alias)")
         resolved[model] = None
     return tuple(resolved)
+
+
+def _per_model_health_check(model_id: str, doc: Document) -> tuple[int, str]:
+    """llama-swap reads ``models.<id>.healthCheckTimeout``, then uses the top-level one."""
+    return doc.warning(
+        ("models", model_id, "healthCheckTimeout"),
+        "has no effect, as in llama-swap (it uses the top-level healthCheckTimeout); set it there",
+    )
 
 
 def _close_match(key: str, known: AbstractSet[str]) -> str | None:

@@ -117,6 +117,35 @@ class Compat(msgspec.Struct, frozen=True, kw_only=True):
     ignore_websockets: bool = False
 
 
+#: ``ui.activity.session_id``'s default: request headers that carry a session id.
+DEFAULT_SESSION_ID_HEADERS: Final = ("X-Session-ID", "X-Litellm-Session-Id")
+#: ``upstream.ignorePaths``'s default (llama-swap's): static files never load a model.
+DEFAULT_IGNORE_PATHS: Final = (r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$",)
+
+
+@final
+class UpstreamTimeouts(msgspec.Struct, frozen=True, kw_only=True):
+    """``timeouts:``: llama-swap's Go transport knobs, in seconds; 0 is no limit.
+
+    Defaults are llama-swap's. trio-swap's upstream client applies ``connect``,
+    ``tls_handshake``, ``response_header``, ``idle_conn`` and ``keepalive``
+    (docs/configuration.md#timeouts); ``expect_continue`` has no effect.
+    """
+
+    #: Opening the TCP connection.
+    connect: float = 30.0
+    #: TCP keep-alive probe period on upstream connections.
+    keepalive: float = 30.0
+    #: From the request written to the response head (then 504).
+    response_header: float = 0.0
+    #: The TLS handshake of an ``https://`` proxy.
+    tls_handshake: float = 10.0
+    #: Go waits this long for ``100 Continue``; trio-swap never waits.
+    expect_continue: float = 1.0
+    #: Longest an idle keep-alive connection is kept (caps the server's own limit).
+    idle_conn: float = 90.0
+
+
 @final
 class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     """One model: how to start its server, reach it, and when to stop it."""
@@ -163,6 +192,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     sleep: SleepConfig | None = None
     #: What the model accepts and produces, for ``/v1/models`` (``capabilities:``).
     capabilities: Capabilities = msgspec.field(default_factory=Capabilities)
+    #: How its server is reached (``timeouts:``).
+    timeouts: UpstreamTimeouts = msgspec.field(default_factory=UpstreamTimeouts)
     #: llama-swap's ``compat:`` switches (``ignoreWebsockets``).
     compat: Compat = msgspec.field(default_factory=Compat)
 
@@ -357,6 +388,17 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "info"
     #: ``proxy`` | ``upstream`` | ``both`` | ``none``: what is echoed to stdout.
     log_to_stdout: str = "proxy"
+    #: ``logTimeFormat``: a :data:`trio_swap.gotime.LAYOUTS` name (lower case) for
+    #: log timestamps; "": trio-swap's own timestamps.
+    log_time_format: str = ""
+    #: ``logRequests``: one proxy log line per model-routed request.
+    log_requests: bool = False
+    #: ``ui.activity.session_id``: request headers whose value the activity log
+    #: records as the session id, first present wins; empty: none recorded.
+    session_id_headers: tuple[str, ...] = DEFAULT_SESSION_ID_HEADERS
+    #: ``upstream.ignorePaths``: regexes (Python ``re``, checked at load) over the
+    #: path after ``/upstream/<model>``; a match never loads the model (409).
+    ignore_paths: tuple[str, ...] = DEFAULT_IGNORE_PATHS
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     #: Models loaded at startup, in order, through the normal scheduling path.
     preload: tuple[str, ...] = ()

@@ -23,7 +23,11 @@ from trio_swap.config.model import (
     DEFAULT_SLEEP_TTL,
     DEFAULT_START_PORT,
     DEFAULT_UNLOAD_TIMEOUT,
+    UpstreamTimeouts,
 )
+
+#: llama-swap's defaults for ``timeouts:`` (models and peers), in seconds.
+_TIMEOUTS: Final = UpstreamTimeouts()
 
 #: A macro value: only scalars may be declared (lists and maps are errors).
 MacroValue = str | int | float | bool
@@ -80,6 +84,10 @@ class RawModel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     sleep: str | dict[str, object] | None = None
     #: ``in``, ``out``, ``tools``, ``reranker``, ``context`` (config/capabilities.py).
     capabilities: dict[str, object] | None = None
+    #: How the upstream is reached (config/timeouts.py); None: llama-swap's defaults.
+    timeouts: RawTimeouts | None = None
+    #: Read only to warn: llama-swap overwrites it with the top-level value.
+    health_check_timeout: float | None = msgspec.field(default=None, name="healthCheckTimeout")
     #: ``ignoreWebsockets`` (config/compat.py).
     compat: dict[str, object] | None = None
 
@@ -90,6 +98,42 @@ class RawPeerTimeouts(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     connect: float = DEFAULT_PEER_CONNECT_TIMEOUT
     #: 0: no limit (llama-swap's default for peers is 60).
     response_header: float = msgspec.field(default=0.0, name="responseHeader")
+    #: Checked (>= 0) but without effect on peers (docs/configuration.md#timeouts).
+    keepalive: float = _TIMEOUTS.keepalive
+    tls_handshake: float = msgspec.field(default=_TIMEOUTS.tls_handshake, name="tlsHandshake")
+    expect_continue: float = msgspec.field(default=_TIMEOUTS.expect_continue, name="expectContinue")
+    idle_conn: float = msgspec.field(default=_TIMEOUTS.idle_conn, name="idleConn")
+
+
+class RawTimeouts(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``models.<id>.timeouts`` as written, in seconds (llama-swap's Go transport knobs)."""
+
+    connect: float = _TIMEOUTS.connect
+    keepalive: float = _TIMEOUTS.keepalive
+    response_header: float = msgspec.field(default=_TIMEOUTS.response_header, name="responseHeader")
+    tls_handshake: float = msgspec.field(default=_TIMEOUTS.tls_handshake, name="tlsHandshake")
+    expect_continue: float = msgspec.field(default=_TIMEOUTS.expect_continue, name="expectContinue")
+    idle_conn: float = msgspec.field(default=_TIMEOUTS.idle_conn, name="idleConn")
+
+
+class RawUiActivity(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``ui.activity`` as written."""
+
+    #: Request headers holding a session id; None: the default pair, []: none.
+    session_id: list[str] | None = None
+
+
+class RawUi(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``ui:`` as written: what the web UI shows."""
+
+    activity: RawUiActivity | None = None
+
+
+class RawUpstream(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``upstream:`` as written: the ``/upstream/<model>/`` passthrough."""
+
+    #: Regexes over the path after the model; empty: llama-swap's default one.
+    ignore_paths: list[str] = msgspec.field(default_factory=list, name="ignorePaths")
 
 
 class RawPeer(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -151,6 +195,14 @@ class RawConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     unload_timeout: float = msgspec.field(default=DEFAULT_UNLOAD_TIMEOUT, name="unloadTimeout")
     log_level: str = msgspec.field(default="info", name="logLevel")
     log_to_stdout: str = msgspec.field(default="proxy", name="logToStdout")
+    #: A Go layout name (``rfc3339``, ``kitchen``...) for log timestamps (gotime.py).
+    log_time_format: str = msgspec.field(default="", name="logTimeFormat")
+    #: One proxy log line per model-routed request.
+    log_requests: bool = msgspec.field(default=False, name="logRequests")
+    #: ``ui.activity.session_id`` (config/session_ids.py).
+    ui: RawUi | None = None
+    #: ``upstream.ignorePaths`` (config/ignore_paths.py).
+    upstream: RawUpstream | None = None
     send_loading_state: bool = msgspec.field(default=False, name="sendLoadingState")
     #: A plain string opens everything; a mapping is a scoped key.
     api_keys: list[str | RawApiKey] = msgspec.field(default_factory=list, name="apiKeys")
@@ -198,32 +250,17 @@ PERFORMANCE_KEYS: Final = _keys(RawPerformance)
 
 #: llama-swap top-level keys trio-swap does not implement yet, with a hint for
 #: the warning. Remove a key from here when support lands in RawConfig.
-LLAMA_SWAP_ONLY_TOP_KEYS: Final[dict[str, str]] = {
-    "logRequests": "",
-    "logTimeFormat": "",
-    "ui": "",
-    "upstream": "",
-}
+LLAMA_SWAP_ONLY_TOP_KEYS: Final[dict[str, str]] = {}
 
 #: llama-swap per-model keys trio-swap does not implement yet.
-LLAMA_SWAP_ONLY_MODEL_KEYS: Final[dict[str, str]] = {
-    # llama-swap overwrites it with the global value, so it never did anything.
-    "healthCheckTimeout": "set healthCheckTimeout at the top level",
-    "timeouts": "",
-}
+LLAMA_SWAP_ONLY_MODEL_KEYS: Final[dict[str, str]] = {}
 
 
 #: llama-swap per-peer keys trio-swap does not implement yet.
 LLAMA_SWAP_ONLY_PEER_KEYS: Final[dict[str, str]] = {}
 
-#: llama-swap ``peers.<id>.timeouts`` keys trio-swap does not implement (Go
-#: ``http.Transport`` knobs with no httpx counterpart).
-LLAMA_SWAP_ONLY_PEER_TIMEOUT_KEYS: Final[dict[str, str]] = {
-    "expectContinue": "",
-    "idleConn": "",
-    "keepalive": "",
-    "tlsHandshake": "it is part of 'connect'",
-}
+#: llama-swap ``peers.<id>.timeouts`` keys trio-swap does not implement yet.
+LLAMA_SWAP_ONLY_PEER_TIMEOUT_KEYS: Final[dict[str, str]] = {}
 
 
 def _schema_hook(kind: type) -> dict[str, object]:

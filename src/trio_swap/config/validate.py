@@ -36,6 +36,7 @@ from trio_swap.config.schema import (
     RawModel,
     RawPeer,
 )
+from trio_swap.config.timeouts import check_peer_timeouts
 from trio_swap.config.yamlsource import Document, KeyPath, type_name
 
 LOG_LEVELS: Final = ("debug", "info", "warn", "error")
@@ -391,6 +392,7 @@ def check_peers(
         header = _finite(raw.timeouts.response_header, header_path, doc)
         if header < 0:
             raise doc.error(header_path, f"must be >= 0 (got {_show(header)}); 0 = no limit")
+        check_peer_timeouts(raw.timeouts, (*path, "timeouts"), doc)
         peers[peer_id] = PeerConfig(
             id=peer_id,
             proxy=proxy,

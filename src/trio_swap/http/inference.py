@@ -41,7 +41,7 @@ from hypercorn.typing import (
     Scope,
 )
 
-from trio_swap.config.model import Config
+from trio_swap.config.model import Config, UpstreamTimeouts
 from trio_swap.errors import (
     BodyTooLarge,
     ErrorStyle,
@@ -52,6 +52,7 @@ from trio_swap.errors import (
 )
 from trio_swap.http.grants import target_refusal
 from trio_swap.http.loading import CHAT_COMPLETIONS, LoadingProgress
+from trio_swap.http.passthrough import ignored_path_refusal
 from trio_swap.http.peers import PeerForwarder
 from trio_swap.http.quart_shim import shield_last_send
 from trio_swap.http.relay import (
@@ -224,6 +225,16 @@ class InferenceRoutes:
                 await _send_redirect(send, resolved)
             case Outbound(target=LocalModel(id=model_id)):
                 record.routed(model_id, None)
+                ignored = ignored_path_refusal(  # upstream.ignorePaths: 409, no load
+                    scope["path"],
+                    resolved.path,
+                    model_id,
+                    self._config.ignore_paths,
+                    self._router.is_ready,
+                )
+                if ignored is not None:
+                    await _send_error(send, ignored, scope)
+                    return
                 await while_connected(
                     receive, self._exchange, resolved, model_id, scope, send, record
                 )
@@ -287,6 +298,7 @@ class InferenceRoutes:
                     headers=forward_header_bytes(scope["headers"]),
                     body=outbound.body,
                     model=model_id,
+                    timeouts=self._timeouts(model_id),
                 )
                 record.upstream_answered()
             except SwapError as error:
@@ -309,6 +321,11 @@ class InferenceRoutes:
                     lease = progress.lease  # granted, but the handler was cancelled first
                 if lease is not None:
                     self._router.release(lease)
+
+    def _timeouts(self, model_id: str) -> UpstreamTimeouts | None:
+        """The model's ``timeouts:`` (None once a reload removed it: client defaults)."""
+        model = self._config.models.get(model_id)
+        return model.timeouts if model is not None else None
 
     async def _read_body(self, scope: HTTPScope, receive: ASGIReceiveCallable) -> bytes:
         for name, value in scope["headers"]:

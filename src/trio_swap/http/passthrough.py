@@ -7,18 +7,31 @@ thousands of segments cost time quadratic in its length: seconds for one
 60 KB request line).
 The rest is forwarded with the client's own escaping, but it may not climb out
 of the upstream's base URL: a ``.`` or ``..`` segment (``%2e`` included) is refused.
+
+A passthrough request loads its model like any other, except where the rest
+matches ``upstream.ignorePaths`` (by default static files: ``.js``, ``.png``,
+``.ico``...) while the model is not ready: that is a 409 and nothing loads
+(:func:`ignored_path_refusal`), so a browser fetching a page's favicon after
+the model was unloaded does not start it again.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final, final
 from urllib.parse import unquote
 
-from trio_swap.errors import BadRequest, Forbidden, ModelNotFound
+from trio_swap.errors import BadRequest, Forbidden, ModelNotFound, SwapError
 
-__all__ = ["CONTROL_ENDPOINTS", "MAX_NAME_SEGMENTS", "PassthroughTarget", "split_passthrough"]
+__all__ = [
+    "CONTROL_ENDPOINTS",
+    "MAX_NAME_SEGMENTS",
+    "PassthroughTarget",
+    "PathNotLoading",
+    "ignored_path_refusal",
+    "split_passthrough",
+]
 
 PREFIX: Final = b"/upstream/"
 #: Most leading segments a model name may span (``peer/org/model`` spans three).
@@ -99,3 +112,39 @@ def _refuse_control(decoded: list[str]) -> None:
             f"/{pieces[0]} controls the model's server itself (sleep, wake, weights): "
             "only trio-swap calls it"
         )
+
+
+class PathNotLoading(SwapError):
+    """409: a path of ``upstream.ignorePaths`` never loads its model (llama-swap's rule)."""
+
+    status = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+    def __init__(self, model: str, path: str) -> None:
+        super().__init__(
+            f"model {model!r} is not loaded, and {path!r} matches upstream.ignorePaths, "
+            "which never loads a model; load it first (GET /upstream/<model>/)"
+        )
+        self.model = model
+
+
+def ignored_path_refusal(
+    request_path: str,
+    rest: bytes,
+    model: str,
+    patterns: Sequence[str],
+    is_ready: Callable[[str], bool],
+) -> PathNotLoading | None:
+    """The 409 for a passthrough request that must not load ``model``, or None.
+
+    ``request_path`` is the client's (only ``/upstream/...`` ones are checked),
+    ``rest`` the raw path after the model. The patterns search the decoded
+    rest, as llama-swap's RE2 ``MatchString`` does; ``re`` caches them compiled.
+    """
+    if not request_path.startswith("/upstream/") or is_ready(model):
+        return None
+    path = unquote(rest.decode("latin-1"), errors="replace")
+    if any(re.search(pattern, path) for pattern in patterns):
+        return PathNotLoading(model, path)
+    return None

@@ -34,12 +34,20 @@ close for idleness.
   :meth:`UpstreamClient.run`
   closes expired and half-closed idle connections every second, so none
   lingers in CLOSE-WAIT.
+
+A model's ``timeouts:`` (llama-swap's Go transport knobs; passed per request)
+bound the TCP connect (``connect``) and the TLS handshake (``tlsHandshake``)
+separately, set TCP keep-alive probes (``keepalive``), cap how long an idle
+connection is kept (``idleConn``) and, when ``responseHeader`` is set, turn a
+response head that does not arrive in time into a 504 (:class:`UpstreamTimeout`).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import select
+import socket
 import ssl
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -49,6 +57,7 @@ import h11
 import trio
 
 from trio_swap.config.address import Upstream
+from trio_swap.config.model import UpstreamTimeouts
 from trio_swap.errors import UpstreamFailed
 from trio_swap.observe.hooks import ProcessHooks
 from trio_swap.reasons import StopReason
@@ -59,6 +68,7 @@ __all__ = [
     "Upstream",
     "UpstreamClient",
     "UpstreamResponse",
+    "UpstreamTimeout",
 ]
 
 _READ_SIZE: Final = 256 * 1024
@@ -79,19 +89,30 @@ _KEEP_ALIVE_TIMEOUT = re.compile(rb"timeout\s*=\s*(\d{1,9})", re.IGNORECASE)
 _Address = tuple[str, int]
 
 
+class UpstreamTimeout(UpstreamFailed):
+    """504: the upstream sent no response head within the model's ``timeouts.responseHeader``."""
+
+    status = 504
+    code = "gateway_timeout"
+
+
 @final
 class _Connection:
-    __slots__ = ("expiry", "generation", "h11", "idle_since", "reused", "stream")
+    __slots__ = ("expiry", "generation", "h11", "idle_cap", "idle_since", "reused", "stream")
 
-    def __init__(self, stream: trio.abc.Stream, generation: int) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, generation: int, idle_cap: float = math.inf
+    ) -> None:
         self.stream = stream
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
         self.reused = False
         #: The process generation of its address when it was opened (see ``retire``).
         self.generation = generation
+        #: The longest it may stay idle whatever the server says (``timeouts.idleConn``).
+        self.idle_cap = idle_cap
         #: Seconds it may stay idle (learned from the server's Keep-Alive header).
-        self.expiry = DEFAULT_IDLE_EXPIRY
+        self.expiry = min(DEFAULT_IDLE_EXPIRY, idle_cap)
 
     def learn(self, headers: Sequence[tuple[bytes, bytes]]) -> None:
         """Read the server's ``Keep-Alive`` header after a response."""
@@ -100,7 +121,7 @@ class _Connection:
                 continue
             found = _KEEP_ALIVE_TIMEOUT.search(value)
             if found is not None:
-                self.expiry = max(0.0, int(found[1]) - _EXPIRY_MARGIN)
+                self.expiry = min(max(0.0, int(found[1]) - _EXPIRY_MARGIN), self.idle_cap)
 
 
 @final
@@ -253,11 +274,15 @@ class UpstreamClient:
         headers: Sequence[tuple[bytes, bytes]],
         body: bytes | Sequence[bytes | memoryview],
         model: str,
+        timeouts: UpstreamTimeouts | None = None,
     ) -> UpstreamResponse:
         """Send one request and return once the response head is in.
 
+        ``timeouts``: the model's ``timeouts:``; None: only the client's connect timeout.
+
         Raises:
             UpstreamFailed: could not connect, or no response head arrived.
+            UpstreamTimeout: no response head within ``timeouts.response_header``.
         """
         request = h11.Request(
             method=method,
@@ -271,7 +296,9 @@ class UpstreamClient:
         for attempt in (1, 2):
             # A retry always dials: the idle connections were opened to the same
             # server as the one that just failed, and are most likely dead too.
-            connection = await self._checkout(upstream, model, reuse=attempt == 1)
+            connection = await self._checkout(
+                upstream, model, reuse=attempt == 1, timeouts=timeouts
+            )
             try:
                 await self._write(connection, request, body)
             except (trio.BrokenResourceError, OSError, h11.ProtocolError) as exc:
@@ -284,8 +311,18 @@ class UpstreamClient:
             except BaseException:
                 await self._discard(connection)
                 raise
+            wait = timeouts.response_header if timeouts is not None else 0.0
             try:
-                head = await self._read_head(connection)
+                if wait > 0:
+                    with trio.fail_after(wait):
+                        head = await self._read_head(connection)
+                else:
+                    head = await self._read_head(connection)
+            except trio.TooSlowError as exc:
+                await self._discard(connection)
+                raise UpstreamTimeout(
+                    model, f"no response headers within {wait:g}s (timeouts.responseHeader)"
+                ) from exc
             except (trio.BrokenResourceError, OSError, h11.ProtocolError, _EarlyClose) as exc:
                 # The request went out: the server may be working on it. Never send
                 # it twice (a generation is not idempotent); report the failure.
@@ -341,7 +378,14 @@ class UpstreamClient:
         while idle:
             await self._discard(idle.pop())
 
-    async def _checkout(self, upstream: Upstream, model: str, *, reuse: bool) -> _Connection:
+    async def _checkout(
+        self,
+        upstream: Upstream,
+        model: str,
+        *,
+        reuse: bool,
+        timeouts: UpstreamTimeouts | None = None,
+    ) -> _Connection:
         address = (upstream.host, upstream.port)
         idle = self._idle.get(address, [])
         now = trio.current_time()
@@ -355,24 +399,57 @@ class UpstreamClient:
             _close_now(connection)
         # Read before dialling: a retire() while we connect makes this connection old.
         generation = self._generation[address]
+        if timeouts is None:
+            return _Connection(await self._dial(upstream, model), generation)
+        connect = timeouts.connect or math.inf  # 0: no limit, as in Go
+        handshake = timeouts.tls_handshake or math.inf
+        stream = await self._dial(upstream, model, connect=connect, handshake=handshake)
+        if timeouts.keepalive > 0:
+            _keep_alive(stream, timeouts.keepalive)
+        return _Connection(stream, generation, timeouts.idle_conn or math.inf)
+
+    async def _dial(
+        self,
+        upstream: Upstream,
+        model: str,
+        *,
+        connect: float | None = None,
+        handshake: float | None = None,
+    ) -> trio.abc.Stream:
+        """A new connection; without ``handshake``, ``connect`` (default: the client's
+        connect timeout) bounds the TCP connect and the TLS handshake together."""
+        connect = self._connect_timeout if connect is None else connect
+        step = "connect"
         try:
-            with trio.fail_after(self._connect_timeout):
+            with trio.fail_after(connect):
                 stream: trio.abc.Stream = await trio.open_tcp_stream(upstream.host, upstream.port)
-                if upstream.tls:
-                    if self._ssl is None:
-                        self._ssl = ssl.create_default_context()
-                    tls = trio.SSLStream(stream, self._ssl, server_hostname=upstream.host)
-                    await tls.do_handshake()
-                    stream = tls
+                if upstream.tls and handshake is None:
+                    return await self._handshake(stream, upstream)
+            if upstream.tls:
+                step = "TLS handshake"
+                with trio.fail_after(handshake or math.inf):
+                    return await self._handshake(stream, upstream)
+            return stream
         except trio.TooSlowError as exc:
-            raise UpstreamFailed(
-                model, f"connect timed out after {self._connect_timeout:g}s"
-            ) from exc
+            limit = connect if step == "connect" else handshake
+            raise UpstreamFailed(model, f"{step} timed out after {limit:g}s") from exc
         except OSError as exc:
             raise UpstreamFailed(
                 model, f"cannot connect to {upstream.host}:{upstream.port}: {exc}"
             ) from exc
-        return _Connection(stream, generation)
+
+    async def _handshake(
+        self, stream: trio.abc.Stream, upstream: Upstream
+    ) -> trio.SSLStream[trio.abc.Stream]:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        tls = trio.SSLStream(stream, self._ssl, server_hostname=upstream.host)
+        try:
+            await tls.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return tls
 
     async def _release(self, upstream: Upstream, connection: _Connection) -> None:
         address = (upstream.host, upstream.port)
@@ -413,6 +490,18 @@ def _reusable(connection: _Connection, now: float) -> bool:
     if now - connection.idle_since >= connection.expiry:
         return False
     return _still_open(connection.stream)
+
+
+def _keep_alive(stream: trio.abc.Stream, period: float) -> None:
+    """TCP keep-alive probes every ``period`` seconds, as Go's dialer ``KeepAlive`` does."""
+    inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if not isinstance(inner, trio.SocketStream):
+        return
+    seconds = max(1, round(period))
+    inner.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option in ("TCP_KEEPIDLE", "TCP_KEEPINTVL"):  # Linux; macOS has TCP_KEEPALIVE
+        if hasattr(socket, option):
+            inner.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), seconds)
 
 
 def _close_now(connection: _Connection) -> None:

@@ -74,6 +74,9 @@ class ActivityRow(msgspec.Struct, kw_only=True):
     #: The ``name`` of the API key the request came with (never the key); None: no
     #: ``apiKeys``, or a request refused before its key was known.
     key_name: str | None = None
+    #: The request's session id, from the first ``ui.activity.session_id`` header
+    #: it carried (observe/session.py); None: none of them.
+    session_id: str | None = None
     #: Whether ``GET /api/captures/<id>`` has this request (not stored: captures
     #: live in memory, and the oldest are evicted).
     has_capture: bool = False
@@ -110,13 +113,14 @@ CREATE TABLE IF NOT EXISTS activity (
     prompt_per_second REAL,
     tokens_per_second REAL,
     error TEXT,
-    key_name TEXT
+    key_name TEXT,
+    session_id TEXT
 );
 CREATE INDEX IF NOT EXISTS activity_model ON activity (model, id);
 """
 #: Columns added after the first release, with their SQL type: a file written by an
 #: older trio-swap gets them on open (its rows read them as NULL).
-_ADDED_COLUMNS: Final = {"key_name": "TEXT"}
+_ADDED_COLUMNS: Final = {"key_name": "TEXT", "session_id": "TEXT"}
 _INSERT: Final = (
     f"INSERT INTO activity ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 )

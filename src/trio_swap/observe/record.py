@@ -31,6 +31,7 @@ from trio_swap.observe import usage as parse
 from trio_swap.observe.activity import ActivityLog, ActivityRow
 from trio_swap.observe.captures import CaptureDraft, CaptureStore
 from trio_swap.observe.metrics import Metrics
+from trio_swap.observe.session import session_id_of
 
 __all__ = ["Observer", "RequestRecord"]
 
@@ -67,6 +68,7 @@ class RequestRecord:
         "mode",
         "model",
         "path",
+        "session_id",
         "started",
         "status",
         "tail",
@@ -91,6 +93,8 @@ class RequestRecord:
         grant = grant_of(scope)
         #: The API key's name (``apiKeys``), never the key; None without keys.
         self.key_name = grant.name if grant is not None else None
+        #: From the ``ui.activity.session_id`` headers (set by :meth:`Observer.begin`).
+        self.session_id: str | None = None
         self.status = CLIENT_GONE
         self.mode = _OFF
         self.kept: list[bytes] = []
@@ -175,6 +179,12 @@ def _mode(headers: Iterable[tuple[bytes, bytes]]) -> int:
 class Observer:
     """Turns finished requests into metrics and activity rows; either may be absent."""
 
+    #: ``ui.activity.session_id`` as ASGI header names (observe/session.py); the
+    #: server sets it, and again on a reload.
+    session_headers: tuple[bytes, ...] = ()
+    #: ``logRequests``: one proxy log line per finished request.
+    log_requests: bool = False
+
     def __init__(
         self,
         metrics: Metrics | None = None,
@@ -192,7 +202,10 @@ class Observer:
     def begin(self, scope: HTTPScope, send: ASGISendCallable) -> RequestRecord:
         captures = self.captures
         draft = captures.begin(scope) if captures is not None and captures.enabled else None
-        return RequestRecord(scope, send, draft)
+        record = RequestRecord(scope, send, draft)
+        if self.session_headers:
+            record.session_id = session_id_of(scope["headers"], self.session_headers)
+        return record
 
     def finish(self, record: RequestRecord) -> None:
         """The handler returned (however it ended): count and log the request.
@@ -223,6 +236,16 @@ class Observer:
                 # Not reported: tokens over the time since forwarding (prompt included).
                 speed = usage.completion_tokens / max(ended - record.granted, 1e-6)
         stream = record.mode == _SSE
+        if self.log_requests:
+            log.info(
+                "request %s %s -> %d in %.0fms (model %s%s)",
+                record.method,
+                record.path,
+                record.status,
+                (ended - record.arrived) * 1000.0,
+                record.model or "-",
+                f", session {record.session_id}" if record.session_id else "",
+            )
         metrics = self.metrics
         if metrics is not None:
             metrics.request_done(record.model, record.endpoint, record.status, wait, latency)
@@ -250,6 +273,7 @@ class Observer:
                     # An error body, or an error event in a stream (a 200 that broke).
                     error=usage.error if usage and (record.status >= 400 or stream) else None,
                     key_name=record.key_name,
+                    session_id=record.session_id,
                 )
             )
             if record.capture is not None:

@@ -2,7 +2,9 @@
 
 :class:`ProxyLogCapture` puts one handler on the ``trio_swap`` logger for the
 lifetime of :func:`trio_swap.server.serve`. Each record becomes a line
-``2025-01-31 12:00:00 [INFO] message`` (a traceback adds more lines).
+``2025-01-31 12:00:00 [INFO] message`` (a traceback adds more lines); with
+``logTimeFormat`` the timestamp is in that Go layout instead
+(:func:`proxy_formatter`; the console's lines too, set up by the CLI).
 
 The configured ``logLevel`` decides what the proxy log keeps, whatever the
 console shows: with ``logToStdout: none`` the CLI raises the root logger to
@@ -20,15 +22,17 @@ rings and their followers belong to the trio thread.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from typing import Final, final
 
 import trio
 
+from trio_swap.gotime import format_time, layout_of
 from trio_swap.upstream.logs import LogRing
 
-__all__ = ["LEVELS", "ProxyLogCapture", "proxy_formatter"]
+__all__ = ["LEVELS", "LayoutFormatter", "ProxyLogCapture", "proxy_formatter"]
 
 LOGGER_NAME: Final = "trio_swap"
 #: ``logLevel`` values (config) to :mod:`logging` levels.
@@ -41,15 +45,37 @@ LEVELS: Final = {
 }
 
 
-def proxy_formatter() -> logging.Formatter:
-    return logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+#: Every trio-swap log line: the timestamp, the level, the message.
+LINE_FORMAT: Final = "%(asctime)s [%(levelname)s] %(message)s"
+
+
+@final
+class LayoutFormatter(logging.Formatter):
+    """:data:`LINE_FORMAT` with the timestamp in a ``logTimeFormat`` layout, or in
+    ``datefmt`` (strftime) when ``time_format`` names none."""
+
+    def __init__(self, time_format: str, datefmt: str) -> None:
+        super().__init__(LINE_FORMAT, datefmt)
+        self.layout = layout_of(time_format) if time_format else None
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if self.layout is None:
+            return super().formatTime(record, datefmt)
+        return format_time(self.layout, record.created)
+
+
+@functools.cache
+def proxy_formatter(time_format: str = "") -> logging.Formatter:
+    """The proxy log's formatter for a ``logTimeFormat`` name ("": the default timestamp)."""
+    return LayoutFormatter(time_format, "%Y-%m-%d %H:%M:%S")
 
 
 @final
 class _Sink:
-    def __init__(self, ring: LogRing, level: int) -> None:
+    def __init__(self, ring: LogRing, level: int, time_format: str) -> None:
         self.ring = ring
         self.level = level
+        self.formatter = proxy_formatter(time_format)
         self.token = trio.lowlevel.current_trio_token()
         self.thread = threading.get_ident()
 
@@ -71,7 +97,6 @@ class _Hub(logging.Handler):
 
     def __init__(self, logger: logging.Logger) -> None:
         super().__init__(logging.NOTSET)
-        self.setFormatter(proxy_formatter())
         self.logger = logger
         self.sinks: tuple[_Sink, ...] = ()
         # The logger's own settings before the first capture, restored after the last.
@@ -93,13 +118,17 @@ class _Hub(logging.Handler):
         sinks = self.sinks
         wanted = [sink for sink in sinks if record.levelno >= sink.level]
         if wanted:
+            # Each capture may have its own logTimeFormat: format once per formatter.
+            formatted: dict[logging.Formatter, list[str]] = {}
             try:
-                lines = self.format(record).splitlines() or [""]
+                for sink in wanted:
+                    lines = formatted.get(sink.formatter)
+                    if lines is None:
+                        lines = sink.formatter.format(record).splitlines() or [""]
+                        formatted[sink.formatter] = lines
+                    sink.put(lines)
             except Exception:
                 self.handleError(record)
-            else:
-                for sink in wanted:
-                    sink.put(lines)
         if self.saved_propagate and self._was_enabled(record):
             self._propagate(record)
 
@@ -140,16 +169,20 @@ class ProxyLogCapture:
     installed at once (e.g. two servers in one test process), each with its own ring.
     """
 
-    def __init__(self, ring: LogRing, level: str | int = logging.INFO) -> None:
+    def __init__(
+        self, ring: LogRing, level: str | int = logging.INFO, *, time_format: str = ""
+    ) -> None:
         self.ring = ring
         self.level = LEVELS.get(level.lower(), logging.INFO) if isinstance(level, str) else level
+        #: ``logTimeFormat``: a Go layout name for the timestamps; "": the default.
+        self.time_format = time_format
         self._sink: _Sink | None = None
 
     def install(self) -> None:
         global _hub
         if self._sink is not None:
             return
-        self._sink = _Sink(self.ring, self.level)
+        self._sink = _Sink(self.ring, self.level, self.time_format)
         if _hub is None:
             logger = logging.getLogger(LOGGER_NAME)
             _hub = _Hub(logger)

@@ -27,6 +27,14 @@ function statusCell(row) {
   );
 }
 
+/** The session id (ui.activity.session_id headers), shortened; the whole one on hover. */
+function sessionCell(row) {
+  const id = row.session_id;
+  if (!id) return h("td", { class: "mono", dataset: { field: "session_id" } }, h("span", { class: "muted" }, "–"));
+  const shown = id.length > 18 ? `${id.slice(0, 16)}…` : id;
+  return h("td", { class: "mono", title: id, dataset: { field: "session_id" } }, shown);
+}
+
 function rowElement(row, open) {
   const capture = row.has_capture
     ? h("button", { type: "button", class: "link", title: "the request and response as captured", onclick: () => open(row.id) }, "view")
@@ -42,6 +50,7 @@ function rowElement(row, open) {
     h("td", { class: "num", title: "queueing and loading before the request was forwarded" }, millis(row.wait_ms)),
     h("td", { class: "num" }, tokens(row)),
     h("td", { class: "num", dataset: { field: "tokens_per_second" } }, number(row.tokens_per_second, 1)),
+    sessionCell(row),
     h("td", { class: "actions", dataset: { field: "capture" } }, capture),
   );
 }
@@ -146,6 +155,7 @@ export function mount(root) {
             h("th", { class: "num" }, "Wait"),
             h("th", { class: "num", title: "prompt → generated" }, "Tokens"),
             h("th", { class: "num" }, "Tokens/s"),
+            h("th", { title: "the request's session id header (ui.activity.session_id)" }, "Session"),
             h("th", { class: "actions", title: "the request and response, as captured (captureBuffer)" }, "Capture"),
           ),
         ),
