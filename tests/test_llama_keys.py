@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import socket
+import sqlite3
 import textwrap
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from trio_swap.config.model import (
 from trio_swap.gotime import LAYOUTS, format_time, layout_of
 from trio_swap.http.passthrough import PathNotLoading, ignored_path_refusal
 from trio_swap.http.upstream_client import _Connection, _keep_alive
+from trio_swap.observe.activity import ActivityLog, ActivityRow
 from trio_swap.observe.session import MAX_SESSION_ID, header_names, session_id_of
 from trio_swap.upstream.logs import LogRing
 from trio_swap.upstream.proxy_log import LayoutFormatter, ProxyLogCapture
@@ -460,3 +462,40 @@ def test_a_config_with_every_llama_swap_key_has_no_unsupported_key(
     assert config.peers["openrouter"].response_header_timeout == 60
     assert set(config.selectors) == {"chat"}
     assert set(config.profiles) == {"fast"}
+
+
+# --- the activity file gains the session_id column --------------------------------------
+
+
+async def test_an_older_activity_file_gets_the_session_id_column(tmp_path: Path) -> None:
+    path = tmp_path / "activity.db"
+    with sqlite3.connect(path) as db:  # a file written before session ids were kept
+        db.execute(
+            "CREATE TABLE activity (id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, "
+            "model TEXT NOT NULL, endpoint TEXT NOT NULL, method TEXT NOT NULL, "
+            "status INTEGER NOT NULL, duration_ms REAL NOT NULL, wait_ms REAL, "
+            "upstream_ms REAL, stream INTEGER NOT NULL, prompt_tokens INTEGER, "
+            "completion_tokens INTEGER, cached_tokens INTEGER, prompt_per_second REAL, "
+            "tokens_per_second REAL, error TEXT, key_name TEXT)"
+        )
+        db.execute(
+            "INSERT INTO activity (time, model, endpoint, method, status, duration_ms, stream) "
+            "VALUES (1, 'old', '/v1/completions', 'POST', 200, 5, 0)"
+        )
+    log = ActivityLog(str(path))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        log.add(
+            ActivityRow(
+                time=2,
+                model="new",
+                endpoint="/v1/completions",
+                method="POST",
+                status=200,
+                duration_ms=1,
+                session_id="conv-1",
+            )
+        )
+        page = await log.page(limit=10)
+        nursery.cancel_scope.cancel()
+    assert [(row.model, row.session_id) for row in page.data] == [("new", "conv-1"), ("old", None)]
