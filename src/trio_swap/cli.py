@@ -33,6 +33,8 @@ for different models.
   trio-swap check --config config.yaml     validate a config file (exit 2 if invalid)
   trio-swap plan --config config.yaml --running a,b --request c
                                            what a request for c would stop, and why
+  trio-swap gateway-config --node http://gpu1:8080 --node http://gpu2:8080
+                                           a LiteLLM config in front of several nodes
 """
 
 
@@ -161,6 +163,34 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print a JSON Schema of the config file format to stdout.",
     )
 
+    gateway = commands.add_parser(
+        "gateway-config",
+        help="print a LiteLLM proxy config for these trio-swap nodes (docs/scaling.md)",
+        description=(
+            "Read each node's /v1/models and print a LiteLLM proxy config: one deployment "
+            "per (model, node), so a model served by several nodes is load-balanced and "
+            "failed over. Peer and profile entries are left out."
+        ),
+    )
+    gateway.add_argument(
+        "--node",
+        action="append",
+        required=True,
+        metavar="URL",
+        help="a trio-swap node's base URL (http://10.0.0.2:8080); repeat for each node",
+    )
+    gateway.add_argument("--format", choices=("litellm",), default="litellm")
+    key = gateway.add_mutually_exclusive_group()
+    key.add_argument(
+        "--api-key", metavar="KEY", help="the nodes' API key (written into the config as is)"
+    )
+    key.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        help="read the nodes' API key from $NAME and write os.environ/NAME into the config, "
+        "so the key stays out of the file",
+    )
+
     commands.add_parser(
         "responder",
         help="run the built-in OpenAI-compatible test upstream (see `trio-swap responder -h`)",
@@ -212,6 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(sources, args.format)
     if args.command == "plan":
         return _plan(args)
+    if args.command == "gateway-config":
+        from trio_swap.gateway import main as gateway_main
+
+        return gateway_main(args.node, args.api_key, args.api_key_env)
     if args.command == "schema":
         import msgspec
 
