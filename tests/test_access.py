@@ -427,31 +427,71 @@ async def test_a_401_leaves_the_connection_usable() -> None:
             assert accepted.json()["body"] == "y" * 1000
 
 
+class _HugeBody:
+    """A 4 MiB chunked body (a class, not an async generator: httpx stops reading it when
+    the refusal arrives, and an unfinished generator warns when it is collected)."""
+
+    def __init__(self) -> None:
+        self.left = 64
+
+    def __aiter__(self) -> _HugeBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self.left:
+            raise StopAsyncIteration
+        self.left -= 1
+        return b"z" * 65536
+
+
 async def test_a_401_to_a_huge_body_closes_the_connection() -> None:
     """Past 256 KiB the body is not read: the 401 says Connection: close, nothing breaks."""
-
-    async def huge() -> AsyncIterator[bytes]:
-        for _ in range(64):
-            yield b"z" * 65536
-
     async with guarded() as (client, _):
         for _ in range(3):
-            refused = await client.post("/v1/chat/completions", content=huge())
+            refused = await client.post("/v1/chat/completions", content=_HugeBody())
             assert_401(refused, NO_KEY)
             assert refused.headers["connection"] == "close"
             accepted = await client.get("/v1/models", headers={"x-api-key": "key-one"})
             assert accepted.status_code == 200
 
 
-async def _websocket_handshake(url: str, path: str, extra: str = "") -> str:
+async def test_a_refusal_reads_no_body_that_is_declared_huge_or_awaits_100_continue() -> None:
+    """A body the client only announces (a large Content-Length, or Expect:
+    100-continue) is never waited for: the refusal comes at once, with Connection:
+    close, though the client sends no body."""
+    async with guarded() as (client, echo):
+        url = httpx.URL(str(client.base_url))
+        assert url.port is not None
+        for extra in (
+            b"Content-Length: 999999999\r\n",
+            b"Expect: 100-continue\r\nContent-Length: 10\r\n",
+        ):
+            stream = await trio.open_tcp_stream(url.host, url.port)
+            async with stream:
+                await stream.send_all(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n" + extra + b"\r\n"
+                )
+                answer = b""
+                while chunk := await stream.receive_some(65536):
+                    answer += chunk
+            final = answer[answer.rfind(b"HTTP/1.1 ") :]  # after hypercorn's own 100
+            assert final.startswith(b"HTTP/1.1 401"), answer
+            assert b"connection: close" in final.lower(), answer
+        assert echo.seen == []
+
+
+async def _websocket_handshake(
+    url: str, path: str, extra: str = "", *, host_header: str | None = None
+) -> str:
     """Send a websocket upgrade by hand; the server's response head."""
     host, port = httpx.URL(url).host, httpx.URL(url).port
     assert port is not None
     stream = await trio.open_tcp_stream(host, port)
+    authority = host_header if host_header is not None else f"{host}:{port}"
     async with stream:
         await stream.send_all(
             (
-                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                f"GET {path} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\n"
                 "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                 f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
             ).encode()
@@ -472,27 +512,46 @@ def _complete(response: bytes) -> bool:
     return length is None or len(body) >= int(length.group(1))
 
 
-async def test_websockets_are_refused_after_the_key_check_and_lifespan_passes_through() -> None:
-    """No websocket endpoint exists: a missing key is still a 401, a valid one gets 400."""
+async def test_websockets_pass_the_key_check_and_only_model_routes_go_on() -> None:
+    """A missing key is a 401; with a valid one a model route's upgrade reaches the inner
+    app (the websocket proxy), any other path gets 400. Lifespan passes through."""
     async with guarded() as (client, echo):
         url = str(client.base_url)
         refused = await _websocket_handshake(url, "/upstream/A/ws")
         assert refused.startswith("HTTP/1.1 401"), refused
         assert 'www-authenticate: basic realm="trio-swap"' in refused.lower()
         keyed = await _websocket_handshake(url, "/upstream/A/ws", "x-api-key: key-two\r\n")
-        assert keyed.startswith("HTTP/1.1 400"), keyed
-        assert NO_WEBSOCKETS in keyed
-        assert echo.seen == []
+        assert keyed.startswith("HTTP/1.1 101"), keyed
+        elsewhere = await _websocket_handshake(url, "/logs/stream", "x-api-key: key-two\r\n")
+        assert elsewhere.startswith("HTTP/1.1 400"), elsewhere
+        assert NO_WEBSOCKETS in elsewhere
+        assert echo.seen == ["websocket /upstream/A/ws"]
     assert echo.lifespan == ["lifespan.startup", "lifespan.shutdown"]
 
 
-async def test_websockets_are_refused_without_keys_too() -> None:
+async def test_websockets_without_keys_go_on_only_on_model_routes() -> None:
     """Regression: a websocket upgrade reached Quart, whose 404 handler raised (a 500)."""
-    async with serve_asgi(AccessControl(Echo())) as client:
-        for path in ("/v1/chat/completions", "/logs/stream", "/health"):
+    echo = Echo()
+    async with serve_asgi(AccessControl(echo)) as client:
+        for path in ("/logs/stream", "/health", "/api/events"):
             refused = await _websocket_handshake(str(client.base_url), path)
             assert refused.startswith("HTTP/1.1 400"), refused
             assert NO_WEBSOCKETS in refused
+        accepted = await _websocket_handshake(str(client.base_url), "/v1/chat/completions")
+        assert accepted.startswith("HTTP/1.1 101"), accepted
+    assert echo.seen == ["websocket /v1/chat/completions"]
+
+
+async def test_a_websocket_with_a_foreign_host_is_refused_before_the_key() -> None:
+    """DNS rebinding: a page's websocket carries the attacker's Host too."""
+    async with guarded() as (client, echo):
+        for extra in ("", "x-api-key: key-two\r\n"):
+            refused = await _websocket_handshake(
+                str(client.base_url), "/upstream/A/ws", extra, host_header="attacker.example:8080"
+            )
+            assert refused.startswith("HTTP/1.1 403"), refused
+            assert "host_not_allowed" in refused
+        assert echo.seen == []
 
 
 async def test_a_websocket_is_closed_with_1008_where_no_401_can_be_sent() -> None:

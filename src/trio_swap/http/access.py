@@ -442,9 +442,8 @@ async def _drain(scope: HTTPScope, receive: ASGIReceiveCallable) -> bool:
     connection without saying so, and the client's next request on it fails.
     Up to :data:`_DRAIN_LIMIT` is read (as Go's net/http does), beyond that the
     refusal says ``Connection: close``. Nothing is read when the request says
-    its body is larger, or waits for ``100 Continue`` before sending it (the
-    first read would invite the body; a client that never sends it would hold
-    the refusal).
+    its body is larger, or says ``Expect: 100-continue`` (such a client may hold
+    its body back, and the refusal with it, until it times out).
     """
     for name, value in scope["headers"]:
         if name == b"expect" and value.lower() == b"100-continue":
