@@ -13,6 +13,7 @@
        │                              (and /livez reads when the router last handled one)
        ├─ Notifier.publish_status()   STATUS= for `systemctl status` (only under systemd)
        ├─ Reloader.run()              config reloads asked for by SIGHUP and --watch-config
+       ├─ OrphanReaper.run()          as PID 1 (or a subreaper): reaps inherited orphans
        ├─ watch_config_file()         --watch-config: polls the file, asks for reloads
        └─ web nursery
           ├─ HttpServer.serve(app)    hypercorn, HTTP/1.1: AccessControl → InferenceRoutes →
@@ -68,6 +69,7 @@ from trio_swap.observe.session import header_names
 from trio_swap.observe.timeline import Timeline
 from trio_swap.observe.usage import Usage
 from trio_swap.policy import build_policy
+from trio_swap.reaper import OrphanReaper, should_reap
 from trio_swap.reload import Reloader, ReloadReport, ReloadUnavailable, watch_config_file
 from trio_swap.router import Router
 from trio_swap.systemd import Notifier, Watchdog, status_line
@@ -165,6 +167,7 @@ async def serve(
     state_dir: str | os.PathLike[str] | None = None,
     footprint: FootprintProbe | None = None,
     liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT,
+    reap_orphans: bool | None = None,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run trio-swap until SIGTERM/SIGINT (or :meth:`RunningServer.stop`).
@@ -178,7 +181,9 @@ async def serve(
     keeps it in memory only. ``footprint``: how a running model's memory is
     measured (a fake in tests; /proc and NVML by default). ``liveness_timeout``:
     how long the router may leave a tick unanswered before ``/livez`` answers
-    503 (systemd's ``WatchdogSec`` wins when set).
+    503 (systemd's ``WatchdogSec`` wins when set). ``reap_orphans``: reap the
+    zombies of orphans reparented to trio-swap (None: when it is PID 1 or a
+    child subreaper, where they end up; :mod:`trio_swap.reaper`).
 
     Shutdown has a hard deadline: requests get ``shutdown_timeout`` to finish,
     then every connection still open is cut, whatever its client does
@@ -280,6 +285,9 @@ async def serve(
             )
             processes = router.processes  # live: a reload adds to it and retires from it
             router_box.append(router)
+            if reap_orphans or (reap_orphans is None and should_reap()):
+                log.info("pid %d: reaping orphaned processes that end up here", os.getpid())
+                supervisors.start_soon(OrphanReaper().run)
             supervisors.start_soon(cache_disk.run)
             supervisors.start_soon(performance.run)
             metrics.watch(processes, router)
