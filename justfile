@@ -28,6 +28,12 @@ test-browser *args:
     {{venv}}/bin/pip install -e '.[browser]'
     {{python}} -m pytest -n 0 -m browser tests/browser {{args}}
 
+# gateway lane: a real LiteLLM proxy in front of two trio-swap nodes (docs/scaling.md; the extra is about 750 MB)
+test-gateway *args:
+    python3 -m venv {{venv}}
+    {{venv}}/bin/pip install -e '.[gateway]'
+    {{python}} -m pytest -n 0 -m gateway tests/gateway {{args}}
+
 # lint, format check and type check
 lint: setup
     {{venv}}/bin/ruff check src tests bench
