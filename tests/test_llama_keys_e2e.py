@@ -120,6 +120,24 @@ async def test_a_tls_handshake_that_never_ends_fails_after_tls_handshake() -> No
             assert "TLS handshake timed out after 1s" in response.json()["error"]["message"]
 
 
+async def test_a_server_that_does_not_speak_tls_is_a_502() -> None:
+    async def plain_http(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.receive_some(65536)  # the TLS ClientHello
+            await stream.send_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, plain_http, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        config = make_config(sleeper("tls", f"https://127.0.0.1:{port}", UpstreamTimeouts()))
+        async with running(config) as h:
+            response = await h.client.post(CHAT, json=chat("tls"))
+            assert response.status_code == 502
+            message = response.json()["error"]["message"]
+            assert f"cannot connect to 127.0.0.1:{port}: SSLError" in message
+        nursery.cancel_scope.cancel()
+
+
 async def test_default_timeouts_leave_a_normal_request_alone() -> None:
     config = make_config(responder_model("m", timeouts=UpstreamTimeouts(response_header=30)))
     async with running(config) as h:

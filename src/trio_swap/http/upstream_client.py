@@ -433,9 +433,10 @@ class UpstreamClient:
         except trio.TooSlowError as exc:
             limit = connect if step == "connect" else handshake
             raise UpstreamFailed(model, f"{step} timed out after {limit:g}s") from exc
-        except OSError as exc:
+        except (OSError, trio.BrokenResourceError) as exc:  # trio wraps a failed handshake
+            detail = exc if isinstance(exc, OSError) else _describe(exc.__cause__ or exc)
             raise UpstreamFailed(
-                model, f"cannot connect to {upstream.host}:{upstream.port}: {exc}"
+                model, f"cannot connect to {upstream.host}:{upstream.port}: {detail}"
             ) from exc
 
     async def _handshake(
