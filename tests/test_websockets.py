@@ -25,7 +25,15 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from tests.conftest import Harness, chat, make_config, responder_model, running, wait_for
+from tests.conftest import (
+    Harness,
+    chat,
+    free_port,
+    make_config,
+    responder_model,
+    running,
+    wait_for,
+)
 from trio_swap.config import ConfigError, load_config
 from trio_swap.config.compat import COMFYUI_MIN_CONCURRENCY
 from trio_swap.config.model import Compat, Config
@@ -228,6 +236,27 @@ async def test_websockets_pass_the_key_check(tmp_path: Path) -> None:
             assert seen["headers"]["authorization"] == "Bearer secret"  # as for HTTP
 
 
+async def test_a_peer_models_websocket_goes_to_the_peer_with_its_key(tmp_path: Path) -> None:
+    """The peer here is m's own server, named as a peer: no lease, the peer's apiKey."""
+    port = free_port()
+    config = config_of(
+        tmp_path,
+        f"models:\n  m:\n    cmd: {sys.executable} -m trio_swap responder --port {port}"
+        f" --model m\n    proxy: http://127.0.0.1:{port}\n"
+        f"peers:\n  far:\n    proxy: http://127.0.0.1:{port}\n    apiKey: peer-key\n"
+        "    models: [remote]\n",
+    )
+    async with running(config) as harness:
+        assert (await harness.client.post("/v1/chat/completions", json=chat("m"))).is_success
+        headers = [(b"x-api-key", b"client-key")]
+        async with socket(harness, "/upstream/far/remote/ws/echo", extra_headers=headers) as ws:
+            await ws.send_message("request")
+            seen = msgspec.json.decode(await ws.get_message())
+            assert seen["headers"]["authorization"] == "Bearer peer-key"
+            assert seen["headers"]["x-api-key"] == "peer-key"
+            assert await in_flight(harness) == 0  # a peer's socket takes no lease here
+
+
 # --- compat.ignoreWebsockets ------------------------------------------------------------
 
 
@@ -269,6 +298,24 @@ async def test_a_websocket_waits_for_its_model_like_any_request() -> None:
             nursery.start_soon(connect)
             await harness.wait_for_state("m", "starting")
         await wait_for(lambda: _is(in_flight(harness), 0), what="the lease released")
+
+
+async def test_a_client_that_leaves_during_the_load_withdraws_its_request() -> None:
+    slow = responder_model("m", "--startup-delay", "0.5")
+    async with running(make_config(slow)) as harness:
+        port = int(harness.server.url.rsplit(":", 1)[1])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(
+            b"GET /upstream/m/ws/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        await harness.wait_for_state("m", "starting")
+        await stream.aclose()  # gone before the model is ready
+        # Its request is withdrawn, like an HTTP client's: nobody wants the load any
+        # more, so it is stopped (llama-swap #727), and no lease was ever held.
+        await harness.wait_for_state("m", "stopped")
+        assert await in_flight(harness) == 0
 
 
 # --- config -----------------------------------------------------------------------------

@@ -295,7 +295,7 @@ async def _with_upstream(
         except* ConnectionRejected as group:
             refusal = cast(ConnectionRejected, group.exceptions[0])
     finally:
-        with trio.CancelScope(shield=True):
+        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):  # TLS may write a close_notify
             await stream.aclose()
     if refusal is not None:
         raise _Rejected(refusal.status_code, refusal.headers, refusal.body or b"")
@@ -348,7 +348,8 @@ async def _relay(
         relaying.cancel_scope.cancel(reason="upstream closed")
     if client_left:
         # hypercorn reports every client close as 1006: the client's code is unknown.
-        await upstream.aclose(1000)
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await upstream.aclose(1000)
 
 
 async def _client_to_upstream(upstream: WebSocketConnection, receive: ASGIReceiveCallable) -> None:
