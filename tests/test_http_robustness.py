@@ -870,11 +870,17 @@ _WEBSOCKET = (
 async def test_a_websocket_upgrade_gets_a_json_400_on_every_route(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Regression: a websocket to a path Quart does not know was a 500 with a traceback."""
-    paths = ["/v1/chat/completions", "/logs/stream", "/api/events", "/upstream/m/ws", "/nope"]
+    """Regression: a websocket to a path Quart does not know was a 500 with a traceback.
+
+    ``/v1/chat/completions`` takes websockets but names no model here (400);
+    ``/upstream/m/ws`` is proxied to m's server, which has no such route (its 404).
+    """
+    paths = ["/v1/chat/completions", "/logs/stream", "/api/events", "/nope"]
     cases = [
         case(f"websocket {path}", http_request("GET", path, headers=_WEBSOCKET)) for path in paths
     ]
+    upstream = http_request("GET", "/upstream/m/ws", headers=_WEBSOCKET)
+    cases.append(case("websocket /upstream/m/ws", upstream, 404))
     with trio.fail_after(TEST_LIMIT):
         async with serving(caplog) as served:
             await check_cases(served, cases)
