@@ -406,7 +406,9 @@ async def serve(
                 await supervisors.start(reloader.run)
                 if watch_config:
                     assert config_path is not None
-                    supervisors.start_soon(watch_config_file, config_path, reloader.request)
+                    # started once it has its first look: an edit made as soon as serve()
+                    # has started is a change (start_soon could take the edit as the baseline)
+                    await supervisors.start(watch_config_file, config_path, reloader.request)
                 if handle_signals:
                     stop_now = partial(_stop_now, http, supervisors.cancel_scope)
                     await supervisors.start(_watch_signals, server, stop_now)
