@@ -7,10 +7,10 @@ installs nothing itself. Everything listens on loopback.
 
 The cluster (docs/scaling.md):
 
-* node A serves ``alpha``, ``shared`` and ``flaky``;
+* node A serves ``alpha``, ``shared``, ``flaky`` and ``twin``;
 * node B serves ``beta`` (20 tokens a second), ``shared`` (as slow, one request
-  at a time: trio-swap answers 429 beyond it) and ``flaky``, but its ``flaky``
-  cannot start (the responder's ``--fail-start``: trio-swap answers 503);
+  at a time: trio-swap answers 429 beyond it), ``flaky``, which cannot start
+  there (the responder's ``--fail-start``: trio-swap answers 503), and ``twin``;
 * LiteLLM runs the config ``trio-swap gateway-config`` printed for A and B, as is.
 """
 
@@ -39,12 +39,12 @@ class Cluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     LiteLLM.executable()  # fail at once, with the install command, if it is missing
     directory = tmp_path_factory.mktemp("gateway")
-    a = Node("a", directory, {"alpha": [], "shared": [], "flaky": []})
+    a = Node("a", directory, {"alpha": [], "shared": [], "flaky": [], "twin": []})
     slow = ["--token-delay", "0.05"]  # 20 tokens a second
     b = Node(
         "b",
         directory,
-        {"beta": slow, "shared": slow, "flaky": ["--fail-start"]},
+        {"beta": slow, "shared": slow, "flaky": ["--fail-start"], "twin": []},
         {"shared": {"concurrencyLimit": 1}},
     )
     gateway: LiteLLM | None = None
