@@ -8,8 +8,13 @@
     ├── MethodNotAllowed           405  e.g. GET on a POST-only inference route
     ├── BodyTooLarge               413  request body over the configured limit
     ├── ModelPinned                409  the request needs a ``swappable: false`` model evicted
+    │   (also 409, defined beside their use: ``PathNotLoading`` in http/passthrough.py,
+    │   an ``upstream.ignorePaths`` path of a model not ready; ``ModelNotReady`` in
+    │   http/websocket.py, a ``compat.ignoreWebsockets`` upgrade to a model not ready)
     ├── RateLimited                429  over the model's ``concurrencyLimit`` (Retry-After)
     ├── UpstreamFailed             502  the model's server broke the request (connect/read)
+    │   └── UpstreamTimeout        504  no response head within ``timeouts.responseHeader``
+    │                                   (http/upstream_client.py)
     ├── PeerFailed                 502  a peer (another machine) could not be reached
     ├── ModelStartFailed           503  the model's server did not become ready (quotes its log)
     ├── ModelUnloaded              503  an unload stopped the model this request waited for
