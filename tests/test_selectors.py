@@ -197,6 +197,10 @@ async def test_pin_takes_the_first_target_and_warm_the_ready_one() -> None:
             assert await model_of(harness, "c") == "c"
             assert await model_of(harness, "warm") == "c"  # c is ready, a is not
             assert await model_of(harness, "pinned") == "b"  # always the first
+            rows = (await harness.client.get("/api/activity")).json()["data"]
+            assert (rows[0]["model"], rows[0]["selector"]) == ("b", "pinned")  # newest first
+            # c answered the client that named it, then the warm selector's request.
+            assert [row["selector"] for row in rows if row["model"] == "c"] == ["warm", None]
             models = (await harness.client.get("/v1/models")).json()["data"]
             entry = {m["id"]: m for m in models}["warm"]
             assert entry["meta"]["llamaswap"]["type"] == "selector"

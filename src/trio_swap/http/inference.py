@@ -194,6 +194,8 @@ class InferenceRoutes:
             await _send_error(send, error, scope)
             return
         choice = resolved.choice if isinstance(resolved, Outbound) else None
+        if choice is not None:
+            record.selector = choice.selector  # the activity log says which selector chose
         try:
             await self._dispatch(resolved, scope, receive, send, record)
         finally:

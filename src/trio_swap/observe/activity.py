@@ -77,6 +77,9 @@ class ActivityRow(msgspec.Struct, kw_only=True):
     #: The request's session id, from the first ``ui.activity.session_id`` header
     #: it carried (observe/session.py); None: none of them.
     session_id: str | None = None
+    #: The selector that chose the model (llama-swap's ``metadata.selector``); None:
+    #: the client named the model itself.
+    selector: str | None = None
     #: Whether ``GET /api/captures/<id>`` has this request (not stored: captures
     #: live in memory, and the oldest are evicted).
     has_capture: bool = False
@@ -114,13 +117,14 @@ CREATE TABLE IF NOT EXISTS activity (
     tokens_per_second REAL,
     error TEXT,
     key_name TEXT,
-    session_id TEXT
+    session_id TEXT,
+    selector TEXT
 );
 CREATE INDEX IF NOT EXISTS activity_model ON activity (model, id);
 """
 #: Columns added after the first release, with their SQL type: a file written by an
 #: older trio-swap gets them on open (its rows read them as NULL).
-_ADDED_COLUMNS: Final = {"key_name": "TEXT", "session_id": "TEXT"}
+_ADDED_COLUMNS: Final = {"key_name": "TEXT", "session_id": "TEXT", "selector": "TEXT"}
 _INSERT: Final = (
     f"INSERT INTO activity ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 )

@@ -68,6 +68,7 @@ class RequestRecord:
         "mode",
         "model",
         "path",
+        "selector",
         "session_id",
         "started",
         "status",
@@ -95,6 +96,8 @@ class RequestRecord:
         self.key_name = grant.name if grant is not None else None
         #: From the ``ui.activity.session_id`` headers (set by :meth:`Observer.begin`).
         self.session_id: str | None = None
+        #: The selector that chose the model (``selectors:``); None: the client named it.
+        self.selector: str | None = None
         self.status = CLIENT_GONE
         self.mode = _OFF
         self.kept: list[bytes] = []
@@ -274,6 +277,7 @@ class Observer:
                     error=usage.error if usage and (record.status >= 400 or stream) else None,
                     key_name=record.key_name,
                     session_id=record.session_id,
+                    selector=record.selector,
                 )
             )
             if record.capture is not None:
