@@ -305,3 +305,59 @@ async def test_the_event_feed_says_when_the_profile_changes() -> None:
                 seen = await anext(lines)
             data = await anext(lines)
             assert data.replace(" ", "") == 'data:{"active":"p"}'
+
+
+# --- review (issue 13): reservations on failing paths, the other routes, listing --------
+
+
+async def test_a_body_refused_after_the_choice_leaves_no_reservation() -> None:
+    """A body whose ``model`` decodes but whose rewrite fails (a number out of range) is
+    a 400 after spillover chose a target: the target must not look busy afterwards."""
+    config = runtime_config("selectors:\n  spill: {strategy: spillover, targets: [a, b]}\n")
+    with trio.fail_after(60):
+        async with running(config) as harness:
+            selection = harness.server.selection
+            assert selection is not None
+            bad = b'{"model": "spill", "x": 1e400}'
+            headers = {"content-type": "application/json"}
+            refused = await harness.client.post(
+                "/v1/chat/completions", content=bad, headers=headers
+            )
+            assert refused.status_code == 400, refused.text
+            # (released once the handler has sent the 400 and returned)
+            await wait_for(lambda: not selection.reservations(), what="the reservation to end")
+            assert await model_of(harness, "spill") == "a"  # a is not busy with the refused one
+            await wait_for(lambda: not selection.reservations(), what="every reservation to end")
+
+
+async def test_multipart_and_query_routes_send_the_chosen_name() -> None:
+    config = runtime_config(
+        "selectors:\n  pinned: {strategy: pin, targets: [b]}\n",
+        "profiles:\n  p: {pins: {speech: a-alias}}\n",
+    )
+    with trio.fail_after(60):
+        async with running(config) as harness:
+            client = harness.client
+            await client.put("/api/profiles/active", json={"name": "p"})
+            for asked, sent in (("pinned", "b"), ("speech", "a-alias")):
+                files = {"file": ("x.wav", b"RIFF")}
+                answer = await client.post(
+                    "/v1/audio/transcriptions", data={"model": asked}, files=files
+                )
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["text"].endswith(f" by {sent}"), answer.text
+                props = await client.get("/props", params={"model": asked})
+                assert props.status_code == 200, props.text
+                assert props.json()["model"] == sent
+
+
+async def test_a_profile_pin_named_like_a_peer_model_is_listed_once(tmp_path: Path) -> None:
+    text = runtime_text("", "profiles:\n  p: {pins: {far/remote: a}}\n")
+    text = text.replace("groups:", "peers:\n  far:\n    proxy: http://127.0.0.1:9\n"
+                        "    models: [remote]\ngroups:", 1)  # fmt: skip
+    with trio.fail_after(60):
+        async with running(load_config_text(text, "<test>")) as harness:
+            await harness.client.put("/api/profiles/active", json={"name": "p"})
+            ids = [m["id"] for m in (await harness.client.get("/v1/models")).json()["data"]]
+            assert ids.count("far/remote") == 1, ids
+            assert await model_of(harness, "far/remote") == "a"  # the pin goes first

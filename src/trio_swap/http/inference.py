@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from typing import Final, final
 
 import msgspec
@@ -174,33 +175,31 @@ class InferenceRoutes:
         send: ASGISendCallable,
         record: RequestRecord,
     ) -> None:
-        selection = self._selection
-        try:
-            body = await self._read_body(scope, receive)
-            record.request_body(body, scope["headers"])  # for its capture, if any
-            resolved = resolve(
-                self._config,
-                route,
-                method=scope["method"],
-                raw_path=scope["raw_path"] or scope["path"].encode(),
-                query=scope["query_string"],
-                headers=scope["headers"],
-                body=body,
-                choose=selection.choose if selection is not None else None,
-            )
-        except _ClientGone:
-            return
-        except SwapError as error:
-            await _send_error(send, error, scope)
-            return
-        choice = resolved.choice if isinstance(resolved, Outbound) else None
-        if choice is not None:
-            record.selector = choice.selector  # the activity log says which selector chose
-        try:
+        # A spillover reservation ends with the request, however it ends: also when
+        # resolve refuses the body after the choice (a rewrite's 400).
+        with self._selection.held() if self._selection is not None else nullcontext() as choose:
+            try:
+                body = await self._read_body(scope, receive)
+                record.request_body(body, scope["headers"])  # for its capture, if any
+                resolved = resolve(
+                    self._config,
+                    route,
+                    method=scope["method"],
+                    raw_path=scope["raw_path"] or scope["path"].encode(),
+                    query=scope["query_string"],
+                    headers=scope["headers"],
+                    body=body,
+                    choose=choose,
+                )
+            except _ClientGone:
+                return
+            except SwapError as error:
+                await _send_error(send, error, scope)
+                return
+            choice = resolved.choice if isinstance(resolved, Outbound) else None
+            if choice is not None:
+                record.selector = choice.selector  # the activity log says which selector chose
             await self._dispatch(resolved, scope, receive, send, record)
-        finally:
-            if choice is not None and selection is not None:
-                selection.release(choice)  # a spillover reservation ends with the request
 
     async def _dispatch(
         self,

@@ -74,7 +74,7 @@ def listing_entries(state: AppState, created: int) -> list[dict[str, object]]:
     """``/v1/models`` entries for listed selectors and the active profile's pins.
 
     A pin is listed when it turns on a name (not ``""``) that is not already
-    a model, alias or selector.
+    a model, alias, selector or listed peer model (``peer/model``).
     """
     config = state.config
     selection = state.selection
@@ -97,8 +97,11 @@ def listing_entries(state: AppState, created: int) -> list[dict[str, object]]:
         entries.append(entry)
     if selection is not None and selection.active is not None:
         profile = config.profiles[selection.active]
+        listed = {p.qualified(m) for p in config.peers.values() for m in p.models}
         for name, target in profile.pins.items():
             if not target or config.resolve(name) is not None or name in config.selectors:
+                continue
+            if name in listed:  # already listed as a peer model: one entry per id
                 continue
             entry = _entry(name, created, "", profile.description)
             entry["meta"] = {

@@ -18,14 +18,17 @@ Before a model-routed request's name is looked up (not on ``/upstream/``):
      the least reserved. No target at all: 503.
 
 The choice happens in the same step as the lookup (no ``await`` between), so
-two requests never both see a free target. One :class:`Selection` lives for the
-server's life; a reload hands it the new config and turns the profile off.
+two requests never both see a free target; a request takes its choices through
+:meth:`Selection.held`, which releases them however the request ends. One
+:class:`Selection` lives for the server's life; a reload hands it the new config
+and turns the profile off.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Final, NamedTuple, final
 
 from trio_swap.config.model import Config, SelectorConfig
@@ -117,6 +120,28 @@ class Selection:
             self._reserved[choice.reserved] -= 1
             if self._reserved[choice.reserved] <= 0:
                 del self._reserved[choice.reserved]
+
+    @contextmanager
+    def held(self) -> Iterator[Callable[[str], Choice]]:
+        """A :meth:`choose` for one request whose reservations all end with the block.
+
+        However the request ends (a body refused after the choice, a scoped
+        key's 403, the client gone, a cancel), each reservation it made is
+        released exactly once.
+        """
+        made: list[Choice] = []
+
+        def choose(requested: str) -> Choice:
+            choice = self.choose(requested)
+            if choice.reserved is not None:
+                made.append(choice)
+            return choice
+
+        try:
+            yield choose
+        finally:
+            for choice in made:
+                self.release(choice)
 
     def reservations(self) -> Mapping[str, int]:
         return dict(self._reserved)
