@@ -361,3 +361,19 @@ async def test_a_profile_pin_named_like_a_peer_model_is_listed_once(tmp_path: Pa
             ids = [m["id"] for m in (await harness.client.get("/v1/models")).json()["data"]]
             assert ids.count("far/remote") == 1, ids
             assert await model_of(harness, "far/remote") == "a"  # the pin goes first
+
+
+async def test_a_selector_named_like_a_peer_model_warns_and_is_listed_once() -> None:
+    """The selector is read first, so the peer model's name reaches the selector: said at
+    load, and /v1/models has one entry for the id (the selector's, which is what answers)."""
+    text = runtime_text("selectors:\n  far/remote: {strategy: pin, targets: [a]}\n")
+    text = text.replace("groups:", "peers:\n  far:\n    proxy: http://127.0.0.1:9\n"
+                        "    models: [remote]\ngroups:", 1)  # fmt: skip
+    config = load_config_text(text, "<test>")
+    assert any("shadows the peer model" in warning for warning in config.warnings), config.warnings
+    with trio.fail_after(60):
+        async with running(config) as harness:
+            models = (await harness.client.get("/v1/models")).json()["data"]
+            entries = [m for m in models if m["id"] == "far/remote"]
+            assert [m["meta"]["llamaswap"]["type"] for m in entries] == ["selector"]
+            assert await model_of(harness, "far/remote") == "a"

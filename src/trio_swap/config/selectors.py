@@ -49,6 +49,12 @@ def check_selectors(
             raise doc.error(path, "a selector ID must not contain control characters")
         if config.resolve(selector_id) is not None:
             raise doc.error(path, f"'{selector_id}' is already a model ID or alias")
+        if config.resolve_peer(selector_id) is not None:  # allowed, as in llama-swap
+            message = (
+                f"'{selector_id}' shadows the peer model of that name: selectors are read "
+                "first, so requests for it go to this selector"
+            )
+            warnings.append(doc.warning(path, message))
         if not isinstance(raw, dict):
             raise doc.error(path, f"must be a mapping of keys (got {type_name(raw)})")
         for key in raw:

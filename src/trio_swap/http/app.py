@@ -178,6 +178,8 @@ def _model_listing(state: AppState) -> list[dict[str, object]]:
                 data.append(entry)
     for peer in state.config.peers.values():
         for name in peer.models:
+            if peer.qualified(name) in state.config.selectors:
+                continue  # a selector of that name answers it (docs/selectors.md)
             entry = _listing_entry(peer.qualified(name), state.started_at, f"{peer.id}: {name}", "")
             entry["meta"] = {"llamaswap": {"type": "peer", "peerID": peer.id}}
             entry["status"] = {"value": "unloaded"}  # another machine swaps it
