@@ -191,8 +191,8 @@ async def test_handshake_refusals_are_http_answers() -> None:
         # A model route names the model in ?model= (400 without); the path goes upstream.
         refused = await rejected(harness, "/v1/realtime")
         assert refused.status_code == 400 and b"?model=" in (refused.body or b"")
-        refused = await rejected(harness, "/v1/realtime?model=m")
-        assert refused.status_code == 404 and b"/v1/realtime" in (refused.body or b"")
+        refused = await rejected(harness, "/v1/completions?model=m")
+        assert refused.status_code == 404 and b"/v1/completions" in (refused.body or b"")
         # Paths that are not model routes take no websocket.
         assert (await rejected(harness, "/logs/stream")).status_code == 400
         assert (await rejected(harness, "/api/events")).status_code == 400
@@ -370,3 +370,35 @@ async def _is(value: object, expected: int) -> bool:
 
 async def _open_upstream(harness: Harness, expected: int) -> bool:
     return (await upstream_sockets(harness))["open"] == expected
+
+
+async def test_a_spillover_reservation_lasts_a_socket_unless_its_model_ignores_websockets(
+    tmp_path: Path,
+) -> None:
+    """Reference §5.8: the reservation lasts the request, "released at once for ignored
+    websockets" (an ignored socket takes no lease, so it must not look like load)."""
+    config = config_of(
+        tmp_path,
+        f"models:\n  a:\n    cmd: {RESPONDER} --model a\n"
+        "    compat: {ignoreWebsockets: true}\n"
+        f"  b:\n    cmd: {RESPONDER} --model b\n"
+        "groups:\n  g: {swap: false, members: [a, b]}\n"
+        "selectors:\n"
+        "  ignored: {strategy: spillover, targets: [a]}\n"
+        "  counted: {strategy: spillover, targets: [b]}\n",
+    )
+    async with running(config) as harness:
+        selection = harness.server.selection
+        assert selection is not None
+        for model in ("a", "b"):  # both ready (a: an ignored socket never loads it)
+            answer = await harness.client.post("/v1/chat/completions", json=chat(model))
+            assert answer.status_code == 200
+        async with socket(harness, "/v1/realtime?model=ignored") as ws:
+            await ws.send_message("to a")
+            assert await ws.get_message() == "to a"
+            assert selection.reservations() == {}  # released at once
+        async with socket(harness, "/v1/realtime?model=counted") as ws:
+            await ws.send_message("to b")
+            assert await ws.get_message() == "to b"
+            assert selection.reservations() == {"b": 1}  # for as long as the socket
+        await wait_for(lambda: not selection.reservations(), what="b's reservation to end")

@@ -134,10 +134,11 @@ class WebsocketProxy:
         effect when it arrived)."""
         if (await receive())["type"] != "websocket.connect":
             return
-        choice: Choice | None = None
-        try:
+        # A spillover reservation lasts the socket, and ends however it ends.
+        with contextlib.ExitStack() as stack:
+            choose = stack.enter_context(selection.held()) if selection is not None else None
             try:
-                resolved = _resolve(config, scope, selection)
+                resolved = _resolve(config, scope, choose)
             except SwapError as error:
                 await _deny(scope, send, error)
                 return
@@ -145,15 +146,21 @@ class WebsocketProxy:
                 await _deny_redirect(scope, send, resolved)
                 return
             choice = resolved.choice
+            target = resolved.target
+            if (
+                choice is not None
+                and selection is not None
+                and isinstance(target, LocalModel)
+                and config.models[target.id].compat.ignore_websockets
+            ):
+                # An ignored websocket takes no lease: it reserves nothing (reference §5.8).
+                stack.close()
             chooser = choice.selector if choice is not None else None
-            refused = target_refusal(scope, resolved.target, resolved.requested, chooser)
+            refused = target_refusal(scope, target, resolved.requested, chooser)
             if refused is not None:
                 await _deny(scope, send, refused)
                 return
             await self._proxy(resolved, config, scope, receive, send)
-        finally:
-            if choice is not None and selection is not None:
-                selection.release(choice)  # a spillover reservation ends with the socket
 
     async def _proxy(
         self,
@@ -222,7 +229,7 @@ class WebsocketProxy:
 
 
 def _resolve(
-    config: Config, scope: WebsocketScope, selection: Selection | None
+    config: Config, scope: WebsocketScope, choose: Callable[[str], Choice] | None
 ) -> Outbound | Redirect:
     """The model and the upstream path, as :func:`resolve` finds them for HTTP."""
     path = scope["path"]
@@ -238,7 +245,7 @@ def _resolve(
     return resolve(
         config, _QUERY_ROUTE, method="GET", raw_path=raw_path, query=query,
         headers=scope["headers"], body=b"",
-        choose=selection.choose if selection is not None else None,
+        choose=choose,
     )  # fmt: skip
 
 

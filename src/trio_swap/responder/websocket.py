@@ -1,4 +1,5 @@
-"""The responder's websocket endpoint: ``/ws/echo``, for testing a proxy's websocket relay.
+"""The responder's websocket endpoints: ``/ws/echo`` (and OpenAI's ``/v1/realtime``, the
+same echo, so a model route with ``?model=`` can be tested), for a proxy's websocket relay.
 
 hypercorn serves it as an ASGI ``websocket`` scope (the same server and
 library as the HTTP routes, no second stack). What a client sends comes back:
@@ -24,9 +25,11 @@ from typing import Final, final
 import msgspec
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, WebsocketScope
 
-__all__ = ["ECHO_PATH", "WebsocketCounts", "serve_websocket"]
+__all__ = ["ECHO_PATH", "ECHO_PATHS", "WebsocketCounts", "serve_websocket"]
 
 ECHO_PATH: Final = "/ws/echo"
+#: Every path that echoes (a model route's websocket keeps its path upstream).
+ECHO_PATHS: Final = frozenset({ECHO_PATH, "/v1/realtime"})
 
 _encode: Final = msgspec.json.Encoder().encode
 
@@ -61,7 +64,7 @@ async def serve_websocket(
     message = await receive()
     if message["type"] != "websocket.connect":
         return
-    if scope["path"] != ECHO_PATH:
+    if scope["path"] not in ECHO_PATHS:
         await _deny(scope, send, 404, f"no websocket route for {scope['path']}")
         return
     if not loaded:
