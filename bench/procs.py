@@ -139,12 +139,17 @@ def model_options(name: str) -> list[str]:
     }[name]
 
 
-def write_config(path: Path, ports: ModelPorts) -> Path:
+def write_config(path: Path, ports: ModelPorts, *, settings: Sequence[str] = ()) -> Path:
     """A llama-swap style config: four models, all the built-in responder.
 
-    Each model's command is :func:`stamped` into ``<model>.stamp`` next to the config.
+    Each model's command is :func:`stamped` into ``<model>.stamp`` next to the config;
+    ``settings`` are more top-level ``key=value`` lines (YAML values).
     """
-    lines = ["healthCheckTimeout: 30", "logToStdout: none", "models:"]
+    lines = ["healthCheckTimeout: 30", "logToStdout: none"]
+    lines += [
+        f"{key.strip()}: {value.strip()}" for key, value in (s.split("=", 1) for s in settings)
+    ]
+    lines.append("models:")
     for name in ("bench", "paced", "cold", "loading"):
         port = getattr(ports, name)
         argv = stamped(

@@ -63,6 +63,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", metavar="FILE", type=Path, help="also write results as JSON")
     parser.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="a top-level config setting for trio-swap, as YAML (e.g. --set captureBuffer=0)",
+    )
+    parser.add_argument(
         "--profile",
         metavar="FILE",
         type=Path,
@@ -138,7 +145,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
         try:
             swap_port, *model_ports = free_ports(6)
             ports = ModelPorts(*model_ports)
-            config = write_config(workdir / "config.yaml", ports)
+            config = write_config(workdir / "config.yaml", ports, settings=args.set)
             _progress(f"starting trio-swap on port {swap_port}")
             swap = TrioSwap(
                 processes,
