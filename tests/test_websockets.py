@@ -37,6 +37,7 @@ from tests.conftest import (
 from trio_swap.config import ConfigError, load_config
 from trio_swap.config.compat import COMFYUI_MIN_CONCURRENCY
 from trio_swap.config.model import Compat, Config
+from trio_swap.http.websocket import GOING_AWAY
 
 RESPONDER = f"{sys.executable} -m trio_swap responder --port ${{PORT}}"
 ECHO = "/upstream/m/ws/echo"
@@ -402,3 +403,15 @@ async def test_a_spillover_reservation_lasts_a_socket_unless_its_model_ignores_w
             assert await ws.get_message() == "to b"
             assert selection.reservations() == {"b": 1}  # for as long as the socket
         await wait_for(lambda: not selection.reservations(), what="b's reservation to end")
+
+
+async def test_shutdown_closes_open_websockets_with_going_away() -> None:
+    """Without it, an open socket held the drain until its deadline cut it (no close frame)."""
+    async with running(make_config(responder_model("m"))) as harness, socket(harness) as ws:
+        await ws.send_message("before")
+        assert await ws.get_message() == "before"
+        harness.server.stop()  # what SIGTERM does
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.get_message()
+        assert closed.value.reason.code == GOING_AWAY
+        assert closed.value.reason.reason == "trio-swap is shutting down"

@@ -385,6 +385,7 @@ async def serve(
                 await shutdown.wait()
                 notifier.stopping("shutting down: draining requests, then stopping models")
                 logs.end_followers()  # log streams never end by themselves
+                routes.close_websockets()  # they would hold the drain until its deadline
                 log.info(
                     "shutting down: requests still waiting get 503; draining HTTP (up to %gs)",
                     shutdown_timeout,

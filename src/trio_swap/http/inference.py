@@ -117,6 +117,10 @@ class InferenceRoutes:
             mid for mid, m in config.models.items() if m.send_loading_state
         )
 
+    def close_websockets(self) -> None:
+        """Shutdown began: close every relayed websocket with 1001 (going away)."""
+        self._websockets.close_all()
+
     @property
     def peers(self) -> PeerForwarder | None:
         """The peer forwarder, if any config so far had peers (close it at shutdown)."""

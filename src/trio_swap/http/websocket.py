@@ -31,6 +31,8 @@ meanwhile cancels the wait. After acceptance:
 
 * the upstream closes: the client gets its code and reason (an upstream gone
   without a close frame, 1006, becomes 1011);
+* trio-swap begins to shut down: both sides get 1001 (going away) at once,
+  rather than a cut at the drain deadline;
 * the client closes or goes away: the upstream gets 1000 (hypercorn reports
   every client close as 1006, so the client's own code cannot be passed on).
 
@@ -65,7 +67,7 @@ from trio_swap.http.routes import PASSTHROUGH_PREFIX, VERSIONLESS_PATHS, ModelSo
 from trio_swap.http.selection import Choice, Selection
 from trio_swap.router import Lease, Router
 
-__all__ = ["CONNECT_TIMEOUT", "MAX_MESSAGE_BYTES", "ModelNotReady", "WebsocketProxy"]
+__all__ = ["CONNECT_TIMEOUT", "GOING_AWAY", "MAX_MESSAGE_BYTES", "ModelNotReady", "WebsocketProxy"]
 
 log = logging.getLogger("trio_swap.http")
 
@@ -84,6 +86,9 @@ _NOT_RELAYED: Final = frozenset({b"content-length", b"connection", b"date", b"se
 #: Codes that never travel in a close frame (RFC 6455 §7.4.1): no status, abnormal, TLS.
 _LOCAL_ONLY: Final = frozenset({1005, 1006, 1015})
 _UPSTREAM_LOST: Final = 1011
+#: The close code (and reason) every relayed socket gets when trio-swap shuts down.
+GOING_AWAY: Final = 1001
+_SHUTDOWN: Final = "trio-swap is shutting down"
 #: Close codes when the server cannot send a denial response: try again later / policy.
 _RETRY_LATER: Final = 1013
 _POLICY: Final = 1008
@@ -120,6 +125,13 @@ class WebsocketProxy:
 
     def __init__(self, router: Router) -> None:
         self._router = router
+        #: Set when trio-swap begins to shut down: open sockets are closed with 1001.
+        self._going_away = trio.Event()
+
+    def close_all(self) -> None:
+        """Shutdown: tell every relayed socket (client and upstream) 1001, going away,
+        instead of leaving them to be cut at the drain deadline."""
+        self._going_away.set()
 
     async def __call__(
         self,
@@ -201,7 +213,7 @@ class WebsocketProxy:
                             }
                         )
                         log.info("websocket %s relayed to %s", scope["path"], upstream.url)
-                        await _relay(upstream_socket, receive, send)
+                        await _relay(upstream_socket, receive, send, self._going_away)
 
                     await _with_upstream(
                         upstream, resource, scope, headers, timeout, target, session
@@ -338,10 +350,15 @@ async def _cancel_on_disconnect(
 
 
 async def _relay(
-    upstream: WebSocketConnection, receive: ASGIReceiveCallable, send: ASGISendCallable
+    upstream: WebSocketConnection,
+    receive: ASGIReceiveCallable,
+    send: ASGISendCallable,
+    going_away: trio.Event,
 ) -> None:
-    """Messages both ways until one side closes; the other side is told."""
+    """Messages both ways until one side closes (the other side is told), or
+    trio-swap shuts down (both are told 1001)."""
     client_left = False
+    shutting_down = False
     async with trio.open_nursery() as relaying:
 
         async def from_client() -> None:
@@ -350,9 +367,21 @@ async def _relay(
             client_left = True
             relaying.cancel_scope.cancel(reason="client closed")
 
+        async def until_shutdown() -> None:
+            nonlocal shutting_down
+            await going_away.wait()
+            shutting_down = True
+            relaying.cancel_scope.cancel(reason="trio-swap is shutting down")
+
         relaying.start_soon(from_client)
+        relaying.start_soon(until_shutdown)
         await _upstream_to_client(upstream, send)
         relaying.cancel_scope.cancel(reason="upstream closed")
+    if shutting_down and not client_left:
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await send({"type": "websocket.close", "code": GOING_AWAY, "reason": _SHUTDOWN})
+            await upstream.aclose(GOING_AWAY, _SHUTDOWN)
+        return
     if client_left:
         # hypercorn reports every client close as 1006: the client's code is unknown.
         with trio.move_on_after(CLOSE_TIMEOUT):
