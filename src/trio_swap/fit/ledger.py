@@ -303,10 +303,7 @@ class FitLedger:
         learned = self._learned.get(model)
         if learned is None:
             return
-        if learned.wake_seconds is None:
-            learned.wake_seconds = seconds
-        else:
-            learned.wake_seconds += LOAD_SMOOTHING * (seconds - learned.wake_seconds)
+        learned.wake_seconds = _smoothed(learned.wake_seconds, seconds)
         learned.wakes += 1
         self._touch(learned)
         self.version += 1
@@ -316,10 +313,7 @@ class FitLedger:
         learned = self._learned.get(model)
         if learned is None:
             return
-        if learned.load_seconds is None:
-            learned.load_seconds = seconds
-        else:
-            learned.load_seconds += LOAD_SMOOTHING * (seconds - learned.load_seconds)
+        learned.load_seconds = _smoothed(learned.load_seconds, seconds)
         learned.loads += 1
         self._touch(learned)
         self.version += 1
@@ -506,6 +500,13 @@ class FitLedger:
                 size = max(size, learned.floor.get(name, 0))
             needs[name] = (min(size, capacity), basis)
         return needs
+
+
+def _smoothed(average: float | None, seconds: float) -> float:
+    """The moving average of load (or wake) times with ``seconds`` added."""
+    if average is None:
+        return seconds
+    return average + LOAD_SMOOTHING * (seconds - average)
 
 
 def _with_margin(size: int) -> int:

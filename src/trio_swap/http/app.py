@@ -21,7 +21,7 @@ from trio_swap.http.fit_view import fit_document, fit_fields
 from trio_swap.http.grants import visible
 from trio_swap.http.logs import register_log_routes
 from trio_swap.http.observe import register_observe_routes
-from trio_swap.http.profiles import listing_entries, register_profile_routes
+from trio_swap.http.profiles import listing_entries, listing_entry, register_profile_routes
 from trio_swap.http.state import AppState, model_rows
 from trio_swap.http.ui import register_ui_routes
 from trio_swap.upstream.logs import LogBook
@@ -162,7 +162,7 @@ def _model_listing(state: AppState) -> list[dict[str, object]]:
             continue
         loaded = state.processes[model.id].state.value != "stopped"
         status = {"value": "loaded" if loaded else "unloaded"}
-        entry = _listing_entry(model.id, state.started_at, model.name, model.description)
+        entry = listing_entry(model.id, state.started_at, model.name, model.description)
         entry.update(capability_fields(model.capabilities))
         # llama-swap publishes metadata under meta.llamaswap; keep the same place.
         llamaswap = {**model.metadata, "type": "model", "aliases": list(model.aliases)}
@@ -171,7 +171,7 @@ def _model_listing(state: AppState) -> list[dict[str, object]]:
         data.append(entry)
         if state.config.include_aliases_in_list:
             for alias in model.aliases:
-                entry = _listing_entry(alias, state.started_at, model.name, model.description)
+                entry = listing_entry(alias, state.started_at, model.name, model.description)
                 entry.update(capability_fields(model.capabilities))  # the same model's
                 entry["meta"] = {"llamaswap": {"type": "alias", "modelID": model.id}}
                 entry["status"] = status
@@ -180,24 +180,10 @@ def _model_listing(state: AppState) -> list[dict[str, object]]:
         for name in peer.models:
             if peer.qualified(name) in state.config.selectors:
                 continue  # a selector of that name answers it (docs/selectors.md)
-            entry = _listing_entry(peer.qualified(name), state.started_at, f"{peer.id}: {name}", "")
+            entry = listing_entry(peer.qualified(name), state.started_at, f"{peer.id}: {name}", "")
             entry["meta"] = {"llamaswap": {"type": "peer", "peerID": peer.id}}
             entry["status"] = {"value": "unloaded"}  # another machine swaps it
             data.append(entry)
     data.extend(listing_entries(state, state.started_at))  # selectors, the profile's pins
     data.sort(key=lambda entry: str(entry["id"]))
     return data
-
-
-def _listing_entry(entry_id: str, created: int, name: str, description: str) -> dict[str, object]:
-    entry: dict[str, object] = {
-        "id": entry_id,
-        "object": "model",
-        "created": created,
-        "owned_by": "trio-swap",
-    }
-    if name.strip():
-        entry["name"] = name.strip()
-    if description.strip():
-        entry["description"] = description.strip()
-    return entry

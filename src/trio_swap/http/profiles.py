@@ -17,7 +17,13 @@ from trio_swap.http.errors import error_response, json_response
 from trio_swap.http.selection import Selection
 from trio_swap.http.state import AppState
 
-__all__ = ["listing_entries", "make_selection", "profiles_document", "register_profile_routes"]
+__all__ = [
+    "listing_entries",
+    "listing_entry",
+    "make_selection",
+    "profiles_document",
+    "register_profile_routes",
+]
 
 
 class _Activate(msgspec.Struct):
@@ -82,7 +88,7 @@ def listing_entries(state: AppState, created: int) -> list[dict[str, object]]:
     for selector in config.selectors.values():
         if selector.unlisted:
             continue
-        entry = _entry(selector.id, created, selector.name, selector.description)
+        entry = listing_entry(selector.id, created, selector.name, selector.description)
         entry["meta"] = {
             "llamaswap": {
                 **selector.metadata,
@@ -103,7 +109,7 @@ def listing_entries(state: AppState, created: int) -> list[dict[str, object]]:
                 continue
             if name in listed:  # already listed as a peer model: one entry per id
                 continue
-            entry = _entry(name, created, "", profile.description)
+            entry = listing_entry(name, created, "", profile.description)
             entry["meta"] = {
                 "llamaswap": {"type": "profile", "profile": profile.name, "target": target}
             }
@@ -112,17 +118,18 @@ def listing_entries(state: AppState, created: int) -> list[dict[str, object]]:
     return entries
 
 
-def _entry(entry_id: str, created: int, name: str, description: str) -> dict[str, object]:
+def listing_entry(entry_id: str, created: int, name: str, description: str) -> dict[str, object]:
+    """One ``/v1/models`` entry's common fields (name and description when not blank)."""
     entry: dict[str, object] = {
         "id": entry_id,
         "object": "model",
         "created": created,
         "owned_by": "trio-swap",
     }
-    if name:
-        entry["name"] = name
-    if description:
-        entry["description"] = description
+    if name.strip():
+        entry["name"] = name.strip()
+    if description.strip():
+        entry["description"] = description.strip()
     return entry
 
 
